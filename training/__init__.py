@@ -1,1 +1,103 @@
-"""hyphae.training"""
+"""hyphae.training: models, built-in data, the `Comm` interface, the algorithms and the loop.
+
+Runs on the accelerators and talks to other peers only through `Comm` (comm.py); `SimNetwork`
+(sim.py) implements it in memory for tests and simulations, `hyphae.node` over the network.
+Never imports `hyphae.protocol`, `hyphae.node` or `hyphae.cli`.
+"""
+
+from hyphae.training._virtual_loop import VirtualTimeLoop, run_virtual
+from hyphae.training.checkpoint import (
+    Checkpoint,
+    CheckpointCorrupt,
+    CheckpointError,
+    CheckpointStore,
+    Manifest,
+)
+from hyphae.training.comm import (
+    AllReduceResult,
+    BlobCorrupt,
+    BlobUnavailable,
+    Comm,
+    CommClosed,
+    CommError,
+    PeerUnavailable,
+    Traffic,
+)
+from hyphae.training.data import (
+    BatchStream,
+    Corpus,
+    DataConfig,
+    open_corpus,
+    stream_key,
+    validation_batches,
+)
+from hyphae.training.ddp import DDP, DDPConfig
+from hyphae.training.diloco import DiLoCo, DiLoCoConfig
+from hyphae.training.loop import (
+    Callback,
+    EvalInfo,
+    LoopConfig,
+    StepInfo,
+    TrainResult,
+    evaluate,
+    resume,
+    save_checkpoint,
+    train,
+)
+from hyphae.training.model import GPT, ModelOutput, build_model, parse_expert_name
+from hyphae.training.model_config import PRESETS, ModelConfig, model_config
+from hyphae.training.optim import AdamWConfig, build_adamw
+from hyphae.training.sim import SimComm, SimNetwork
+from hyphae.training.strategy import Metrics, Precision, Strategy, resolve_precision
+
+__all__ = [
+    "DDP",
+    "GPT",
+    "PRESETS",
+    "AdamWConfig",
+    "AllReduceResult",
+    "BatchStream",
+    "BlobCorrupt",
+    "BlobUnavailable",
+    "Callback",
+    "Checkpoint",
+    "CheckpointCorrupt",
+    "CheckpointError",
+    "CheckpointStore",
+    "Comm",
+    "CommClosed",
+    "CommError",
+    "Corpus",
+    "DDPConfig",
+    "DataConfig",
+    "DiLoCo",
+    "DiLoCoConfig",
+    "EvalInfo",
+    "LoopConfig",
+    "Manifest",
+    "Metrics",
+    "ModelConfig",
+    "ModelOutput",
+    "PeerUnavailable",
+    "Precision",
+    "SimComm",
+    "SimNetwork",
+    "StepInfo",
+    "Strategy",
+    "Traffic",
+    "TrainResult",
+    "VirtualTimeLoop",
+    "build_adamw",
+    "build_model",
+    "evaluate",
+    "model_config",
+    "open_corpus",
+    "parse_expert_name",
+    "resolve_precision",
+    "resume",
+    "run_virtual",
+    "save_checkpoint",
+    "stream_key",
+    "train",
+    "validation_batches",
+]

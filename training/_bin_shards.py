@@ -1,0 +1,149 @@
+"""Pre-tokenized `.bin` shards of uint16 tokens, memory-mapped, validated before use.
+
+Two layouts are accepted:
+- llm.c: a 1024-byte header of 256 little-endian int32 (magic 20240520, version 1, token
+  count), then `count` uint16 tokens; the file size must be exactly 1024 + 2 * count.
+- raw (nanoGPT's `train.bin`/`val.bin`): uint16 tokens and nothing else; the size must be even.
+
+A file whose first int32 is the llm.c magic is read as llm.c (and must be valid); anything else
+is raw. Validation split: shards whose file name contains "val" are validation, the others
+training; without such a shard the last `val_fraction` of the training tokens are held out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LLMC_MAGIC = 20240520
+LLMC_VERSION = 1
+LLMC_HEADER_BYTES = 256 * 4
+
+
+class ShardError(ValueError):
+    """A `.bin` shard is malformed; the message names the file, what is wrong and the fix."""
+
+
+@dataclass(frozen=True)
+class TokenShards:
+    """Training and validation segments of uint16 tokens (windows never cross a segment)."""
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    max_token: int
+    fingerprint: str
+
+
+def open_shard(path: Path) -> np.ndarray:
+    """Memory-map one shard and return its tokens (uint16), after checking its layout.
+
+    Raises:
+        ShardError: empty file, odd size, bad llm.c header (version, count vs size).
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise ShardError(f"{path}: empty .bin shard; remove it or regenerate it")
+    head = np.fromfile(path, dtype="<i4", count=min(3, size // 4))
+    if head.size >= 1 and int(head[0]) == LLMC_MAGIC:
+        return _open_llmc(path, size, head)
+    if size % 2:
+        raise ShardError(
+            f"{path}: {size} bytes is not a whole number of uint16 tokens and there is no llm.c "
+            f"header (magic {LLMC_MAGIC}); regenerate the shard as uint16 tokens"
+        )
+    return np.memmap(path, dtype="<u2", mode="r")
+
+
+def _open_llmc(path: Path, size: int, head: np.ndarray) -> np.ndarray:
+    if size < LLMC_HEADER_BYTES or head.size < 3:
+        raise ShardError(
+            f"{path}: llm.c magic present but the file ({size} bytes) is shorter than the "
+            f"{LLMC_HEADER_BYTES}-byte header; the shard is truncated, regenerate it"
+        )
+    version, count = int(head[1]), int(head[2])
+    if version != LLMC_VERSION:
+        raise ShardError(
+            f"{path}: llm.c header version {version} is not supported (expected "
+            f"{LLMC_VERSION}, uint16 tokens); regenerate the shard with version {LLMC_VERSION}"
+        )
+    expected = LLMC_HEADER_BYTES + 2 * count
+    if count <= 0 or size != expected:
+        raise ShardError(
+            f"{path}: header says {count} tokens, i.e. {expected} bytes, but the file has "
+            f"{size} bytes; the shard is truncated or corrupt, regenerate it"
+        )
+    return np.memmap(path, dtype="<u2", mode="r", offset=LLMC_HEADER_BYTES, shape=(count,))
+
+
+def find_shards(source: Path) -> list[Path]:
+    """The `.bin` files of `source` (a file, or a directory searched non-recursively), sorted.
+
+    Raises:
+        ShardError: a directory without any `.bin` file.
+    """
+    if source.is_file():
+        return [source]
+    shards = sorted(p for p in source.iterdir() if p.suffix == ".bin" and p.is_file())
+    if not shards:
+        raise ShardError(f"{source}: no .bin shards in this directory; point at a file or a folder of .bin files")
+    return shards
+
+
+def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int) -> TokenShards:
+    """Open every shard of `source` and split it into training and validation segments.
+
+    Args:
+        source: a `.bin` file or a directory of them.
+        val_fraction: share of training tokens held out when no shard is named "*val*".
+        min_tokens: shortest usable segment (sequence length + 1); shorter shards are an error.
+
+    Raises:
+        ShardError: any malformed or too-short shard.
+    """
+    paths = find_shards(source)
+    segments = {p: open_shard(p) for p in paths}
+    for path, tokens in segments.items():
+        if tokens.size < min_tokens:
+            raise ShardError(
+                f"{path}: {tokens.size} tokens is shorter than one training window "
+                f"({min_tokens} tokens); use a shorter context or a bigger shard"
+            )
+    val = [t for p, t in segments.items() if "val" in p.name]
+    train = [t for p, t in segments.items() if "val" not in p.name]
+    if not train:
+        raise ShardError(f"{source}: every shard is a validation shard (name contains 'val'); add training shards")
+    if not val:
+        train, val = _hold_out_tail(train, val_fraction, min_tokens, source)
+    max_token = max(int(t.max()) for t in train + val)
+    return TokenShards(train, val, max_token, _fingerprint(paths))
+
+
+def _hold_out_tail(
+    train: list[np.ndarray], val_fraction: float, min_tokens: int, source: Path
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Cut the last `val_fraction` of the last shard(s) off as validation."""
+    total = sum(t.size for t in train)
+    want = max(min_tokens, int(total * val_fraction))
+    last = train[-1]
+    if last.size - want < min_tokens:
+        raise ShardError(
+            f"{source}: cannot hold out {want} validation tokens from the last shard "
+            f"({last.size} tokens) and keep a training window; add a shard named '*val*.bin'"
+        )
+    return train[:-1] + [last[: last.size - want]], [last[last.size - want :]]
+
+
+def _fingerprint(paths: list[Path]) -> str:
+    """Cheap identity of the shard set: names, sizes and the first and last MiB of each."""
+    h = hashlib.sha256()
+    for path in paths:
+        size = path.stat().st_size
+        h.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            h.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            h.update(f.read(1 << 20))
+    return h.hexdigest()

@@ -1,0 +1,167 @@
+"""DiLoCo: H local AdamW steps, then one outer Nesterov step on the averaged pseudo-gradient.
+
+ALGORITHMS.md §5. Each peer keeps the slow weights φ (identical on every peer) beside its fast
+weights θ (the model). Every `inner_steps` (H) steps:
+
+    Δ = mean_r(φ − θ_r)             all-reduce over the live members
+    φ ← OuterSGD(φ, grad = Δ)       torch.optim.SGD(lr 0.7, momentum 0.9, nesterov=True)
+    θ_r ← φ                         every replica restarts from the same φ
+
+Inner AdamW state is kept across outer steps (as in the paper). Every peer that receives the
+round's result (members that came late included) applies the same Δ to the same φ with the
+same outer momentum, so the replicas are bit-identical after every outer step. A peer that
+cannot reach the group at all falls back to its own Δ (a local outer step) and logs a warning.
+
+Oracle: N = 1, outer lr 1, momentum 0 ⇒ φ − (φ − θ) = θ: plain AdamW, step for step (up to
+the rounding of that subtraction). torch's SGD refuses nesterov with momentum 0, so Nesterov
+is only switched on when momentum > 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hyphae.training._config import check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training.comm import Comm, CommClosed, CommError
+from hyphae.training.model import GPT
+from hyphae.training.optim import AdamWConfig, build_adamw
+from hyphae.training.strategy import Metrics, Precision, Strategy
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DiLoCoConfig:
+    """Settings of DiLoCo (defaults from the paper)."""
+
+    inner: AdamWConfig = field(default_factory=AdamWConfig)
+    """The local (inner) AdamW."""
+
+    inner_steps: int = 500
+    """H: local steps between two outer steps."""
+
+    outer_lr: float = 0.7
+    """Learning rate of the outer SGD."""
+
+    outer_momentum: float = 0.9
+    """Momentum of the outer SGD (0 disables momentum and Nesterov)."""
+
+    nesterov: bool = True
+    """Nesterov momentum for the outer SGD (only when outer_momentum > 0)."""
+
+    timeout_s: float = 300.0
+    """How long an outer all-reduce waits for stragglers before finishing without them."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, AdamWConfig):
+            raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
+        check_int("inner_steps", self.inner_steps, minimum=1)
+        check_positive("outer_lr", self.outer_lr)
+        check_range("outer_momentum", self.outer_momentum, 0.0, 0.999999)
+        check_positive("timeout_s", self.timeout_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> DiLoCoConfig:
+        return from_dict(cls, data)
+
+
+class DiLoCo(Strategy):
+    """DiLoCo on one peer.
+
+    Args:
+        model: this peer's replica; its current weights become φ.
+        comm: this peer's Comm.
+        config: DiLoCo settings.
+        precision: compute precision (see strategy.Precision).
+    """
+
+    algorithm = "diloco"
+
+    def __init__(
+        self,
+        model: GPT,
+        comm: Comm,
+        config: DiLoCoConfig | None = None,
+        *,
+        precision: Precision = "auto",
+    ) -> None:
+        super().__init__(model, comm, precision=precision)
+        self.config = config or DiLoCoConfig()
+        self._params = list(self.trainable_parameters())
+        self.inner = build_adamw(self._params, self.config.inner)
+        # φ lives beside θ on the same device, in fp32, as plain leaf tensors for the outer SGD.
+        self.slow = {n: p.detach().clone().float() for n, p in self._params}
+        momentum = self.config.outer_momentum
+        self.outer = torch.optim.SGD(
+            list(self.slow.values()),
+            lr=self.config.outer_lr,
+            momentum=momentum,
+            nesterov=self.config.nesterov and momentum > 0,
+        )
+        self.outer_steps = 0
+        self.failed_rounds = 0
+
+    async def step(self, step: int) -> Metrics:
+        metrics = self.local_update(self.inner, self.config.inner, step)
+        if (step + 1) % self.config.inner_steps == 0:
+            metrics["peers"] = await self._outer_step()
+            metrics["outer_step"] = self.outer_steps
+        return metrics
+
+    async def _outer_step(self) -> int:
+        """Average the pseudo-gradients, step φ, reset θ to φ; returns how many contributed."""
+        with torch.no_grad():
+            delta = {n: self.slow[n] - p.detach().float() for n, p in self._params}
+        peers = await self._average(delta)
+        with torch.no_grad():
+            for name, slow in self.slow.items():
+                slow.grad = delta[name]
+            self.outer.step()
+            self.outer.zero_grad(set_to_none=True)
+            for name, p in self._params:
+                p.copy_(self.slow[name])
+        self.outer_steps += 1
+        return peers
+
+    async def _average(self, delta: dict[str, torch.Tensor]) -> int:
+        tag = f"diloco/{self.outer_steps}"
+        try:
+            group = await self.comm.members()
+            result = await self.comm.all_reduce(delta, group=group, tag=tag, timeout_s=self.config.timeout_s)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            self.failed_rounds += 1
+            logger.warning("diloco outer step %d: all-reduce failed (%s); local outer step", self.outer_steps, exc)
+            return 1
+        delta.update(result.tensors)
+        return len(result.included)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "outer": self.outer.state_dict(),
+            "slow": {n: t.clone() for n, t in self.slow.items()},
+            "outer_steps": self.outer_steps,
+            "failed_rounds": self.failed_rounds,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted(set(self.slow) - set(state["slow"]))
+        if missing:
+            raise ValueError(f"DiLoCo state lacks slow weights for {missing[:3]}...; wrong model?")
+        with torch.no_grad():
+            for name, slow in self.slow.items():
+                slow.copy_(state["slow"][name])
+        self.inner.load_state_dict(state["inner"])
+        self.outer.load_state_dict(state["outer"])
+        self.outer_steps = int(state["outer_steps"])
+        self.failed_rounds = int(state["failed_rounds"])

@@ -1,0 +1,305 @@
+"""The training loop: one clear, nanoGPT-like async loop shared by every algorithm.
+
+    batch -> strategy.forward_backward -> await strategy.step -> callbacks / log / eval / checkpoint
+
+It is a plain coroutine so N simulated peers can run as tasks of one event loop (each with its
+own `SimComm`), and so the daemon's worker can run it beside its IPC. It never reads a tensor
+value except when it logs (every `log_every` steps) or evaluates: reading forces a GPU sync.
+
+Example (one CPU peer on the built-in corpus):
+
+    net = SimNetwork(); comm = net.add_peer()
+    model = build_model(model_config("tiny"), seed=0)
+    corpus = open_corpus(DataConfig(cache_dir=".cache"))
+    batches = BatchStream(corpus.train, batch_size=8, seq_len=128, seed=0, stream=comm.peer_id)
+    val = validation_batches(corpus.val, batch_size=8, seq_len=128, n_batches=8)
+    result = run_virtual(train(DDP(model, comm), batches, LoopConfig(max_steps=500), val_set=val))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from hyphae.training._config import check_int, from_dict, to_dict
+from hyphae.training.checkpoint import CheckpointCorrupt, CheckpointError, CheckpointStore, Manifest
+from hyphae.training.data import BatchStream
+from hyphae.training.strategy import Strategy
+
+logger = logging.getLogger(__name__)
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LoopConfig:
+    """How long to train and how often to log, evaluate and checkpoint."""
+
+    max_steps: int
+    """Optimizer steps to run in total (a resumed run continues up to this)."""
+
+    grad_accum_steps: int = 1
+    """Micro-batches per optimizer step (gradients accumulate; the loss is scaled by 1/n)."""
+
+    log_every: int = 10
+    """Log (and call `on_log`) every this many steps, with the mean loss since the last log."""
+
+    eval_every: int = 0
+    """Measure validation loss every this many steps and after the last; 0 disables."""
+
+    checkpoint_every: int = 0
+    """Save a checkpoint every this many steps and after the last; 0 disables."""
+
+    def __post_init__(self) -> None:
+        check_int("max_steps", self.max_steps, minimum=0)
+        check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
+        check_int("log_every", self.log_every, minimum=1)
+        check_int("eval_every", self.eval_every, minimum=0)
+        check_int("checkpoint_every", self.checkpoint_every, minimum=0)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LoopConfig:
+        return from_dict(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    """A log record: `step` steps done, mean training loss over the last interval."""
+
+    step: int
+    loss: float
+    tokens: int
+    elapsed_s: float
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class EvalInfo:
+    """A validation measurement after `step` steps."""
+
+    step: int
+    val_loss: float
+    tokens: int
+    elapsed_s: float
+
+
+@dataclass
+class TrainResult:
+    """What a `train` call did."""
+
+    steps: int = 0
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    logs: list[StepInfo] = field(default_factory=list)
+    evals: list[EvalInfo] = field(default_factory=list)
+
+
+class Callback:
+    """Hooks the loop awaits; override the ones you need (all default to doing nothing).
+
+    Callbacks run inside the loop's task: a slow callback slows training, and an exception
+    ends the run. In simulations, `on_step` is where a peer is killed at a given step or
+    where a gradient step is given virtual duration (`await comm.sleep(step_time_s)`).
+    """
+
+    async def on_step(self, step: int) -> None:
+        """After every step; `step` steps are done. Must not read tensors (no sync)."""
+
+    async def on_log(self, info: StepInfo) -> None:
+        """Every `log_every` steps."""
+
+    async def on_eval(self, info: EvalInfo) -> None:
+        """After each validation measurement."""
+
+    async def on_checkpoint(self, manifest: Manifest) -> None:
+        """After a checkpoint was written (e.g. to announce its hash to the run)."""
+
+
+async def train(
+    strategy: Strategy,
+    batches: BatchStream,
+    config: LoopConfig,
+    *,
+    val_set: Sequence[Batch] | None = None,
+    checkpoints: CheckpointStore | None = None,
+    callbacks: Sequence[Callback] = (),
+    start_step: int = 0,
+) -> TrainResult:
+    """Train `strategy.model` from `start_step` to `config.max_steps`.
+
+    Args:
+        strategy: the algorithm (owns the model, optimizer and Comm).
+        batches: this peer's data stream (its position advances).
+        config: loop schedule.
+        val_set: fixed validation batches (see `validation_batches`); needed if eval_every > 0.
+        checkpoints: where to save if checkpoint_every > 0 (see `resume`).
+        callbacks: hooks called in order.
+        start_step: steps already done (what `resume` returned).
+
+    Returns:
+        Steps, tokens, time, the log and the validation curve.
+
+    Raises:
+        ValueError: eval or checkpoints requested without a val_set / store.
+        CommClosed: this peer's Comm closed (left or was killed) — the run is over for it.
+
+    Cancellation stops after the current await; the strategy is closed, nothing is saved.
+    """
+    if config.eval_every and not val_set:
+        raise ValueError("eval_every > 0 needs a val_set; pass validation_batches(...) or set eval_every=0")
+    if config.checkpoint_every and checkpoints is None:
+        raise ValueError("checkpoint_every > 0 needs a CheckpointStore; pass checkpoints=... or set it to 0")
+    result = TrainResult(steps=start_step)
+    device = strategy.device
+    tokens_per_step = batches.batch_size * batches.seq_len * config.grad_accum_steps
+    loss_sum = torch.zeros((), device=device)
+    since_log = 0
+    start = time.perf_counter()
+    async with asyncio.TaskGroup() as tasks:
+        await strategy.start(tasks)
+        try:
+            for step in range(start_step, config.max_steps):
+                for _ in range(config.grad_accum_steps):
+                    x, y = batches.next()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    out = strategy.forward_backward(x, y, loss_scale=1.0 / config.grad_accum_steps)
+                    loss_sum += out["loss"] / config.grad_accum_steps
+                metrics = await strategy.step(step)
+                done = step + 1
+                since_log += 1
+                result.steps, result.tokens = done, result.tokens + tokens_per_step
+                result.elapsed_s = time.perf_counter() - start
+                for cb in callbacks:
+                    await cb.on_step(done)
+                last = done == config.max_steps
+                if done % config.log_every == 0 or last:
+                    info = StepInfo(done, float(loss_sum) / since_log, result.tokens, result.elapsed_s,
+                                    {k: float(v) for k, v in metrics.items()})
+                    loss_sum.zero_()
+                    since_log = 0
+                    result.logs.append(info)
+                    logger.info("step %d loss %.4f %s", done, info.loss, info.metrics)
+                    for cb in callbacks:
+                        await cb.on_log(info)
+                if config.eval_every and (done % config.eval_every == 0 or last):
+                    val_loss = evaluate(strategy.eval_module(), val_set, strategy=strategy)
+                    ev = EvalInfo(done, val_loss, result.tokens, time.perf_counter() - start)
+                    result.evals.append(ev)
+                    logger.info("step %d val_loss %.4f", done, val_loss)
+                    for cb in callbacks:
+                        await cb.on_eval(ev)
+                if checkpoints is not None and config.checkpoint_every and (
+                    done % config.checkpoint_every == 0 or last
+                ):
+                    manifest = save_checkpoint(checkpoints, done, strategy, batches)
+                    for cb in callbacks:
+                        await cb.on_checkpoint(manifest)
+                await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
+        finally:
+            await strategy.aclose()
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, val_set: Sequence[Batch], *, strategy: Strategy | None = None) -> float:
+    """Mean cross-entropy (nats/token) of `model` over `val_set`, in eval mode.
+
+    Args:
+        model: the weights to evaluate.
+        val_set: fixed (inputs, targets) batches.
+        strategy: if given, its autocast precision is used.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    try:
+        for x, y in val_set:
+            ctx = strategy.autocast() if strategy is not None else torch.autocast("cpu", enabled=False)
+            with ctx:
+                out = model(x.to(device), y.to(device))
+            total += out.ce.double()
+    finally:
+        model.train(was_training)
+    return float(total) / max(1, len(val_set))
+
+
+def save_checkpoint(
+    store: CheckpointStore, step: int, strategy: Strategy, batches: BatchStream
+) -> Manifest:
+    """Checkpoint everything needed to resume after `step` steps: weights, strategy, data, RNG."""
+    state = {
+        "step": step,
+        "strategy": strategy.state_dict(),
+        "data": batches.state_dict(),
+        "rng": _rng_state(),
+    }
+    return store.save(
+        step=step, algorithm=strategy.algorithm, model_config=strategy.model.config.to_dict(),
+        weights=strategy.model.state_dict(), state=state,
+    )
+
+
+def resume(store: CheckpointStore, strategy: Strategy, batches: BatchStream) -> int:
+    """Restore the newest loadable checkpoint into `strategy`/`batches`; returns its step (0 if none).
+
+    A corrupt newest checkpoint is skipped with an error log and the next older one is used.
+
+    Raises:
+        CheckpointError: checkpoints exist but none is loadable, or one belongs to another
+            algorithm or model shape.
+    """
+    steps = store.steps()
+    for step in reversed(steps):
+        try:
+            ckpt = store.load(step, map_location=strategy.device)
+        except CheckpointCorrupt as exc:
+            logger.error("skipping corrupt checkpoint: %s", exc)
+            continue
+        _check_compatible(ckpt.manifest, strategy)
+        strategy.model.load_state_dict(ckpt.weights)
+        strategy.load_state_dict(ckpt.state["strategy"])
+        batches.load_state_dict(ckpt.state["data"])
+        _set_rng_state(ckpt.state["rng"])
+        logger.info("resumed from %s", ckpt.path)
+        return int(ckpt.state["step"])
+    if steps:
+        raise CheckpointError(f"no loadable checkpoint among steps {steps} in {store.directory}")
+    return 0
+
+
+def _check_compatible(manifest: Manifest, strategy: Strategy) -> None:
+    if manifest.algorithm != strategy.algorithm:
+        raise CheckpointError(
+            f"checkpoint step {manifest.step} was written by {manifest.algorithm!r}, this run uses "
+            f"{strategy.algorithm!r}; use another checkpoint directory"
+        )
+    if manifest.model_config != strategy.model.config.to_dict():
+        raise CheckpointError(
+            f"checkpoint step {manifest.step} has model config {manifest.model_config}, "
+            "which differs from this run's; use the same model preset or another directory"
+        )
+
+
+def _rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
