@@ -1,0 +1,38 @@
+"""Triton side of `zo.py`: x += coef_k * z(seed_k) for k = 0..K-1, one pass over x.
+
+Imported lazily through `_triton.module("zo")`. Bit-exact with `zo.zo_apply_ref_`:
+the z bits come from the same Philox stream, `coef * z` is a sign flip (exact), so each seed
+costs exactly one IEEE fp32 add per element, and for bf16/fp16 storage the sum is rounded to
+storage after every seed, exactly as K separate calls would.
+"""
+
+import triton
+import triton.language as tl
+
+from hyphae.kernels._perturb_tl import from_f32, rademacher_bits, to_f32
+
+
+@triton.jit(do_not_specialize=["n", "start", "num_seeds"])
+def zo_apply_kernel(x_ptr, n, start, keys_ptr, coefs_ptr, num_seeds, ROWS: tl.constexpr, KIND: tl.constexpr):
+    """x[j] (global index start + j) += coefs[k] * z(keys[k], start + j), k in order.
+
+    The program's tile is ROWS whole 128-element hash blocks in global index space, so each
+    Philox call is made once per 128 elements; elements outside [start, start + n) are masked.
+    """
+    start64 = tl.cast(start, tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = start64 // 128 + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    local = blocks[:, None] * 128 + tl.arange(0, 128)[None, :] - start64
+    mask = (local >= 0) & (local < tl.cast(n, tl.int64))
+    local = tl.where(mask, local, 0)
+    acc = to_f32(tl.load(x_ptr + local, mask=mask, other=0.0), KIND)
+    for k in range(num_seeds):
+        k0 = tl.load(keys_ptr + 2 * k).to(tl.uint32)
+        k1 = tl.load(keys_ptr + 2 * k + 1).to(tl.uint32)
+        coef = tl.load(coefs_ptr + k)
+        bits = rademacher_bits(blocks, k0, k1)
+        # theta + coef*z with z = +-1: add +coef or -coef, one rounding, no multiply to fuse.
+        acc = acc + tl.where(bits != 0, -coef, coef)
+        if KIND != 0:
+            acc = to_f32(from_f32(acc, KIND), KIND)  # round to storage after every seed
+    tl.store(x_ptr + local, from_f32(acc, KIND), mask=mask)

@@ -1,0 +1,285 @@
+"""Shared-seed perturbations: z(seed, i) in {-1, +1}, the same bits on every device.
+
+ALGORITHMS.md §3 needs every peer (CPU worker or GPU worker) to regenerate the exact same
+perturbation z(seed) from a 64-bit seed, so seeds never travel and a log of scalars rebuilds
+the weights bit for bit. torch's CPU and CUDA generators differ, so z comes from a
+counter-based keyed hash instead:
+
+    block  = i >> 7                      (128 elements per hash call)
+    words  = Philox-4x32-10(counter=(block mod 2^32, block >> 32, 0, 0),
+                            key=(seed mod 2^32, seed >> 32))
+    bit    = (words[(i >> 5) & 3] >> (i & 31)) & 1
+    z      = +1 if bit == 0 else -1      (Rademacher)
+
+`i` is the index into the flattened concatenation of a list of tensors in a fixed order:
+tensor k's element j has i = offset + (numel of tensors 0..k-1) + j. One seed therefore
+perturbs a whole parameter list, and any sub-range can be regenerated alone.
+
+One hash per 128 elements keeps the hash cost small next to memory traffic on both paths. The
+torch reference emulates uint32 arithmetic on int64 tensors (products of two uint32 values
+wrap modulo 2^64, and the low/high halves are masked out), so it is bit-exact with the Triton
+kernel, which uses native uint32 ops. Philox-4x32-10 is checked against the Random123
+known-answer vectors in the tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import operator
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from hyphae.kernels import _triton
+
+__all__ = [
+    "derive_seed",
+    "philox4x32_10_ref",
+    "rademacher",
+    "rademacher_like",
+    "rademacher_ref",
+    "rademacher_triton",
+]
+
+MASK32 = 0xFFFFFFFF
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 round multipliers
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Philox-4x32 key increments (Weyl sequence)
+ELEMENTS_PER_HASH = 128
+MAX_INDEX = 1 << 62  # global element indices stay below this (int64 index math everywhere)
+_SPAN_ELEMS = 1 << 25  # elements hashed per pass for one seed (bounds temporaries to ~16 MB)
+
+_SEED_PERSON = b"hyphae-zo-seed1"  # blake2b personalization: versions the derivation
+
+
+def derive_seed(run_id: str, step: int, peer_id: str, j: int) -> int:
+    """The 64-bit seed of perturbation j of `peer_id` at `step` in run `run_id` (ALGORITHMS §3).
+
+    Seeds are never sent: every peer derives them from the log entry's coordinates. The hash is
+    blake2b (digest 8 bytes, personalization b"hyphae-zo-seed1") over an unambiguous
+    encoding: for each string its UTF-8 length as 4 bytes little-endian then its bytes, and
+    step and j as 8 bytes little-endian each, in the order run_id, step, peer_id, j. The
+    digest is read as a little-endian unsigned integer. Changing any of this changes every
+    seed, so the personalization string carries a version.
+
+    Raises:
+        TypeError: a string argument is not a str, or step/j are not ints.
+        ValueError: step or j are outside [0, 2**64).
+    """
+    for name, value in (("run_id", run_id), ("peer_id", peer_id)):
+        if not isinstance(value, str):
+            raise TypeError(f"{name} must be a str, got {type(value).__name__}")
+    h = hashlib.blake2b(digest_size=8, person=_SEED_PERSON)
+    for name, value in (("run_id", run_id), ("step", step), ("peer_id", peer_id), ("j", j)):
+        if isinstance(value, str):
+            raw = value.encode("utf-8")
+            h.update(len(raw).to_bytes(4, "little") + raw)
+        else:
+            h.update(_u64(name, value).to_bytes(8, "little"))
+    return int.from_bytes(h.digest(), "little")
+
+
+def _u64(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if not 0 <= v < 1 << 64:
+        raise ValueError(f"{name} must be in [0, 2**64), got {v}")
+    return v
+
+
+def seed_keys(seed: int) -> tuple[int, int]:
+    """Split a 64-bit seed into the Philox key words (low 32 bits, high 32 bits)."""
+    s = _u64("seed", seed)
+    return s & MASK32, s >> 32
+
+
+def storage_kind(dtype: torch.dtype) -> int:
+    """The kernels' code for a parameter dtype: 0 fp32, 1 bf16, 2 fp16.
+
+    Raises:
+        TypeError: any other dtype (updates are defined as one fp32 add rounded once to
+            storage; fp64 or integer parameters have no such definition here).
+    """
+    kinds = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    if dtype not in kinds:
+        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}; cast the tensor")
+    return kinds[dtype]
+
+
+def check_params(params: Sequence[torch.Tensor], offset: int) -> list[int]:
+    """Validate a parameter list and return each tensor's global start index.
+
+    Raises:
+        TypeError: an entry is not a tensor or has an unsupported dtype.
+        ValueError: a tensor is not contiguous, or offset + total numel >= 2**62.
+    """
+    starts: list[int] = []
+    pos = _u64("offset", offset)
+    for k, p in enumerate(params):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"params[{k}] must be a torch.Tensor, got {type(p).__name__}")
+        storage_kind(p.dtype)
+        if not p.is_contiguous():
+            raise ValueError(f"params[{k}] must be contiguous (in-place update); call .contiguous()")
+        starts.append(pos)
+        pos += p.numel()
+    if pos >= MAX_INDEX:
+        raise ValueError(f"offset + total numel must be < 2**62, got {pos}")
+    return starts
+
+
+def philox4x32_10_ref(
+    c0: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor, c3: torch.Tensor, k0: torch.Tensor, k1: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Philox-4x32-10 (Salmon et al. 2011; Random123's philox4x32_10) on int64 tensors.
+
+    Args:
+        c0, c1, c2, c3: counter words; k0, k1: key words. int64 tensors holding uint32 values
+            ([0, 2**32)), broadcastable to one shape.
+
+    Returns:
+        The four output words as new int64 tensors of the broadcast shape, values in [0, 2**32).
+    """
+    shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape, k0.shape, k1.shape)
+    c0, c1, c2, c3 = (c.expand(shape).clone() for c in (c0, c1, c2, c3))
+    k0, k1 = k0.clone(), k1.clone()
+    p0, p1 = torch.empty_like(c0), torch.empty_like(c0)
+    for _ in range(10):
+        # A uint32 x uint32 product fits 64 bits; int64 wraps modulo 2^64, so `& MASK32` is the
+        # low word and `>> 32` (then masking off the sign extension) is the high word.
+        torch.mul(c0, _M0, out=p0)
+        torch.mul(c2, _M1, out=p1)
+        torch.bitwise_right_shift(p1, 32, out=c0)
+        c0.bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
+        torch.bitwise_right_shift(p0, 32, out=c2)
+        c2.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
+        torch.bitwise_and(p1, MASK32, out=c1)
+        torch.bitwise_and(p0, MASK32, out=c3)
+        k0.add_(_W0).bitwise_and_(MASK32)
+        k1.add_(_W1).bitwise_and_(MASK32)
+    return c0, c1, c2, c3
+
+
+def hash_bytes(seeds: Sequence[int], first_block: int, num_blocks: int, device: torch.device) -> torch.Tensor:
+    """The bit stream of z as bytes: row k, byte b holds the bits of elements 8b .. 8b+7.
+
+    Element `first_block*128 + 8*b + t` of seed k is bit t of `out[k, b]` (bit set -> z = -1).
+
+    Returns:
+        uint8 tensor [K, 16 * num_blocks].
+    """
+    if sys.byteorder != "little":  # the int32 -> uint8 view below assumes little-endian words
+        raise RuntimeError("hyphae.kernels needs a little-endian host")
+    counters = torch.arange(first_block, first_block + num_blocks, dtype=torch.int64, device=device)
+    keys = torch.tensor([seed_keys(s) for s in seeds], dtype=torch.int64, device=device)
+    zero = torch.zeros((), dtype=torch.int64, device=device)
+    words = philox4x32_10_ref(counters & MASK32, counters >> 32, zero, zero, keys[:, :1], keys[:, 1:])
+    out = torch.empty(len(seeds), num_blocks, 4, dtype=torch.int32, device=device)
+    for w, word in enumerate(words):
+        out[:, :, w].copy_(word)  # int64 -> int32 keeps the low 32 bits (two's complement)
+    return out.view(torch.uint8).view(len(seeds), 16 * num_blocks)
+
+
+@functools.cache
+def sign_table(device: torch.device) -> torch.Tensor:
+    """fp32 [256, 8]: row v, column t is -1 if bit t of v is set else +1 (byte -> 8 z values)."""
+    v = torch.arange(256, device=device).unsqueeze(1)
+    bits = (v >> torch.arange(8, device=device)) & 1
+    return (1.0 - 2.0 * bits).to(torch.float32).contiguous()
+
+
+def expand_bytes(
+    byte_row: torch.Tensor, idx_buf: torch.Tensor, z_buf: torch.Tensor
+) -> torch.Tensor:
+    """z values (fp32 +-1) for the bytes in `byte_row`, via an L1-resident lookup table.
+
+    A table gather of 8 floats per byte is the cheapest bit -> float expansion torch offers on
+    CPU (no per-bit shifts or int temporaries). `idx_buf` (int32) and `z_buf` (fp32 [m, 8])
+    are caller-owned scratch, reused across chunks so nothing large is allocated per call.
+    """
+    m = byte_row.numel()
+    idx = idx_buf[:m]
+    idx.copy_(byte_row)
+    torch.index_select(sign_table(byte_row.device), 0, idx, out=z_buf[:m])
+    return z_buf[:m].view(-1)
+
+
+def rademacher_ref(
+    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """z(seed, offset + j) for j in [0, numel) as a 1-D tensor (torch reference)."""
+    start, end = _range(numel, offset)
+    storage_kind(dtype)
+    seed_keys(seed)  # validate even when there is nothing to hash
+    device = torch.device(device)
+    out = torch.empty(end - start, dtype=dtype, device=device)
+    for lo in range(start - start % ELEMENTS_PER_HASH, end, _SPAN_ELEMS):
+        hi = min(lo + _SPAN_ELEMS, end)
+        first = lo // ELEMENTS_PER_HASH
+        nblocks = -(-hi // ELEMENTS_PER_HASH) - first
+        row = hash_bytes([seed], first, nblocks, device)[0]
+        m = row.numel()
+        z = expand_bytes(row, torch.empty(m, dtype=torch.int32, device=device), torch.empty(m, 8, device=device))
+        a, b = max(lo, start), hi
+        out[a - start : b - start].copy_(z[a - lo : b - lo])
+    return out
+
+
+def rademacher_triton(
+    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cuda"
+) -> torch.Tensor:
+    """Same as `rademacher_ref`, computed by the Triton kernel on `device`."""
+    start, end = _range(numel, offset)
+    kind = storage_kind(dtype)
+    k0, k1 = seed_keys(seed)
+    out = torch.empty(end - start, dtype=dtype, device=device)
+    if out.numel():
+        rows = 32
+        nblocks = -(-end // ELEMENTS_PER_HASH) - start // ELEMENTS_PER_HASH
+        grid = (-(-nblocks // rows),)
+        _triton.module("perturb").rademacher_kernel[grid](
+            out, out.numel(), start, k0, k1, ROWS=rows, KIND=kind, enable_fp_fusion=False
+        )
+    return out
+
+
+def rademacher(
+    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """z(seed, offset + j) for j in [0, numel): a 1-D tensor of exact +-1 values.
+
+    The same (seed, index) gives the same value on every device and path. Materializing z is
+    for tests and analysis; the update paths (`zo.py`) never build z for a whole tensor.
+
+    Raises:
+        ValueError: seed outside [0, 2**64), numel < 0, or offset + numel >= 2**62.
+        TypeError: dtype is not float32, bfloat16 or float16.
+    """
+    probe = torch.empty(0, device=device)
+    if _triton.use_triton(probe):
+        return rademacher_triton(seed, numel, offset=offset, dtype=dtype, device=device)
+    return rademacher_ref(seed, numel, offset=offset, dtype=dtype, device=device)
+
+
+def rademacher_like(params: Sequence[torch.Tensor], seed: int, *, offset: int = 0) -> list[torch.Tensor]:
+    """z(seed) for a parameter list, one tensor per parameter (same shape, dtype, device)."""
+    starts = check_params(params, offset)
+    return [
+        rademacher(seed, p.numel(), offset=s, dtype=p.dtype, device=p.device).view(p.shape)
+        for p, s in zip(params, starts)
+    ]
+
+
+def _range(numel: int, offset: int) -> tuple[int, int]:
+    n = operator.index(numel)
+    if n < 0:
+        raise ValueError(f"numel must be >= 0, got {n}")
+    start = _u64("offset", offset)
+    if start + n >= MAX_INDEX:
+        raise ValueError(f"offset + numel must be < 2**62, got {start + n}")
+    return start, start + n
