@@ -159,6 +159,25 @@ async def train(
         raise ValueError("eval_every > 0 needs a val_set; pass validation_batches(...) or set eval_every=0")
     if config.checkpoint_every and checkpoints is None:
         raise ValueError("checkpoint_every > 0 needs a CheckpointStore; pass checkpoints=... or set it to 0")
+    try:
+        return await _train(strategy, batches, config, val_set, checkpoints, callbacks, start_step)
+    except ExceptionGroup as group:
+        # The TaskGroup that hosts background work wraps even a lone loop error; callers
+        # should see CommClosed itself, not a group of one.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
+
+
+async def _train(
+    strategy: Strategy,
+    batches: BatchStream,
+    config: LoopConfig,
+    val_set: Sequence[Batch] | None,
+    checkpoints: CheckpointStore | None,
+    callbacks: Sequence[Callback],
+    start_step: int,
+) -> TrainResult:
     result = TrainResult(steps=start_step)
     device = strategy.device
     tokens_per_step = batches.batch_size * batches.seq_len * config.grad_accum_steps

@@ -67,6 +67,11 @@ def _clone(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in tensors.items()}
 
 
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 def _retrieve(fut: asyncio.Future) -> None:
     """Mark a finished future's exception as seen (its waiter is gone)."""
     if fut.done() and not fut.cancelled():
@@ -303,8 +308,19 @@ class SimComm(Comm):
         return asyncio.get_running_loop().time()
 
     async def sleep(self, seconds: float) -> None:
-        self._net._peer(self._id)
-        await asyncio.sleep(seconds)
+        """Sleep on the loop's clock; raises CommClosed at once if this peer is killed meanwhile."""
+        net = self._net
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            net._peer(self._id)
+            return
+        fut = net._future(net._peer(self._id))
+        handle = asyncio.get_running_loop().call_later(seconds, _resolve, fut)
+        try:
+            await fut
+        finally:
+            handle.cancel()
+            _retrieve(fut)
 
     def traffic(self) -> Traffic:
         return self._net.traffic(self._id)
@@ -334,8 +350,7 @@ class SimComm(Comm):
             me.sent += sent_bytes
             me.received += recv_bytes
             delay = net.latency(peer, self._id) + net._transfer_s(max(sent_bytes, recv_bytes), [peer, self._id])
-            await asyncio.sleep(delay)
-        net._peer(self._id)
+            await self.sleep(delay)
         return received
 
     async def _wait_for_partner(
@@ -371,8 +386,7 @@ class SimComm(Comm):
         closed = net._rounds.closed_round(tag)
         if closed is not None:  # too late: take the group's result without being included
             me.received += payload_bytes(closed.result)
-            await asyncio.sleep(max(net.latency(p, self._id) for p in closed.included))
-            net._peer(self._id)
+            await self.sleep(max(net.latency(p, self._id) for p in closed.included))
             return AllReduceResult(_clone(closed.result), closed.included)
         live_group = [p for p in group if net.is_alive(p)]
         rnd = net._rounds.open_round(tag, op, live_group, timeout_s, net._close_on_deadline)
@@ -387,8 +401,7 @@ class SimComm(Comm):
                 rnd.withdraw(self._id)  # cancelled before the round closed: finish without us
                 net._maybe_close(rnd)
             _retrieve(fut)
-        await asyncio.sleep(rnd.duration_s)
-        net._peer(self._id)
+        await self.sleep(rnd.duration_s)
         return AllReduceResult(_clone(rnd.result), rnd.included)
 
     # --- small values ------------------------------------------------------------------------
@@ -430,7 +443,7 @@ class SimComm(Comm):
         }
         ready = max((t for _, t in arrivals.values() if t <= deadline), default=self.now())
         if ready > self.now():
-            await asyncio.sleep(ready - self.now())
+            await self.sleep(ready - self.now())
         out = {p: v for p, (v, t) in arrivals.items() if t <= deadline}
         me.received += sum(len(v) for p, v in out.items() if p != self._id)
         return out
@@ -455,8 +468,7 @@ class SimComm(Comm):
             if self._id not in holders:
                 source = min(holders, key=lambda h: (net.latency(h, self._id), h))
                 data = net._blobs[digest]
-                await asyncio.sleep(net.latency(source, self._id) + net._transfer_s(len(data), [source, self._id]))
-                net._peer(self._id)
+                await self.sleep(net.latency(source, self._id) + net._transfer_s(len(data), [source, self._id]))
                 net._peers[source].sent += len(data)
                 me.received += len(data)
         data = net._blobs[digest]

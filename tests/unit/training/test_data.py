@@ -1,0 +1,161 @@
+"""Built-in data: the stdlib corpus, file splits, per-peer streams, .bin shard validation."""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hyphae.training import BatchStream, DataConfig, open_corpus, stream_key, validation_batches
+from hyphae.training._bin_shards import LLMC_MAGIC, ShardError
+
+
+def _text_corpus(tmp_path: Path, n_files: int = 40) -> Path:
+    root = tmp_path / "texts"
+    root.mkdir()
+    for i in range(n_files):
+        # every file is unique and long enough for windows, so membership can be checked exactly
+        (root / f"f{i:03d}.txt").write_text(f"<file {i:03d}>" + f" token{i:03d}" * 40)
+    return root
+
+
+def _write_llmc(path: Path, tokens: np.ndarray, *, version: int = 1, count: int | None = None) -> None:
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = (LLMC_MAGIC, version, len(tokens) if count is None else count)
+    path.write_bytes(header.tobytes() + tokens.astype("<u2").tobytes())
+
+
+def test_stdlib_corpus_is_found_from_the_interpreter_and_split_one_file_in_twenty(tmp_path: Path) -> None:
+    corpus = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    assert corpus.vocab_size == 256
+    assert corpus.train_tokens > 10_000_000  # the stdlib is ~30 MB of Python
+    assert 0.02 < corpus.val_tokens / (corpus.train_tokens + corpus.val_tokens) < 0.10
+    assert b"def " in corpus.train[0][:100_000].tobytes()
+
+
+def test_cached_stdlib_corpus_opens_fast_and_matches_the_uncached_one(tmp_path: Path) -> None:
+    first = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    start = time.perf_counter()
+    again = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    assert time.perf_counter() - start < 0.5
+    assert isinstance(again.train[0], np.memmap)
+    assert again.fingerprint == first.fingerprint
+    assert np.array_equal(again.val[0], first.val[0])
+
+
+def test_validation_files_never_appear_in_training(tmp_path: Path) -> None:
+    corpus = open_corpus(DataConfig(source=str(_text_corpus(tmp_path)), val_every=20))
+    train = corpus.train[0].tobytes()
+    val = corpus.val[0].tobytes()
+    for i in range(40):
+        marker = f"<file {i:03d}>".encode()
+        in_val = i % 20 == 19
+        assert (marker in val) == in_val and (marker in train) != in_val, i
+
+
+def test_single_text_file_holds_out_its_tail(tmp_path: Path) -> None:
+    path = tmp_path / "one.txt"
+    path.write_bytes(bytes(range(256)) * 40)
+    corpus = open_corpus(DataConfig(source=str(path), val_fraction=0.1))
+    assert corpus.val_tokens == 1024 and corpus.train_tokens == 10240 - 1024
+    assert corpus.train[0].tobytes() + corpus.val[0].tobytes() == path.read_bytes()
+
+
+def test_missing_source_names_the_path_and_the_alternative() -> None:
+    with pytest.raises(ValueError, match="does not exist; use 'stdlib'"):
+        open_corpus(DataConfig(source="/no/such/dir"))
+    with pytest.raises(ValueError, match="unknown DataConfig key"):
+        DataConfig.from_dict({"sauce": "stdlib"})
+
+
+def test_a_peer_stream_is_reproducible_and_resumes_from_its_position(tmp_path: Path) -> None:
+    tokens = (np.arange(5000) % 251).astype(np.uint8)
+    a = BatchStream([tokens], batch_size=4, seq_len=16, seed=1, stream="peer-a")
+    batches = [a.next() for _ in range(5)]
+    b = BatchStream([tokens], batch_size=4, seq_len=16, seed=1, stream="peer-a")
+    b.load_state_dict({"position": 3, "key_low": a.state_dict()["key_low"]})
+    assert torch.equal(b.next()[0], batches[3][0])
+    x, y = batches[0]
+    assert x.dtype == torch.int64 and x.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])  # targets are the inputs shifted by one
+
+
+def test_two_peers_get_different_streams_unless_given_the_same_id() -> None:
+    tokens = np.random.default_rng(0).integers(0, 256, 100_000).astype(np.uint8)
+    def first(seed: int, stream: int | str) -> torch.Tensor:
+        return BatchStream([tokens], batch_size=8, seq_len=32, seed=seed, stream=stream).next()[0]
+    assert not torch.equal(first(0, 0), first(0, 1))
+    assert not torch.equal(first(0, "peer-a"), first(0, "peer-b"))
+    assert not torch.equal(first(0, 0), first(1, 0))
+    assert torch.equal(first(0, "peer-a"), first(0, "peer-a"))
+    assert stream_key(0, 3) != stream_key(0, "3")
+
+
+def test_state_of_another_stream_is_refused() -> None:
+    tokens = np.zeros(100, dtype=np.uint8)
+    a = BatchStream([tokens], batch_size=1, seq_len=8, seed=0, stream=0)
+    b = BatchStream([tokens], batch_size=1, seq_len=8, seed=0, stream=1)
+    with pytest.raises(ValueError, match="different stream"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_shards_confine_streams_to_disjoint_slices() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)  # token value == its position
+    starts = []
+    for k in range(4):
+        s = BatchStream([tokens], batch_size=64, seq_len=8, seed=0, stream=k, shard=(k, 4))
+        starts.append({int(v) for _ in range(10) for v in s.next()[0][:, 0]})
+    for k in range(4):
+        assert all(k * 2498 <= v < (k + 1) * 2498 for v in starts[k])
+
+
+def test_validation_batches_are_fixed_and_spread_over_the_split() -> None:
+    tokens = np.arange(20_000, dtype=np.uint16)
+    a = validation_batches([tokens], batch_size=4, seq_len=8, n_batches=5)
+    b = validation_batches([tokens], batch_size=4, seq_len=8, n_batches=5)
+    assert len(a) == 5 and all(torch.equal(x, y) for (x, _), (y, _) in zip(a, b))
+    firsts = torch.cat([x[:, 0] for x, _ in a])
+    assert firsts.min() == 0 and firsts.max() > 19_000
+
+
+def test_llmc_shards_load_and_val_shard_is_held_out(tmp_path: Path) -> None:
+    _write_llmc(tmp_path / "data_train_000.bin", np.arange(1000) % 50000)
+    _write_llmc(tmp_path / "data_val_000.bin", np.arange(300))
+    corpus = open_corpus(DataConfig(source=str(tmp_path)), min_tokens=17)
+    assert corpus.train_tokens == 1000 and corpus.val_tokens == 300
+    assert corpus.vocab_size == 1000
+    with pytest.raises(ValueError, match="vocab_size >= 1000"):
+        corpus.check_vocab(256)
+
+
+def test_raw_nanogpt_shard_without_val_holds_out_its_tail(tmp_path: Path) -> None:
+    path = tmp_path / "train.bin"
+    path.write_bytes(np.arange(2000, dtype="<u2").tobytes())
+    corpus = open_corpus(DataConfig(source=str(path), val_fraction=0.05), min_tokens=17)
+    assert corpus.train_tokens == 1900 and corpus.val_tokens == 100
+    assert int(corpus.val[0][0]) == 1900
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b""), "empty .bin shard"),
+        (lambda p: p.write_bytes(b"\x01\x02\x03"), "not a whole number of uint16"),
+        (lambda p: _write_llmc(p, np.arange(100), version=7), "version 7 is not supported"),
+        (lambda p: _write_llmc(p, np.arange(100), count=150), "header says 150 tokens"),
+        (lambda p: p.write_bytes(np.array([LLMC_MAGIC, 1], "<i4").tobytes()), "shorter than the 1024-byte header"),
+    ],
+)
+def test_malformed_bin_shards_are_rejected_with_the_file_and_the_fix(tmp_path: Path, make, message: str) -> None:
+    path = tmp_path / "bad.bin"
+    make(path)
+    with pytest.raises(ShardError, match=message) as err:
+        open_corpus(DataConfig(source=str(path)), min_tokens=2)
+    assert str(path) in str(err.value)
+
+
+def test_shard_shorter_than_one_window_is_an_error(tmp_path: Path) -> None:
+    _write_llmc(tmp_path / "tiny.bin", np.arange(10))
+    with pytest.raises(ShardError, match="shorter than one training window"):
+        open_corpus(DataConfig(source=str(tmp_path)), min_tokens=129)
