@@ -1,0 +1,80 @@
+"""Behaviour of ``/hyphae/hello/1`` (trio side): answer hellos, send ours, judge theirs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import trio
+from libp2p.abc import IHost, INetStream
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from ..errors import PeerError, ProtocolViolation
+from ..stream import TrioFramedStream, libp2p_errors_as_peer_errors
+from .wire import MAX_FRAME_BYTES, PROTOCOL_ID, Hello
+
+__all__ = ["HelloService"]
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 10.0
+
+
+class HelloService:
+    """Exchanges hellos and reports each outcome to ``on_result(peer_id, hello_or_error)``.
+
+    A result is either a :class:`Hello` from a peer of our network, or a :class:`PeerError`
+    saying why the peer should be dropped (wrong network, malformed hello, no answer).
+    """
+
+    def __init__(self, local: Callable[[], Hello], on_result: Callable[[str, Hello | PeerError], None]) -> None:
+        self._local = local
+        self._on_result = on_result
+
+    def _judge(self, peer_id: str, hello: Hello) -> Hello | PeerError:
+        ours = self._local()
+        if hello.network != ours.network:
+            return PeerError(f"peer is on network {hello.network!r}, we are on {ours.network!r}")
+        return hello
+
+    async def handle(self, stream: INetStream) -> None:
+        """Inbound: read their hello, answer with ours."""
+        framed = TrioFramedStream(stream, max_frame_bytes=MAX_FRAME_BYTES)
+        try:
+            with trio.fail_after(HELLO_TIMEOUT_S):
+                theirs = Hello.from_wire(await framed.recv())
+                await framed.send(self._local().to_wire())
+            self._on_result(framed.peer_id, self._judge(framed.peer_id, theirs))
+        except ProtocolViolation as exc:
+            log.warning("hello from %s violates the protocol, closing: %s", framed.peer_id, exc)
+            await framed.reset()
+            self._on_result(framed.peer_id, exc)
+        except (PeerError, trio.TooSlowError) as exc:
+            log.debug("hello from %s failed: %s", framed.peer_id, exc)
+            await framed.reset()
+        finally:
+            await framed.close()
+
+    async def exchange(self, host: IHost, peer_id: str) -> Hello | PeerError:
+        """Outbound: open a hello stream to ``peer_id`` and trade hellos."""
+        framed: TrioFramedStream | None = None
+        try:
+            with trio.fail_after(HELLO_TIMEOUT_S):
+                with libp2p_errors_as_peer_errors("cannot open hello stream"):
+                    raw = await host.new_stream(ID.from_base58(peer_id), [TProtocol(PROTOCOL_ID)])
+                framed = TrioFramedStream(raw, max_frame_bytes=MAX_FRAME_BYTES)
+                theirs = Hello.from_wire(await framed.request(self._local().to_wire()))
+            result: Hello | PeerError = self._judge(peer_id, theirs)
+        except ProtocolViolation as exc:
+            log.warning("hello reply from %s violates the protocol: %s", peer_id, exc)
+            result = exc
+        except PeerError as exc:
+            result = exc
+        except trio.TooSlowError:
+            result = PeerError(f"no hello from {peer_id} within {HELLO_TIMEOUT_S:.0f} s")
+        finally:
+            if framed is not None:
+                await framed.close()
+        self._on_result(peer_id, result)
+        return result
