@@ -33,11 +33,10 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels.perturb import storage_kind
+from hyphae.kernels.perturb import fp32_scalar, storage_kind
 
 __all__ = [
     "diloco_outer_",
@@ -169,7 +168,7 @@ def _noloco(
 ) -> None:
     named = {"phis": phis, "deltas": deltas, "mean_progress": dbar, "mean_phis": phibar, "thetas": thetas}
     rows = [_NoLoCoRow(*r) for r in _rows(named, {"phis", "deltas", "mean_progress", "mean_phis"})]
-    scalars = (_f32("a", a), _f32("b", b), _f32("c", c))
+    scalars = (fp32_scalar("a", a), fp32_scalar("b", b), fp32_scalar("c", c))
     for row in rows:
         fast = path == "triton" or (path == "auto" and _triton.use_triton(row.phi))
         (_noloco_triton if fast else _noloco_ref)([row], *scalars)
@@ -181,7 +180,7 @@ def _diloco(
 ) -> None:
     named = {"phis": phis, "momenta": momenta, "outer_grads": grads, "thetas": thetas}
     rows = [_DiLoCoRow(*r) for r in _rows(named, {"phis", "momenta", "outer_grads"})]
-    lr32, mu32 = _f32("lr", lr), _f32("momentum", momentum)
+    lr32, mu32 = fp32_scalar("lr", lr), fp32_scalar("momentum", momentum)
     for row in rows:
         fast = path == "triton" or (path == "auto" and _triton.use_triton(row.phi))
         (_diloco_triton if fast else _diloco_ref)([row], lr32, mu32, bool(nesterov))
@@ -228,13 +227,6 @@ def _rows(named: dict[str, Tensors | None], state: set[str]) -> list[Any]:
                 raise ValueError(f"{name}[{i}] must be contiguous; call .contiguous()")
         rows.append([lists[k][i] if k in lists else None for k in named])
     return rows
-
-
-def _f32(name: str, v: float) -> float:
-    r = float(np.float32(v))
-    if not np.isfinite(r):
-        raise ValueError(f"{name} must be finite in fp32, got {v}")
-    return r
 
 
 # --- torch reference ----------------------------------------------------------------------

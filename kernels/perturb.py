@@ -30,6 +30,7 @@ import operator
 import sys
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hyphae.kernels import _triton
@@ -96,6 +97,19 @@ def seed_keys(seed: int) -> tuple[int, int]:
     """Split a 64-bit seed into the Philox key words (low 32 bits, high 32 bits)."""
     s = _u64("seed", seed)
     return s & MASK32, s >> 32
+
+
+def fp32_scalar(name: str, value: float) -> float:
+    """`value` rounded once to fp32 (nearest-even), as the kernels use it.
+
+    Raises:
+        ValueError: the rounded value is not finite (|value| >= ~3.4e38, inf or NaN).
+    """
+    with np.errstate(over="ignore"):
+        r = float(np.float32(value))
+    if not np.isfinite(r):
+        raise ValueError(f"{name} must be finite in fp32 (|x| < 3.4e38), got {value}")
+    return r
 
 
 def storage_kind(dtype: torch.dtype) -> int:

@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from hyphae.kernels import _triton
 from hyphae.kernels.perturb import (
     ELEMENTS_PER_HASH,
     check_params,
+    fp32_scalar,
     expand_bytes,
     hash_bytes,
     seed_keys,
@@ -60,7 +60,7 @@ def zo_perturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *, offs
 
 def zo_unperturb_(params: Sequence[torch.Tensor], seed: int, scale: float, *, offset: int = 0) -> None:
     """theta -= scale * z(seed): the inverse step, which is NOT an exact inverse in float."""
-    zo_apply_(params, [seed], [-float(np.float32(scale))], offset=offset)
+    zo_apply_(params, [seed], [-fp32_scalar("scale", scale)], offset=offset)
 
 
 def zo_apply_(
@@ -108,10 +108,7 @@ def _prepare(
         raise ValueError(f"seeds and coefs must have the same length, got {len(seed_list)} and {len(coef_list)}")
     for s in seed_list:
         seed_keys(s)
-    rounded = [float(np.float32(c)) for c in coef_list]  # the one host-side rounding to fp32
-    for c, r in zip(coef_list, rounded):
-        if not np.isfinite(r):
-            raise ValueError(f"coefs must be finite in fp32 (|c| < 3.4e38), got {c}")
+    rounded = [fp32_scalar("coefs", c) for c in coef_list]  # the one host-side rounding to fp32
     pieces = [(p, s) for p, s in zip(params, starts) if p.numel() > 0]
     return pieces, seed_list, rounded
 
