@@ -1,0 +1,63 @@
+"""Structured, quiet-by-default logging for the daemon.
+
+One line per event, ``key=value`` for people or one JSON object per line (``--log-json``) for
+collectors. py-libp2p logs loudly at WARNING about routine stream resets; its loggers are held at
+ERROR unless the level is debug.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+__all__ = ["setup_logging"]
+
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        out.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+        extra = " ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        line = f"{stamp} {record.levelname.lower():<7} {record.name.removeprefix('hyphae.')}: {record.getMessage()}"
+        if extra:
+            line += f"  {extra}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+def setup_logging(level: str = "info", *, json_lines: bool = False) -> None:
+    """Configure the root logger once for the process (idempotent)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if json_lines else _TextFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    noisy_level = logging.DEBUG if level == "debug" else logging.ERROR
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("libp2p", "multiaddr", "zeroconf", "aiohttp", "asyncio"):
+            lib = logging.getLogger(name)
+            lib.setLevel(logging.NOTSET)
+            lib.handlers.clear()
+            lib.propagate = True
+    for name in ("libp2p", "multiaddr", "zeroconf"):
+        logging.getLogger(name).setLevel(noisy_level)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

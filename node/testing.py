@@ -1,0 +1,108 @@
+"""Tools for testing the daemon as a process: start ``hyphae node join``, poll, measure CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DaemonProcess", "sync_wait", "process_cpu_s"]
+
+
+def sync_wait(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
+    """Poll ``predicate`` until truthy; raise AssertionError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(interval_s)
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class DaemonProcess:
+    """One ``hyphae node join`` process on loopback with its own data dir."""
+
+    def __init__(self, data_dir: Path, args: list[str], *, train: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        self.args = list(args)
+        self.train = train
+        self.log_path = self.data_dir / "test-daemon.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.info: dict[str, Any] = {}
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "hyphae.cli", "node", "join", "--data-dir", str(self.data_dir),
+               "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"]
+        if not self.train:
+            cmd.append("--no-train")
+        return cmd + self.args
+
+    def start(self, timeout_s: float = 30.0) -> DaemonProcess:
+        """Spawn the daemon and wait for its ``node.json``."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "node.json").unlink(missing_ok=True)
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        sync_wait(self._ready, timeout_s, f"daemon in {self.data_dir} to write node.json")
+        return self
+
+    def _ready(self) -> bool:
+        try:
+            info = json.loads((self.data_dir / "node.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            info = {}
+        if info.get("pid") == self.proc.pid:
+            self.info = info
+            return True
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+        return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    @property
+    def multiaddr(self) -> str:
+        return self.info["multiaddrs"][0]
+
+    def api(self, path: str, method: str = "GET", token: str | None = None) -> Any:
+        req = urllib.request.Request(self.info["api_url"] + path, method=method)
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def peer_ids(self) -> set[str]:
+        """Peers that passed the hello (agent known)."""
+        return {p["peer_id"] for p in self.api("/api/v1/peers")["peers"] if p["agent"]}
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout_s: float) -> int:
+        return self.proc.wait(timeout_s)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)

@@ -1,0 +1,73 @@
+"""Node configuration: defaults < file < environment < flags; unknown keys and bad values refused."""
+
+from pathlib import Path
+
+import pytest
+
+from hyphae.node.config import ApiAddress, ConfigError, load_config
+
+PEER = "12D3KooWEKNUC8Jm9GdhVLi4rygDH8NrnDzq7vcJNcJi9E9z4iym"
+BOOT = f"/ip4/127.0.0.1/tcp/4101/p2p/{PEER}"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "hyphae.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults(tmp_path) -> None:
+    cfg = load_config(env={})
+    assert cfg.train and cfg.host.mdns and str(cfg.api) == "127.0.0.1:7700"
+    assert cfg.host.listen == ("/ip4/0.0.0.0/tcp/4101",)
+
+
+def test_layers_override_in_order(tmp_path) -> None:
+    path = write(tmp_path, f'log_level = "warning"\n[api]\nlisten = "127.0.0.1:1"\n[network]\nbootstrap = ["{BOOT}"]\nmdns = false\n')
+    cfg = load_config(file=path, env={"HYPHAE_API": "127.0.0.1:2", "HYPHAE_MDNS": "1"}, flags={"api": "127.0.0.1:3"})
+    assert cfg.log_level == "warning"
+    assert cfg.host.bootstrap == (BOOT,)
+    assert cfg.host.mdns is True  # env beats file
+    assert cfg.api.port == 3  # flag beats env
+
+
+def test_env_lists_are_comma_separated() -> None:
+    cfg = load_config(env={"HYPHAE_BOOTSTRAP": f"{BOOT}, {BOOT}", "HYPHAE_TRAIN": "no"})
+    assert cfg.host.bootstrap == (BOOT, BOOT) and cfg.train is False
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("colour = 1\n", "unknown key"),
+        ("[network]\nlistn = []\n", r"unknown key\(s\) listn in \[network\]"),
+        ("[network]\nbootstrap = ['/ip4/1.2.3.4/tcp/1']\n", "lacks the peer id"),
+        ("log_level = 'loud'\n", "log_level must be one of"),
+        ("train = 'yes'\n", "train must be bool"),
+        ("[api]\nlisten = 'nohost'\n", "must be HOST:PORT"),
+        ("[training]\nalgorithm = 'magic'\n", "algorithm must be one of"),
+        ("[training]\nmax_steps = -1\n", "max_steps must be >= 0"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_file_errors_name_the_setting(tmp_path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(file=write(tmp_path, text), env={})
+
+
+def test_bad_env_boolean_is_refused() -> None:
+    with pytest.raises(ConfigError, match="HYPHAE_MDNS must be true or false"):
+        load_config(env={"HYPHAE_MDNS": "maybe"})
+
+
+def test_missing_config_file_is_reported(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(file=tmp_path / "nope.toml", env={})
+
+
+def test_api_address_loopback_detection() -> None:
+    assert ApiAddress.parse("127.0.0.1:0").is_loopback
+    assert ApiAddress.parse("localhost:80").is_loopback
+    assert not ApiAddress.parse("0.0.0.0:80").is_loopback
+    with pytest.raises(ConfigError, match="0-65535"):
+        ApiAddress.parse("127.0.0.1:70000")
