@@ -138,7 +138,7 @@ def reduce_contributions(
         acc_dtype = torch.float64 if ref.is_floating_point() else torch.int64
         acc = torch.zeros(ref.shape, dtype=acc_dtype, device=ref.device)
         for peer in order:
-            acc += contributions[peer][name].to(acc.device, acc_dtype)
+            acc += contributions[peer][name].to(acc.device)  # promotes on the fly, no temporary
         if op == "mean":
             acc /= len(order)
         out[name] = acc.to(ref.dtype)

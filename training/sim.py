@@ -34,11 +34,20 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from hyphae.training._sim_parts import (
+    Offer,
+    ScalarSlot,
+    ScalarWait,
+    SimPeer,
+    clone_tensors,
+    copy_plain,
+    resolve,
+    retrieve,
+)
 from hyphae.training._sim_rounds import Round, RoundBook, reduce_contributions
 from hyphae.training._tensor_codec import payload_bytes
 from hyphae.training._virtual_loop import VirtualTimeLoop, run_virtual
@@ -61,42 +70,6 @@ logger = logging.getLogger(__name__)
 
 Latency = float | Callable[[str, str], float]
 Bandwidth = float | Callable[[str], float] | None
-
-
-def _clone(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in tensors.items()}
-
-
-def _resolve(fut: asyncio.Future) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _retrieve(fut: asyncio.Future) -> None:
-    """Mark a finished future's exception as seen (its waiter is gone)."""
-    if fut.done() and not fut.cancelled():
-        fut.exception()
-
-
-@dataclass(eq=False)
-class _Peer:
-    id: str
-    alive: bool = True
-    sent: int = 0
-    received: int = 0
-    pending: set[asyncio.Future] = field(default_factory=set)
-
-
-@dataclass(eq=False)
-class _Offer:
-    tensors: Mapping[str, torch.Tensor]
-    future: asyncio.Future
-
-
-@dataclass(eq=False)
-class _ScalarSlot:
-    values: dict[str, tuple[bytes, float]] = field(default_factory=dict)
-    waiters: list[tuple[asyncio.Future, set[str]]] = field(default_factory=list)
 
 
 class SimNetwork:
@@ -124,12 +97,12 @@ class SimNetwork:
             raise ValueError(f"bandwidth_bytes_per_s must be > 0 or None, got {bandwidth_bytes_per_s}")
         self._latency = latency_s
         self._bandwidth = bandwidth_bytes_per_s
-        self._peers: dict[str, _Peer] = {}
+        self._peers: dict[str, SimPeer] = {}
         self._comms: dict[str, SimComm] = {}
         self._live: list[str] = []  # sorted live peer ids
-        self._offers: dict[tuple[str, str, str], _Offer] = {}
+        self._offers: dict[tuple[str, str, str], Offer] = {}
         self._rounds = RoundBook(retention=round_retention)
-        self._scalars: dict[str, OrderedDict[int, _ScalarSlot]] = {}
+        self._scalars: dict[str, OrderedDict[int, ScalarSlot]] = {}
         self._scalar_retention = scalar_retention_steps
         self._blobs: dict[str, bytes] = {}
         self._holders: dict[str, set[str]] = {}
@@ -146,7 +119,7 @@ class SimNetwork:
         peer_id = peer_id if peer_id is not None else f"peer-{len(self._peers):04d}"
         if peer_id in self._peers:
             raise ValueError(f"peer id {peer_id!r} already exists in this SimNetwork")
-        self._peers[peer_id] = _Peer(peer_id)
+        self._peers[peer_id] = SimPeer(peer_id)
         bisect.insort(self._live, peer_id)
         comm = SimComm(self, peer_id)
         self._comms[peer_id] = comm
@@ -224,13 +197,13 @@ class SimNetwork:
 
     # --- internals used by SimComm -----------------------------------------------------------
 
-    def _peer(self, peer_id: str) -> _Peer:
+    def _peer(self, peer_id: str) -> SimPeer:
         peer = self._peers[peer_id]
         if not peer.alive:
             raise CommClosed(f"peer {peer_id} is closed (left or killed); it can make no calls")
         return peer
 
-    def _future(self, owner: _Peer) -> asyncio.Future:
+    def _future(self, owner: SimPeer) -> asyncio.Future:
         fut = asyncio.get_running_loop().create_future()
         owner.pending.add(fut)
         fut.add_done_callback(owner.pending.discard)
@@ -266,23 +239,22 @@ class SimNetwork:
             self._peers[pid].received += ring_bytes
         self._rounds.close(rnd, result, included, duration)
 
-    def _scalar_slot(self, topic: str, step: int) -> _ScalarSlot:
+    def _scalar_slot(self, topic: str, step: int) -> ScalarSlot:
         slots = self._scalars.setdefault(topic, OrderedDict())
         slot = slots.get(step)
         if slot is None:
-            slot = slots[step] = _ScalarSlot()
+            slot = slots[step] = ScalarSlot()
             while len(slots) > self._scalar_retention:
                 _, old = slots.popitem(last=False)
-                for fut, _missing in old.waiters:
-                    if not fut.done():
-                        fut.set_result(None)
+                for wait in old.waits.values():
+                    resolve(wait.future)
         return slot
 
-    def _scalar_progress(self, slot: _ScalarSlot, peer_id: str) -> None:
-        for fut, missing in slot.waiters:
-            missing.discard(peer_id)
-            if not missing and not fut.done():
-                fut.set_result(None)
+    def _scalar_progress(self, slot: ScalarSlot, peer_id: str) -> None:
+        for wait in slot.waits.values():
+            wait.missing.discard(peer_id)
+            if not wait.missing:
+                resolve(wait.future)
 
 
 class SimComm(Comm):
@@ -315,12 +287,12 @@ class SimComm(Comm):
             net._peer(self._id)
             return
         fut = net._future(net._peer(self._id))
-        handle = asyncio.get_running_loop().call_later(seconds, _resolve, fut)
+        handle = asyncio.get_running_loop().call_later(seconds, resolve, fut)
         try:
             await fut
         finally:
             handle.cancel()
-            _retrieve(fut)
+            retrieve(fut)
 
     def traffic(self) -> Traffic:
         return self._net.traffic(self._id)
@@ -342,8 +314,8 @@ class SimComm(Comm):
         async with asyncio.timeout(timeout_s):
             theirs = net._offers.pop((tag, peer, self._id), None)
             if theirs is not None:
-                received = _clone(theirs.tensors)
-                theirs.future.set_result(_clone(tensors))
+                received = clone_tensors(theirs.tensors)
+                theirs.future.set_result(clone_tensors(tensors))
             else:
                 received = await self._wait_for_partner(peer, tensors, tag)
             sent_bytes, recv_bytes = payload_bytes(tensors), payload_bytes(received)
@@ -360,14 +332,14 @@ class SimComm(Comm):
         key = (tag, self._id, peer)
         if key in net._offers:
             raise ValueError(f"exchange {tag!r} with {peer} is already in progress on this peer")
-        offer = _Offer(tensors, net._future(net._peers[self._id]))
+        offer = Offer(tensors, net._future(net._peers[self._id]))
         net._offers[key] = offer
         try:
             return await offer.future
         finally:
             if net._offers.get(key) is offer:
                 del net._offers[key]  # withdrawn: cancelled or timed out before the partner came
-            _retrieve(offer.future)
+            retrieve(offer.future)
 
     # --- all-reduce --------------------------------------------------------------------------
 
@@ -387,7 +359,7 @@ class SimComm(Comm):
         if closed is not None:  # too late: take the group's result without being included
             me.received += payload_bytes(closed.result)
             await self.sleep(max(net.latency(p, self._id) for p in closed.included))
-            return AllReduceResult(_clone(closed.result), closed.included)
+            return AllReduceResult(clone_tensors(closed.result), closed.included)
         live_group = [p for p in group if net.is_alive(p)]
         rnd = net._rounds.open_round(tag, op, live_group, timeout_s, net._close_on_deadline)
         rnd.contribute(self._id, tensors, op)
@@ -400,9 +372,9 @@ class SimComm(Comm):
             if not rnd.closed:
                 rnd.withdraw(self._id)  # cancelled before the round closed: finish without us
                 net._maybe_close(rnd)
-            _retrieve(fut)
+            retrieve(fut)
         await self.sleep(rnd.duration_s)
-        return AllReduceResult(_clone(rnd.result), rnd.included)
+        return AllReduceResult(clone_tensors(rnd.result), rnd.included)
 
     # --- small values ------------------------------------------------------------------------
 
@@ -425,28 +397,47 @@ class SimComm(Comm):
         net, me = self._net, self._net._peer(self._id)
         deadline = self.now() + timeout_s
         slot = net._scalar_slot(topic, step)
-        missing = {p for p in peers if p not in slot.values and net.is_alive(p)}
-        if missing:
-            fut = net._future(me)
-            entry = (fut, missing)
-            slot.waiters.append(entry)
+        key = tuple(peers)
+        wait = slot.waits.get(key)
+        if wait is None:
+            missing = {p for p in peers if p not in slot.values and net.is_alive(p)}
+            wait = slot.waits[key] = ScalarWait(missing, asyncio.get_running_loop().create_future())
+            if not missing:
+                resolve(wait.future)
+        if not wait.future.done():
+            killed = net._future(me)  # fails with CommClosed if this peer is killed meanwhile
             try:
-                await asyncio.wait([fut], timeout=timeout_s)
+                await asyncio.wait([wait.future, killed], timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                if entry in slot.waiters:
-                    slot.waiters.remove(entry)
-                _retrieve(fut)
+                resolve(killed)
+                retrieve(killed)
             net._peer(self._id)
-        arrivals = {
-            p: (slot.values[p][0], slot.values[p][1] + net.latency(p, self._id))
-            for p in peers if p in slot.values
-        }
-        ready = max((t for _, t in arrivals.values() if t <= deadline), default=self.now())
+        out, ready, received = self._arrived(slot, peers, deadline)
         if ready > self.now():
             await self.sleep(ready - self.now())
-        out = {p: v for p, (v, t) in arrivals.items() if t <= deadline}
-        me.received += sum(len(v) for p, v in out.items() if p != self._id)
+        me.received += received
         return out
+
+    def _arrived(
+        self, slot: ScalarSlot, peers: Sequence[str], deadline: float
+    ) -> tuple[dict[str, bytes], float, int]:
+        """Values of `peers` that reach this peer by `deadline`, when the last one lands, bytes."""
+        net, values = self._net, slot.values
+        constant = None if callable(net._latency) else net._latency
+        out: dict[str, bytes] = {}
+        ready, received = self.now(), 0
+        for p in peers:
+            entry = values.get(p)
+            if entry is None:
+                continue
+            value, t = entry
+            if p != self._id:
+                t += constant if constant is not None else net.latency(p, self._id)
+            if t <= deadline:
+                out[p] = value
+                ready = max(ready, t)
+                received += len(value) if p != self._id else 0
+        return out, ready, received
 
     # --- blobs -------------------------------------------------------------------------------
 
@@ -481,7 +472,7 @@ class SimComm(Comm):
 
     async def state_get(self, key: str) -> Any:
         self._net._peer(self._id)
-        return _copy_plain(self._net._state.get(key))
+        return copy_plain(self._net._state.get(key))
 
     async def state_set(self, key: str, value: Any) -> None:
         self._net._peer(self._id)
@@ -489,17 +480,10 @@ class SimComm(Comm):
         if value is None:
             self._net._state.pop(key, None)
         else:
-            self._net._state[key] = _copy_plain(value)
+            self._net._state[key] = copy_plain(value)
 
     async def state_items(self, prefix: str = "") -> dict[str, Any]:
         self._net._peer(self._id)
         state = self._net._state
-        return {k: _copy_plain(state[k]) for k in sorted(state) if k.startswith(prefix)}
+        return {k: copy_plain(state[k]) for k in sorted(state) if k.startswith(prefix)}
 
-
-def _copy_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy_plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_copy_plain(v) for v in value]
-    return value

@@ -275,3 +275,22 @@ def test_members_are_sorted_and_leaving_is_idempotent() -> None:
         assert await comms[0].members() == ["b", "c"]
 
     run_virtual(main())
+
+
+def test_a_thousand_peers_exchange_one_byte_scalars_in_well_under_a_second_per_step() -> None:
+    async def main():
+        net = SimNetwork(latency_s=0.05)
+        comms = net.add_peers(1000)
+        peers = net.members()
+
+        async def one(c):
+            await c.publish("zo", 0, bytes([c.peer_id.__hash__() & 0xFF]))
+            return await c.collect("zo", 0, peers=peers, timeout_s=5)
+
+        return await asyncio.gather(*(one(c) for c in comms)), comms[0].traffic()
+
+    start = time.perf_counter()
+    results, traffic = run_virtual(main())
+    assert time.perf_counter() - start < 3.0
+    assert all(len(r) == 1000 for r in results)
+    assert traffic == Traffic(sent_bytes=1, received_bytes=999)
