@@ -18,6 +18,7 @@ peer book and redialed after a restart:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import secrets
@@ -72,6 +73,8 @@ HELLO_GRACE_S = 15.0
 IDENTIFY_WAIT_S = 5.0
 PEERBOOK_SAVE_S = 30.0
 POOL_MAX_IDLE_PER_KEY = 4
+FAST_GET_FANOUT = 2
+FAST_GET_TIMEOUT_S = 2.0
 REDIAL_AT_START = 16
 
 
@@ -85,6 +88,15 @@ class PeerState:
     hello: Hello | None = None
     rtt_ms: float | None = None
     sources: set[str] = field(default_factory=set)
+
+
+def mdns_fingerprint(network: str) -> str:
+    """A DNS-SD-safe label for ``network``: ``_p2p-<label>._udp.local.``.
+
+    DNS-SD service names are at most 15 characters (RFC 6335) and zeroconf silently refuses
+    longer ones, so a network name is hashed to 11 characters rather than used verbatim.
+    """
+    return "h" + hashlib.sha256(network.encode()).hexdigest()[:10]
 
 
 class _BoundedValidator(Validator):
@@ -413,7 +425,7 @@ class TrioHost:
             port = next((int(a.value_for_protocol("tcp")) for a in self.host.get_transport_addrs()), 0)
             mdns = create_mdns_discovery(
                 self.host.get_network(), port=port, listen_addrs=self.addrs(),
-                private_network_fingerprint=self.config.network, host=self.host,
+                private_network_fingerprint=mdns_fingerprint(self.config.network), host=self.host,
             )
             peerDiscovery.register_peer_discovered_handler(self._on_mdns_peer)
             mdns.start()
@@ -491,6 +503,47 @@ class TrioHost:
             self.peerbook.save(self.peerbook_path)
         except OSError as exc:
             log.warning("could not save the peer book to %s: %s", self.peerbook_path, exc)
+
+    # ---- DHT -------------------------------------------------------------------------------
+
+    async def dht_get(self, key: str) -> bytes | None:
+        """Kademlia GET that asks the closest peers we already know first.
+
+        py-libp2p's ``get_value`` always runs a full iterative FIND_NODE walk before asking
+        anyone for the value (~70 ms with 8 nodes here). When the routing table already holds
+        the peers closest to the key, that walk only rediscovers them. So: ask the nearest known
+        peer; if it has nothing, ask the next :data:`FAST_GET_FANOUT` in parallel; only then
+        fall back to the full walk. (Asking three at once from the start was slower: 24 ms
+        against 7 ms median with 8 nodes on 2 cores, the extra answers cost more than they save.)
+        """
+        key_bytes = key.encode()
+        local = self.dht.value_store.get(key_bytes)
+        if local is not None:
+            return local.value
+        nearest = self.dht.routing_table.find_local_closest_peers(key_bytes, 1 + FAST_GET_FANOUT)
+        for batch in (nearest[:1], nearest[1:]):
+            found: list[bytes] = []
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    nursery.start_soon(self._ask_value, peer, key, key_bytes, found, nursery.cancel_scope)
+            if found:
+                return found[0]
+        return await self.dht.get_value(key)
+
+    async def _ask_value(self, peer: ID, key: str, key_bytes: bytes, found: list[bytes],
+                         done: trio.CancelScope) -> None:
+        with trio.move_on_after(FAST_GET_TIMEOUT_S):
+            try:
+                # The one GET_VALUE round trip, without the walk (py-libp2p 0.8.1 internal API).
+                value = await self.dht.value_store._get_from_peer(peer, key_bytes)
+                if value is not None:
+                    self.dht.validator.validate(key, value)
+            except Exception as exc:  # noqa: BLE001 — a peer that fails is just not the answer
+                log.debug("GET_VALUE %s from %s failed: %s", key, peer, exc)
+                return
+            if value is not None and not found:
+                found.append(value)
+                done.cancel()
 
     # ---- streams ---------------------------------------------------------------------------
 

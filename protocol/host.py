@@ -258,7 +258,7 @@ class Host:
         await self._bridge.run(self._trio.dht.put_value, key, value)
 
     async def dht_get(self, key: str) -> bytes | None:
-        return await self._bridge.run(self._trio.dht.get_value, key)
+        return await self._bridge.run(self._trio.dht_get, key)
 
     async def dht_provide(self, key: str) -> bool:
         return await self._bridge.run(self._trio.dht.provide, key)

@@ -189,3 +189,28 @@ async def test_restarted_host_redials_peers_from_its_peer_book(make_host, tmp_pa
     c = await make_host(peerbook_path=book)  # no bootstrap: only the book knows a
     await wait_for(lambda: _has(c, a.peer_id), 10, "redial from the peer book")
     assert {p.peer_id: p for p in await c.peers()}[a.peer_id].sources == ["peerbook"]
+
+
+def _has_lan_interface() -> bool:
+    from hyphae.protocol._addrs import interface_ipv4s
+
+    return any(not ip.startswith("127.") for ip in interface_ipv4s())
+
+
+@pytest.mark.skipif(not _has_lan_interface(), reason="mDNS needs a non-loopback interface with multicast")
+async def test_hosts_on_the_same_lan_find_each_other_by_mdns(make_host) -> None:
+    import secrets
+
+    network = f"mdns-{secrets.token_hex(4)}"  # only this test's hosts answer each other
+    a = await make_host(listen=("/ip4/0.0.0.0/tcp/0",), mdns=True, network=network)
+    b = await make_host(listen=("/ip4/0.0.0.0/tcp/0",), mdns=True, network=network)
+    await wait_for(lambda: _has(a, b.peer_id), 20, "b found by mDNS")
+    sources = {p.peer_id: p.sources for p in await a.peers()}
+    assert "mdns" in sources[b.peer_id] or "mdns" in {s for p in await b.peers() for s in p.sources}
+
+
+async def test_mdns_off_means_no_lan_discovery(make_host) -> None:
+    a = await make_host(listen=("/ip4/0.0.0.0/tcp/0",), mdns=False, network="quiet")
+    b = await make_host(listen=("/ip4/0.0.0.0/tcp/0",), mdns=False, network="quiet")
+    await asyncio.sleep(3)
+    assert not await ready(a) and not await ready(b)
