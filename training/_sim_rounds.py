@@ -133,6 +133,8 @@ def reduce_contributions(
     accumulate in int64 ("sum" only).
     """
     first = contributions[order[0]]
+    if len(order) == 1:  # the mean or sum of one contribution is itself: copy, skip float64
+        return {name: t.detach().clone() for name, t in first.items()}
     out: dict[str, torch.Tensor] = {}
     for name, ref in first.items():
         acc_dtype = torch.float64 if ref.is_floating_point() else torch.int64

@@ -89,6 +89,8 @@ class DDP(Strategy):
         """Replace the gradients by their mean over the group; returns how many contributed."""
         try:
             group = await self.comm.members()
+            if group == [self.comm.peer_id]:
+                return 1  # alone in the run: the mean is our own gradient, nothing to send
             result = await self.comm.all_reduce(
                 grads, group=group, tag=f"ddp/{step}", timeout_s=self.config.timeout_s
             )

@@ -65,12 +65,13 @@ class MoEMLP(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         # The router runs in fp32 even under autocast: softmax/logsumexp of bf16 logits is noisy.
-        logits = F.linear(flat.float(), self.router.weight.float())
-        router_z = torch.logsumexp(logits, dim=-1).pow(2).mean()
-        probs = logits.softmax(dim=-1)
-        top_p, top_i = probs.topk(self.top_k, dim=-1)
-        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
-        load_balance = self._load_balance(probs, top_i)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(flat.float(), self.router.weight.float())
+            router_z = torch.logsumexp(logits, dim=-1).pow(2).mean()
+            probs = logits.softmax(dim=-1)
+            top_p, top_i = probs.topk(self.top_k, dim=-1)
+            gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.top_k > 1 else top_p
+            load_balance = self._load_balance(probs, top_i)
         out = torch.zeros_like(flat)
         for e, expert in enumerate(self.experts):
             token, slot = (top_i == e).nonzero(as_tuple=True)

@@ -118,3 +118,14 @@ def test_model_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> N
 def test_model_config_validation_names_the_field_and_the_fix(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         ModelConfig(**changes)
+
+
+def test_moe_router_and_aux_losses_stay_fp32_under_bf16_autocast(micro_moe_config: ModelConfig) -> None:
+    model = build_model(micro_moe_config, seed=0)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, x)
+    assert out.ce.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in out.aux.values())
+    out.loss.backward()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
