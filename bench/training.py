@@ -51,7 +51,7 @@ from hyphae.training import (
     build_model,
     evaluate,
     model_config,
-    open_corpus,
+    load_corpus,
     run_virtual,
     train,
     validation_batches,
@@ -227,7 +227,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    corpus = open_corpus(DataConfig(cache_dir=args.cache_dir))
+    corpus = load_corpus(DataConfig(cache_dir=args.cache_dir))
     corpus_open_s = time.perf_counter() - t0
     print(f"corpus: {corpus.train_tokens} train / {corpus.val_tokens} val bytes, opened in {corpus_open_s:.3f} s")
     print("throughput ...", flush=True)

@@ -6,6 +6,7 @@ Never imports `hyphae.protocol`, `hyphae.node` or `hyphae.cli`.
 """
 
 from hyphae.training._virtual_loop import VirtualTimeLoop, run_virtual
+from hyphae.training.algorithms import ALGORITHMS, build_strategy
 from hyphae.training.checkpoint import (
     Checkpoint,
     CheckpointCorrupt,
@@ -27,7 +28,7 @@ from hyphae.training.data import (
     BatchStream,
     Corpus,
     DataConfig,
-    open_corpus,
+    load_corpus,
     stream_key,
     validation_batches,
 )
@@ -51,6 +52,7 @@ from hyphae.training.sim import SimComm, SimNetwork
 from hyphae.training.strategy import Metrics, Precision, Strategy, resolve_precision
 
 __all__ = [
+    "ALGORITHMS",
     "DDP",
     "GPT",
     "PRESETS",
@@ -89,9 +91,10 @@ __all__ = [
     "VirtualTimeLoop",
     "build_adamw",
     "build_model",
+    "build_strategy",
     "evaluate",
     "model_config",
-    "open_corpus",
+    "load_corpus",
     "parse_expert_name",
     "resolve_precision",
     "resume",

@@ -37,7 +37,7 @@ class TokenShards:
     fingerprint: str
 
 
-def open_shard(path: Path) -> np.ndarray:
+def read_shard(path: Path) -> np.ndarray:
     """Memory-map one shard and return its tokens (uint16), after checking its layout.
 
     Raises:
@@ -104,7 +104,7 @@ def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int) -> 
         ShardError: any malformed or too-short shard.
     """
     paths = find_shards(source)
-    segments = {p: open_shard(p) for p in paths}
+    segments = {p: read_shard(p) for p in paths}
     for path, tokens in segments.items():
         if tokens.size < min_tokens:
             raise ShardError(

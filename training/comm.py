@@ -197,6 +197,8 @@ class Comm(ABC):
         Raises:
             ValueError: `value` longer than `MAX_SCALAR_BYTES`.
             CommClosed: this Comm is closed.
+
+        Cancellation: the value may or may not have gone out; publishing again is harmless.
         """
 
     @abstractmethod
@@ -214,6 +216,8 @@ class Comm(ABC):
 
         Raises:
             CommClosed: this Comm is closed.
+
+        Cancellation leaves nothing behind; values keep arriving for a later `collect`.
         """
 
     @abstractmethod
@@ -225,6 +229,8 @@ class Comm(ABC):
 
         Raises:
             CommClosed: this Comm is closed.
+
+        Cancellation: the blob may or may not be stored; putting it again is harmless.
         """
 
     @abstractmethod
@@ -236,6 +242,8 @@ class Comm(ABC):
             BlobCorrupt: the bytes received do not hash to `digest`.
             TimeoutError: not received within `timeout_s`.
             CommClosed: this Comm is closed.
+
+        Cancellation leaves nothing behind (a partial download is discarded).
         """
 
     @abstractmethod
@@ -257,6 +265,8 @@ class Comm(ABC):
             ValueError: `value` is not plain data (see `state_get`).
             PermissionError: this peer may not write `key` (the daemon checks authorship).
             CommClosed: this Comm is closed.
+
+        Cancellation: the write may or may not have been applied; read it back to know.
         """
 
     @abstractmethod

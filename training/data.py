@@ -114,7 +114,7 @@ class Corpus:
             )
 
 
-def open_corpus(config: DataConfig, *, min_tokens: int = 2) -> Corpus:
+def load_corpus(config: DataConfig, *, min_tokens: int = 2) -> Corpus:
     """Open the corpus `config` describes (fast: memory-mapped when cached).
 
     Args:

@@ -10,7 +10,7 @@ Example (one CPU peer on the built-in corpus):
 
     net = SimNetwork(); comm = net.add_peer()
     model = build_model(model_config("tiny"), seed=0)
-    corpus = open_corpus(DataConfig(cache_dir=".cache"))
+    corpus = load_corpus(DataConfig(cache_dir=".cache"))
     batches = BatchStream(corpus.train, batch_size=8, seq_len=128, seed=0, stream=comm.peer_id)
     val = validation_batches(corpus.val, batch_size=8, seq_len=128, n_batches=8)
     result = run_virtual(train(DDP(model, comm), batches, LoopConfig(max_steps=500), val_set=val))
@@ -19,6 +19,7 @@ Example (one CPU peer on the built-in corpus):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -42,8 +43,9 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 class LoopConfig:
     """How long to train and how often to log, evaluate and checkpoint."""
 
-    max_steps: int
-    """Optimizer steps to run in total (a resumed run continues up to this)."""
+    max_steps: int | None
+    """Optimizer steps to run in total (a resumed run continues up to this); None trains until
+    the caller cancels the task (the daemon's "run until stopped")."""
 
     grad_accum_steps: int = 1
     """Micro-batches per optimizer step (gradients accumulate; the loss is scaled by 1/n)."""
@@ -58,7 +60,8 @@ class LoopConfig:
     """Save a checkpoint every this many steps and after the last; 0 disables."""
 
     def __post_init__(self) -> None:
-        check_int("max_steps", self.max_steps, minimum=0)
+        if self.max_steps is not None:
+            check_int("max_steps", self.max_steps, minimum=0)
         check_int("grad_accum_steps", self.grad_accum_steps, minimum=1)
         check_int("log_every", self.log_every, minimum=1)
         check_int("eval_every", self.eval_every, minimum=0)
@@ -187,7 +190,8 @@ async def _train(
     async with asyncio.TaskGroup() as tasks:
         await strategy.start(tasks)
         try:
-            for step in range(start_step, config.max_steps):
+            steps = itertools.count(start_step) if config.max_steps is None else range(start_step, config.max_steps)
+            for step in steps:
                 for _ in range(config.grad_accum_steps):
                     x, y = batches.next()
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from hyphae.training import BatchStream, DataConfig, open_corpus, stream_key, validation_batches
+from hyphae.training import BatchStream, DataConfig, load_corpus, stream_key, validation_batches
 from hyphae.training._bin_shards import LLMC_MAGIC, ShardError
 
 
@@ -27,7 +27,7 @@ def _write_llmc(path: Path, tokens: np.ndarray, *, version: int = 1, count: int 
 
 
 def test_stdlib_corpus_is_found_from_the_interpreter_and_split_one_file_in_twenty(tmp_path: Path) -> None:
-    corpus = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    corpus = load_corpus(DataConfig(cache_dir=str(tmp_path)))
     assert corpus.vocab_size == 256
     assert corpus.train_tokens > 10_000_000  # the stdlib is ~30 MB of Python
     assert 0.02 < corpus.val_tokens / (corpus.train_tokens + corpus.val_tokens) < 0.10
@@ -35,9 +35,9 @@ def test_stdlib_corpus_is_found_from_the_interpreter_and_split_one_file_in_twent
 
 
 def test_cached_stdlib_corpus_opens_fast_and_matches_the_uncached_one(tmp_path: Path) -> None:
-    first = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    first = load_corpus(DataConfig(cache_dir=str(tmp_path)))
     start = time.perf_counter()
-    again = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    again = load_corpus(DataConfig(cache_dir=str(tmp_path)))
     assert time.perf_counter() - start < 0.5
     assert isinstance(again.train[0], np.memmap)
     assert again.fingerprint == first.fingerprint
@@ -45,7 +45,7 @@ def test_cached_stdlib_corpus_opens_fast_and_matches_the_uncached_one(tmp_path: 
 
 
 def test_validation_files_never_appear_in_training(tmp_path: Path) -> None:
-    corpus = open_corpus(DataConfig(source=str(_text_corpus(tmp_path)), val_every=20))
+    corpus = load_corpus(DataConfig(source=str(_text_corpus(tmp_path)), val_every=20))
     train = corpus.train[0].tobytes()
     val = corpus.val[0].tobytes()
     for i in range(40):
@@ -57,14 +57,14 @@ def test_validation_files_never_appear_in_training(tmp_path: Path) -> None:
 def test_single_text_file_holds_out_its_tail(tmp_path: Path) -> None:
     path = tmp_path / "one.txt"
     path.write_bytes(bytes(range(256)) * 40)
-    corpus = open_corpus(DataConfig(source=str(path), val_fraction=0.1))
+    corpus = load_corpus(DataConfig(source=str(path), val_fraction=0.1))
     assert corpus.val_tokens == 1024 and corpus.train_tokens == 10240 - 1024
     assert corpus.train[0].tobytes() + corpus.val[0].tobytes() == path.read_bytes()
 
 
 def test_missing_source_names_the_path_and_the_alternative() -> None:
     with pytest.raises(ValueError, match="does not exist; use 'stdlib'"):
-        open_corpus(DataConfig(source="/no/such/dir"))
+        load_corpus(DataConfig(source="/no/such/dir"))
     with pytest.raises(ValueError, match="unknown DataConfig key"):
         DataConfig.from_dict({"sauce": "stdlib"})
 
@@ -122,7 +122,7 @@ def test_validation_batches_are_fixed_and_spread_over_the_split() -> None:
 def test_llmc_shards_load_and_val_shard_is_held_out(tmp_path: Path) -> None:
     _write_llmc(tmp_path / "data_train_000.bin", np.arange(1000) % 50000)
     _write_llmc(tmp_path / "data_val_000.bin", np.arange(300))
-    corpus = open_corpus(DataConfig(source=str(tmp_path)), min_tokens=17)
+    corpus = load_corpus(DataConfig(source=str(tmp_path)), min_tokens=17)
     assert corpus.train_tokens == 1000 and corpus.val_tokens == 300
     assert corpus.vocab_size == 1000
     with pytest.raises(ValueError, match="vocab_size >= 1000"):
@@ -132,7 +132,7 @@ def test_llmc_shards_load_and_val_shard_is_held_out(tmp_path: Path) -> None:
 def test_raw_nanogpt_shard_without_val_holds_out_its_tail(tmp_path: Path) -> None:
     path = tmp_path / "train.bin"
     path.write_bytes(np.arange(2000, dtype="<u2").tobytes())
-    corpus = open_corpus(DataConfig(source=str(path), val_fraction=0.05), min_tokens=17)
+    corpus = load_corpus(DataConfig(source=str(path), val_fraction=0.05), min_tokens=17)
     assert corpus.train_tokens == 1900 and corpus.val_tokens == 100
     assert int(corpus.val[0][0]) == 1900
 
@@ -151,11 +151,11 @@ def test_malformed_bin_shards_are_rejected_with_the_file_and_the_fix(tmp_path: P
     path = tmp_path / "bad.bin"
     make(path)
     with pytest.raises(ShardError, match=message) as err:
-        open_corpus(DataConfig(source=str(path)), min_tokens=2)
+        load_corpus(DataConfig(source=str(path)), min_tokens=2)
     assert str(path) in str(err.value)
 
 
 def test_shard_shorter_than_one_window_is_an_error(tmp_path: Path) -> None:
     _write_llmc(tmp_path / "tiny.bin", np.arange(10))
     with pytest.raises(ShardError, match="shorter than one training window"):
-        open_corpus(DataConfig(source=str(tmp_path)), min_tokens=129)
+        load_corpus(DataConfig(source=str(tmp_path)), min_tokens=129)

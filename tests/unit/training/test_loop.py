@@ -24,7 +24,7 @@ from hyphae.training import (
     build_model,
     evaluate,
     model_config,
-    open_corpus,
+    load_corpus,
     run_virtual,
     train,
     validation_batches,
@@ -34,7 +34,7 @@ TOKENS = np.random.default_rng(3).integers(0, 256, 20_000).astype(np.uint8)
 
 
 def test_tiny_preset_on_the_stdlib_corpus_lowers_validation_loss(tmp_path: Path) -> None:
-    corpus = open_corpus(DataConfig(cache_dir=str(tmp_path)))
+    corpus = load_corpus(DataConfig(cache_dir=str(tmp_path)))
     comm = SimNetwork().add_peer()
     strategy = DDP(build_model(model_config("tiny"), seed=0), comm,
                    DDPConfig(optimizer=AdamWConfig(lr=3e-3, warmup_steps=10)))
@@ -143,3 +143,31 @@ def test_cpu_runs_in_fp32_by_default(micro_config: ModelConfig) -> None:
     bf16 = DDP(build_model(micro_config), SimNetwork().add_peer(), precision="bf16")
     x = torch.randint(0, 256, (1, 8))
     assert bf16.forward_backward(x, x)["loss"].dtype == torch.float32
+
+
+def test_strategies_are_built_by_name_from_plain_dicts(micro_config: ModelConfig) -> None:
+    from hyphae.training import ALGORITHMS, DiLoCo, build_strategy
+
+    comm = SimNetwork().add_peer()
+    strategy = build_strategy("diloco", build_model(micro_config), comm, {"inner_steps": 7, "inner": {"lr": 0.01}})
+    assert isinstance(strategy, DiLoCo) and strategy.config.inner_steps == 7 and strategy.config.inner.lr == 0.01
+    assert set(ALGORITHMS) >= {"ddp", "diloco"}
+    with pytest.raises(ValueError, match="unknown algorithm 'sgd'"):
+        build_strategy("sgd", build_model(micro_config), comm)
+
+
+def test_max_steps_none_trains_until_cancelled(micro_config: ModelConfig) -> None:
+    comm = SimNetwork().add_peer()
+    strategy = DDP(build_model(micro_config), comm)
+    batches = BatchStream([TOKENS], batch_size=1, seq_len=8, seed=0)
+
+    async def main() -> None:
+        task = asyncio.create_task(train(strategy, batches, LoopConfig(max_steps=None)))
+        while batches.position < 5:
+            await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    run_virtual(main())
+    assert batches.position >= 5
