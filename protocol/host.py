@@ -252,6 +252,33 @@ class Host:
         """
         return await self._bridge.run(self._trio.request, peer_id, protocol, message, max_frame_bytes)
 
+    # ---- pubsub ----------------------------------------------------------------------------
+
+    async def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
+        """Receive messages published on ``topic`` by other peers.
+
+        ``handler(author_peer_id, data)`` is called in the asyncio loop. Gossipsub checks each
+        message's signature against its author; the payload itself is untrusted bytes. Delivery
+        is best-effort (messages can be lost); callers that need every message repair gaps
+        themselves.
+        """
+
+        def deliver(author: str, data: bytes) -> None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon_threadsafe(_call_quietly, handler, author, data)
+
+        await self._bridge.run(self._trio.subscribe, topic, deliver)
+
+    async def unsubscribe(self, topic: str) -> None:
+        await self._bridge.run(self._trio.unsubscribe, topic)
+
+    async def publish(self, topic: str, data: bytes) -> None:
+        """Publish ``data`` (signed by this node) to everyone subscribed to ``topic``."""
+        await self._bridge.run(self._trio.publish, topic, data)
+
+    async def topic_peers(self, topic: str) -> list[str]:
+        return await self._bridge.run(_sync_as_async(self._trio.topic_peers), topic)
+
     # ---- DHT -------------------------------------------------------------------------------
 
     async def dht_put(self, key: str, value: bytes) -> None:
@@ -278,6 +305,20 @@ class Host:
     @property
     def started_at(self) -> float:
         return self._trio.started_at
+
+
+def _call_quietly(handler: Callable[[str, bytes], None], author: str, data: bytes) -> None:
+    try:
+        handler(author, data)
+    except Exception:  # noqa: BLE001 — one bad message must not stop delivery of the next
+        log.exception("pubsub handler failed on a message from %s", author)
+
+
+def _sync_as_async(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    async def call(*args: Any) -> Any:
+        return fn(*args)
+
+    return call
 
 
 @contextlib.asynccontextmanager

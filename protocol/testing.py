@@ -30,8 +30,10 @@ from .identity import Identity
 __all__ = ["wait_for", "RawPeer"]
 
 
-async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; raise AssertionError naming ``what``."""
+async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str | Callable[[], str],
+                   interval_s: float = 0.05) -> Any:
+    """Poll ``predicate`` (sync or async) until truthy; raise AssertionError naming ``what``
+    (a string, or a function giving one, to report the state at the deadline)."""
     deadline = time.monotonic() + timeout_s
     while True:
         result = predicate()
@@ -40,7 +42,7 @@ async def wait_for(predicate: Callable[[], Any], timeout_s: float, what: str, in
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what() if callable(what) else what}")
         await asyncio.sleep(interval_s)
 
 

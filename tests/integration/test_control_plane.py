@@ -214,3 +214,24 @@ async def test_mdns_off_means_no_lan_discovery(make_host) -> None:
     b = await make_host(listen=("/ip4/0.0.0.0/tcp/0",), mdns=False, network="quiet")
     await asyncio.sleep(3)
     assert not await ready(a) and not await ready(b)
+
+
+async def test_pubsub_delivers_signed_messages_to_subscribers_including_bursts(make_host) -> None:
+    a = await make_host()
+    b = await make_host(bootstrap=(a.addrs[0],))
+    c = await make_host(bootstrap=(a.addrs[0],))
+    await wait_for(lambda: _has(c, b.peer_id), 15, "full mesh")
+    got: dict[str, list[tuple[str, bytes]]] = {"b": [], "c": []}
+    await b.subscribe("/hyphae/test", lambda author, data: got["b"].append((author, data)))
+    await c.subscribe("/hyphae/test", lambda author, data: got["c"].append((author, data)))
+    await a.subscribe("/hyphae/test", lambda author, data: None)
+    await wait_for(lambda: _topic_ready(a, {b.peer_id, c.peer_id}), 10, "subscriptions to spread")
+    for i in range(50):  # a burst py-libp2p's default spam guard (10 msg/s) would silently drop
+        await a.publish("/hyphae/test", f"m{i}".encode())
+    await wait_for(lambda: len(got["b"]) == 50 and len(got["c"]) == 50, 15, lambda: f"all 50 messages on b and c, got {len(got['b'])} and {len(got['c'])}")
+    assert {author for author, _ in got["b"]} == {a.peer_id}
+    assert sorted(d for _, d in got["c"]) == sorted(f"m{i}".encode() for i in range(50))
+
+
+async def _topic_ready(host, peers: set[str]) -> bool:
+    return peers <= set(await host.topic_peers("/hyphae/test"))
