@@ -32,7 +32,7 @@ from torch import nn
 from hyphae.training._config import check_int, from_dict, to_dict
 from hyphae.training.checkpoint import CheckpointCorrupt, CheckpointError, CheckpointStore, Manifest
 from hyphae.training.data import BatchStream
-from hyphae.training.strategy import Strategy
+from hyphae.training.strategy import Metrics, Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -181,57 +181,86 @@ async def _train(
     callbacks: Sequence[Callback],
     start_step: int,
 ) -> TrainResult:
-    result = TrainResult(steps=start_step)
-    device = strategy.device
-    tokens_per_step = batches.batch_size * batches.seq_len * config.grad_accum_steps
-    loss_sum = torch.zeros((), device=device)
-    since_log = 0
-    start = time.perf_counter()
+    run = _Run(strategy, batches, config, val_set, checkpoints, callbacks, start_step)
+    steps = itertools.count(start_step) if config.max_steps is None else range(start_step, config.max_steps)
     async with asyncio.TaskGroup() as tasks:
         await strategy.start(tasks)
         try:
-            steps = itertools.count(start_step) if config.max_steps is None else range(start_step, config.max_steps)
             for step in steps:
-                for _ in range(config.grad_accum_steps):
-                    x, y = batches.next()
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    out = strategy.forward_backward(x, y, loss_scale=1.0 / config.grad_accum_steps)
-                    loss_sum += out["loss"] / config.grad_accum_steps
+                run.forward_backward()
                 metrics = await strategy.step(step)
-                done = step + 1
-                since_log += 1
-                result.steps, result.tokens = done, result.tokens + tokens_per_step
-                result.elapsed_s = time.perf_counter() - start
-                for cb in callbacks:
-                    await cb.on_step(done)
-                last = done == config.max_steps
-                if done % config.log_every == 0 or last:
-                    info = StepInfo(done, float(loss_sum) / since_log, result.tokens, result.elapsed_s,
-                                    {k: float(v) for k, v in metrics.items()})
-                    loss_sum.zero_()
-                    since_log = 0
-                    result.logs.append(info)
-                    logger.info("step %d loss %.4f %s", done, info.loss, info.metrics)
-                    for cb in callbacks:
-                        await cb.on_log(info)
-                if config.eval_every and (done % config.eval_every == 0 or last):
-                    val_loss = evaluate(strategy.eval_module(), val_set, strategy=strategy)
-                    ev = EvalInfo(done, val_loss, result.tokens, time.perf_counter() - start)
-                    result.evals.append(ev)
-                    logger.info("step %d val_loss %.4f", done, val_loss)
-                    for cb in callbacks:
-                        await cb.on_eval(ev)
-                if checkpoints is not None and config.checkpoint_every and (
-                    done % config.checkpoint_every == 0 or last
-                ):
-                    manifest = save_checkpoint(checkpoints, done, strategy, batches)
-                    for cb in callbacks:
-                        await cb.on_checkpoint(manifest)
+                await run.after_step(step + 1, metrics)
                 await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
         finally:
             await strategy.aclose()
-    result.elapsed_s = time.perf_counter() - start
-    return result
+    run.result.elapsed_s = time.perf_counter() - run.start
+    return run.result
+
+
+class _Run:
+    """The loop's bookkeeping: micro-batches, the loss since the last log, the hooks."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        batches: BatchStream,
+        config: LoopConfig,
+        val_set: Sequence[Batch] | None,
+        checkpoints: CheckpointStore | None,
+        callbacks: Sequence[Callback],
+        start_step: int,
+    ) -> None:
+        self.strategy, self.batches, self.config = strategy, batches, config
+        self.val_set, self.checkpoints, self.callbacks = val_set, checkpoints, callbacks
+        self.result = TrainResult(steps=start_step)
+        self.tokens_per_step = batches.batch_size * batches.seq_len * config.grad_accum_steps
+        self.loss_sum = torch.zeros((), device=strategy.device)  # summed on device: no sync
+        self.since_log = 0
+        self.start = time.perf_counter()
+
+    def forward_backward(self) -> None:
+        n, device = self.config.grad_accum_steps, self.strategy.device
+        for _ in range(n):
+            x, y = self.batches.next()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            out = self.strategy.forward_backward(x, y, loss_scale=1.0 / n)
+            self.loss_sum += out["loss"] / n
+
+    async def after_step(self, done: int, metrics: Metrics) -> None:
+        """Account for step `done` and run whatever is due: hooks, log, eval, checkpoint."""
+        self.since_log += 1
+        self.result.steps, self.result.tokens = done, self.result.tokens + self.tokens_per_step
+        self.result.elapsed_s = time.perf_counter() - self.start
+        for cb in self.callbacks:
+            await cb.on_step(done)
+        cfg = self.config
+        last = done == cfg.max_steps
+        if done % cfg.log_every == 0 or last:
+            await self._log(done, metrics)
+        if cfg.eval_every and (done % cfg.eval_every == 0 or last):
+            await self._eval(done)
+        if self.checkpoints is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or last):
+            manifest = save_checkpoint(self.checkpoints, done, self.strategy, self.batches)
+            for cb in self.callbacks:
+                await cb.on_checkpoint(manifest)
+
+    async def _log(self, done: int, metrics: Metrics) -> None:
+        loss = float(self.loss_sum) / self.since_log  # the one device sync per log interval
+        info = StepInfo(done, loss, self.result.tokens, self.result.elapsed_s, {k: float(v) for k, v in metrics.items()})
+        self.loss_sum.zero_()
+        self.since_log = 0
+        self.result.logs.append(info)
+        logger.info("step %d loss %.4f %s", done, info.loss, info.metrics)
+        for cb in self.callbacks:
+            await cb.on_log(info)
+
+    async def _eval(self, done: int) -> None:
+        val_loss = evaluate(self.strategy.eval_module(), self.val_set or (), strategy=self.strategy)
+        info = EvalInfo(done, val_loss, self.result.tokens, time.perf_counter() - self.start)
+        self.result.evals.append(info)
+        logger.info("step %d val_loss %.4f", done, val_loss)
+        for cb in self.callbacks:
+            await cb.on_eval(info)
 
 
 @torch.no_grad()
