@@ -28,6 +28,7 @@ import functools
 import hashlib
 import operator
 import sys
+import threading
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Philox-4x32 key increments (Weyl sequence)
 ELEMENTS_PER_HASH = 128
 MAX_INDEX = 1 << 62  # global element indices stay below this (int64 index math everywhere)
-_SPAN_ELEMS = 1 << 25  # elements hashed per pass for one seed (bounds temporaries to ~16 MB)
+SPAN_ELEMS = 1 << 24  # elements hashed per pass for one seed: 128K Philox calls, ~6 MB of scratch
 
 _SEED_PERSON = b"hyphae-zo-seed1"  # blake2b personalization: versions the derivation
 
@@ -160,124 +161,198 @@ def philox4x32_10_ref(
         The four output words as new int64 tensors of the broadcast shape, values in [0, 2**32).
     """
     shape = torch.broadcast_shapes(c0.shape, c1.shape, c2.shape, c3.shape, k0.shape, k1.shape)
-    c0, c1, c2, c3 = (c.expand(shape).clone() for c in (c0, c1, c2, c3))
-    k0, k1 = k0.clone(), k1.clone()
-    p0, p1 = torch.empty_like(c0), torch.empty_like(c0)
-    for _ in range(10):
-        # A uint32 x uint32 product fits 64 bits; int64 wraps modulo 2^64, so `& MASK32` is the
-        # low word and `>> 32` (then masking off the sign extension) is the high word.
-        torch.mul(c0, _M0, out=p0)
-        torch.mul(c2, _M1, out=p1)
-        torch.bitwise_right_shift(p1, 32, out=c0)
-        c0.bitwise_xor_(c1).bitwise_xor_(k0).bitwise_and_(MASK32)
-        torch.bitwise_right_shift(p0, 32, out=c2)
-        c2.bitwise_xor_(c3).bitwise_xor_(k1).bitwise_and_(MASK32)
-        torch.bitwise_and(p1, MASK32, out=c1)
-        torch.bitwise_and(p0, MASK32, out=c3)
-        k0.add_(_W0).bitwise_and_(MASK32)
-        k1.add_(_W1).bitwise_and_(MASK32)
-    return c0, c1, c2, c3
+    bufs = [torch.empty(shape, dtype=torch.int64, device=c0.device) for _ in range(6)]
+    words = _philox_rounds(c0, c1, c2, c3, k0, k1, bufs)
+    return tuple(w.bitwise_and(MASK32) for w in words)  # type: ignore[return-value]
+
+
+def _philox_rounds(
+    c0: torch.Tensor,
+    c1: torch.Tensor,
+    c2: torch.Tensor,
+    c3: torch.Tensor,
+    k0: torch.Tensor,
+    k1: torch.Tensor,
+    bufs: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 10 rounds in 10 in-place int64 ops each, on six caller-owned buffers.
+
+    uint32 arithmetic on int64: a product of two values < 2**32 fits 64 bits and int64 wraps
+    modulo 2**64, so `p >> 32` (masked, to drop the sign extension) is umulhi and the low half
+    is mullo. Only the low 32 bits of a word are meaningful; words 1 and 3 are left unmasked
+    (they are the raw products) because they only ever feed an xor whose result is masked, and
+    only masked words (0 and 2) are multiplied. The caller masks or truncates the outputs.
+    """
+    w0, w1, w2, w3, p0, p1 = bufs
+    w0.copy_(c0.expand_as(w0))
+    w1.copy_(c1.expand_as(w1))
+    w2.copy_(c2.expand_as(w2))
+    w3.copy_(c3.expand_as(w3))
+    keys = [(k0 + r * _W0) & MASK32 for r in range(10)], [(k1 + r * _W1) & MASK32 for r in range(10)]
+    for r in range(10):
+        torch.mul(w0, _M0, out=p0)
+        torch.mul(w2, _M1, out=p1)
+        torch.bitwise_right_shift(p1, 32, out=w0).bitwise_xor_(w1).bitwise_xor_(keys[0][r]).bitwise_and_(MASK32)
+        torch.bitwise_right_shift(p0, 32, out=w2).bitwise_xor_(w3).bitwise_xor_(keys[1][r]).bitwise_and_(MASK32)
+        w1, p1 = p1, w1  # the new word 1 is the raw product; its old buffer is next round's scratch
+        w3, p0 = p0, w3
+    return w0, w1, w2, w3
+
+
+_local = threading.local()
+
+
+def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A per-thread reusable 1-D buffer of at least `numel` elements (contents undefined).
+
+    Large fresh allocations cost page faults on every call (glibc hands big blocks back to the
+    OS), which at these sizes is as slow as the kernel itself; keeping one buffer per purpose
+    per thread avoids that. Valid until the next `scratch(name, ...)` call on the same thread.
+    """
+    pool: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _local.__dict__.setdefault("pool", {})
+    key = (name, dtype, device)
+    buf = pool.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
 
 
 def hash_bytes(seeds: Sequence[int], first_block: int, num_blocks: int, device: torch.device) -> torch.Tensor:
     """The bit stream of z as bytes: row k, byte b holds the bits of elements 8b .. 8b+7.
 
     Element `first_block*128 + 8*b + t` of seed k is bit t of `out[k, b]` (bit set -> z = -1).
+    The result lives in this thread's scratch memory: use it before the next call.
 
     Returns:
         uint8 tensor [K, 16 * num_blocks].
     """
     if sys.byteorder != "little":  # the int32 -> uint8 view below assumes little-endian words
         raise RuntimeError("hyphae.kernels needs a little-endian host")
+    k = len(seeds)
     counters = torch.arange(first_block, first_block + num_blocks, dtype=torch.int64, device=device)
     keys = torch.tensor([seed_keys(s) for s in seeds], dtype=torch.int64, device=device)
     zero = torch.zeros((), dtype=torch.int64, device=device)
-    words = philox4x32_10_ref(counters & MASK32, counters >> 32, zero, zero, keys[:, :1], keys[:, 1:])
-    out = torch.empty(len(seeds), num_blocks, 4, dtype=torch.int32, device=device)
+    bufs = [scratch(f"philox{i}", k * num_blocks, torch.int64, device).view(k, num_blocks) for i in range(6)]
+    words = _philox_rounds(counters & MASK32, counters >> 32, zero, zero, keys[:, :1], keys[:, 1:], bufs)
+    out = scratch("hash_bytes", k * num_blocks * 4, torch.int32, device).view(k, num_blocks, 4)
     for w, word in enumerate(words):
         out[:, :, w].copy_(word)  # int64 -> int32 keeps the low 32 bits (two's complement)
-    return out.view(torch.uint8).view(len(seeds), 16 * num_blocks)
+    return out.view(torch.uint8).view(k, 16 * num_blocks)
 
 
 @functools.cache
 def sign_table(device: torch.device) -> torch.Tensor:
-    """fp32 [256, 8]: row v, column t is -1 if bit t of v is set else +1 (byte -> 8 z values)."""
+    """int64 [256]: entry v packs the 8 int8 z values of byte v (z_t = -1 if bit t is set).
+
+    Viewed as int8, entry v's byte t is z for element t of the byte (little-endian), so one
+    int64 gather expands 8 elements: ~4x cheaper than gathering rows of 8 floats, which is the
+    largest cost of the reference update after the hash itself.
+    """
     v = torch.arange(256, device=device).unsqueeze(1)
     bits = (v >> torch.arange(8, device=device)) & 1
-    return (1.0 - 2.0 * bits).to(torch.float32).contiguous()
+    return (1 - 2 * bits).to(torch.int8).contiguous().view(torch.int64).view(256)
 
 
-def expand_bytes(
-    byte_row: torch.Tensor, idx_buf: torch.Tensor, z_buf: torch.Tensor
-) -> torch.Tensor:
-    """z values (fp32 +-1) for the bytes in `byte_row`, via an L1-resident lookup table.
+def expand_bytes(byte_row: torch.Tensor, idx_buf: torch.Tensor, z_buf: torch.Tensor) -> torch.Tensor:
+    """z values (int8 +-1) for the bytes in `byte_row`, 8 per byte, via a 2 KB lookup table.
 
-    A table gather of 8 floats per byte is the cheapest bit -> float expansion torch offers on
-    CPU (no per-bit shifts or int temporaries). `idx_buf` (int32) and `z_buf` (fp32 [m, 8])
-    are caller-owned scratch, reused across chunks so nothing large is allocated per call.
+    `idx_buf` (int32) and `z_buf` (int64) are caller-owned scratch of at least
+    `byte_row.numel()` elements, reused across chunks so nothing large is allocated per call.
     """
     m = byte_row.numel()
     idx = idx_buf[:m]
     idx.copy_(byte_row)
     torch.index_select(sign_table(byte_row.device), 0, idx, out=z_buf[:m])
-    return z_buf[:m].view(-1)
+    return z_buf[:m].view(torch.int8)
 
 
 def rademacher_ref(
-    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    seed: int,
+    numel: int,
+    *,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """z(seed, offset + j) for j in [0, numel) as a 1-D tensor (torch reference)."""
+    """`rademacher` on the torch reference path."""
     start, end = _range(numel, offset)
-    storage_kind(dtype)
     seed_keys(seed)  # validate even when there is nothing to hash
-    device = torch.device(device)
-    out = torch.empty(end - start, dtype=dtype, device=device)
-    for lo in range(start - start % ELEMENTS_PER_HASH, end, _SPAN_ELEMS):
-        hi = min(lo + _SPAN_ELEMS, end)
+    out = _z_out(end - start, dtype, device, out)
+    flat, dev = out.view(-1), out.device
+    for lo in range(start - start % ELEMENTS_PER_HASH, end, SPAN_ELEMS):
+        hi = min(lo + SPAN_ELEMS, end)
         first = lo // ELEMENTS_PER_HASH
-        nblocks = -(-hi // ELEMENTS_PER_HASH) - first
-        row = hash_bytes([seed], first, nblocks, device)[0]
+        row = hash_bytes([seed], first, -(-hi // ELEMENTS_PER_HASH) - first, dev)[0]
         m = row.numel()
-        z = expand_bytes(row, torch.empty(m, dtype=torch.int32, device=device), torch.empty(m, 8, device=device))
-        a, b = max(lo, start), hi
-        out[a - start : b - start].copy_(z[a - lo : b - lo])
+        z = expand_bytes(row, scratch("z_idx", m, torch.int32, dev), scratch("z_values", m, torch.int64, dev))
+        a = max(lo, start)
+        flat[a - start : hi - start].copy_(z[a - lo : hi - lo])  # int8 +-1 -> dtype, exact
     return out
 
 
 def rademacher_triton(
-    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cuda"
+    seed: int,
+    numel: int,
+    *,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cuda",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same as `rademacher_ref`, computed by the Triton kernel on `device`."""
+    """`rademacher` on the Triton path (CUDA, or CPU under TRITON_INTERPRET=1)."""
     start, end = _range(numel, offset)
-    kind = storage_kind(dtype)
     k0, k1 = seed_keys(seed)
-    out = torch.empty(end - start, dtype=dtype, device=device)
+    out = _z_out(end - start, dtype, device, out)
     if out.numel():
         rows = 32
         nblocks = -(-end // ELEMENTS_PER_HASH) - start // ELEMENTS_PER_HASH
-        grid = (-(-nblocks // rows),)
-        _triton.module("perturb").rademacher_kernel[grid](
-            out, out.numel(), start, k0, k1, ROWS=rows, KIND=kind, enable_fp_fusion=False
+        _triton.module("perturb").rademacher_kernel[(-(-nblocks // rows),)](
+            out, out.numel(), start, k0, k1, ROWS=rows, KIND=storage_kind(out.dtype), enable_fp_fusion=False
         )
     return out
 
 
 def rademacher(
-    seed: int, numel: int, *, offset: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+    seed: int,
+    numel: int,
+    *,
+    offset: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """z(seed, offset + j) for j in [0, numel): a 1-D tensor of exact +-1 values.
 
     The same (seed, index) gives the same value on every device and path. Materializing z is
     for tests and analysis; the update paths (`zo.py`) never build z for a whole tensor.
 
+    Args:
+        seed: 64-bit seed. numel, offset: the global index range [offset, offset + numel).
+        dtype, device: of the result when `out` is None.
+        out: optional contiguous float32/bfloat16/float16 tensor of `numel` elements to fill
+            (its dtype and device are used; the result keeps its shape).
+
     Raises:
-        ValueError: seed outside [0, 2**64), numel < 0, or offset + numel >= 2**62.
+        ValueError: seed outside [0, 2**64), numel < 0, offset + numel >= 2**62, or a bad `out`.
         TypeError: dtype is not float32, bfloat16 or float16.
     """
-    probe = torch.empty(0, device=device)
-    if _triton.use_triton(probe):
-        return rademacher_triton(seed, numel, offset=offset, dtype=dtype, device=device)
-    return rademacher_ref(seed, numel, offset=offset, dtype=dtype, device=device)
+    probe = out if out is not None else torch.empty(0, device=device)
+    impl = rademacher_triton if _triton.use_triton(probe) else rademacher_ref
+    return impl(seed, numel, offset=offset, dtype=dtype, device=device, out=out)
+
+
+def _z_out(numel: int, dtype: torch.dtype, device: torch.device | str, out: torch.Tensor | None) -> torch.Tensor:
+    if out is None:
+        storage_kind(dtype)
+        return torch.empty(numel, dtype=dtype, device=device)
+    storage_kind(out.dtype)
+    if out.numel() != numel or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous tensor of {numel} elements, got {out.numel()} "
+            f"(contiguous={out.is_contiguous()})"
+        )
+    return out
 
 
 def rademacher_like(params: Sequence[torch.Tensor], seed: int, *, offset: int = 0) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels.perturb import storage_kind
+from hyphae.kernels.perturb import scratch, storage_kind
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -57,7 +57,7 @@ __all__ = [
 DEFAULT_BLOCK_SIZE = {8: 256, 4: 64}
 MAX_BLOCK_SIZE = 1 << 16
 _QMAX = {8: 127, 4: 7}
-_CHUNK = 1 << 20  # elements per reference pass (whole blocks), so temporaries stay in cache
+_CHUNK = 1 << 21  # elements per reference pass (whole blocks): scratch stays in cache, few ops
 
 
 class Quantized(NamedTuple):
@@ -102,16 +102,25 @@ def quantize_ef_(buf: torch.Tensor, *, bits: int = 8, block_size: int | None = N
     return impl(buf, bits, bs, ef=True)
 
 
-def dequantize(q: Quantized, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize(
+    q: Quantized, *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """The tensor q stands for: codes * scale per block, rounded once to `dtype`.
 
+    Args:
+        q: what `quantize` returned (or its fields decoded from the wire).
+        dtype: output dtype; ignored when `out` is given (its dtype is used).
+        out: optional contiguous tensor with q.shape's numel on q's device, written in place
+            (decoding into an existing buffer saves a fresh allocation per message).
+
     Raises:
-        TypeError: dtype is not float32/bfloat16/float16.
-        ValueError: q's fields are inconsistent (wrong codes/scales length or dtype).
+        TypeError: the output dtype is not float32/bfloat16/float16.
+        ValueError: q's fields are inconsistent (wrong codes/scales length or dtype), or `out`
+            has the wrong size or is not contiguous.
     """
-    _check_quantized(q, dtype)
+    out = _dequant_out(q, dtype, out)
     impl = _dequantize_triton if _triton.use_triton(q.codes) else _dequantize_ref
-    return impl(q, dtype)
+    return impl(q, out)
 
 
 def quantize_ref(x: torch.Tensor, *, bits: int = 8, block_size: int | None = None) -> Quantized:
@@ -134,16 +143,18 @@ def quantize_ef_triton_(buf: torch.Tensor, *, bits: int = 8, block_size: int | N
     return _quantize_triton(buf, bits, _check_ef(buf, bits, block_size), ef=True)
 
 
-def dequantize_ref(q: Quantized, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_ref(
+    q: Quantized, *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`dequantize` on the torch reference path."""
-    _check_quantized(q, dtype)
-    return _dequantize_ref(q, dtype)
+    return _dequantize_ref(q, _dequant_out(q, dtype, out))
 
 
-def dequantize_triton(q: Quantized, *, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dequantize_triton(
+    q: Quantized, *, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """`dequantize` on the Triton path."""
-    _check_quantized(q, dtype)
-    return _dequantize_triton(q, dtype)
+    return _dequantize_triton(q, _dequant_out(q, dtype, out))
 
 
 # --- checks -------------------------------------------------------------------------------
@@ -187,6 +198,19 @@ def _check_quantized(q: Quantized, dtype: torch.dtype) -> None:
         raise ValueError(f"scales must be float32 with {nb} elements, got {q.scales.dtype} with {q.scales.numel()}")
 
 
+def _dequant_out(q: Quantized, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    _check_quantized(q, dtype if out is None else out.dtype)
+    n = _numel(q.shape)
+    if out is None:
+        return torch.empty(q.shape, dtype=dtype, device=q.codes.device)
+    if out.numel() != n or not out.is_contiguous() or out.device != q.codes.device:
+        raise ValueError(
+            f"out must be a contiguous tensor of {n} elements on {q.codes.device}, "
+            f"got {out.numel()} elements on {out.device} (contiguous={out.is_contiguous()})"
+        )
+    return out
+
+
 def _numel(shape: torch.Size) -> int:
     n = 1
     for d in shape:
@@ -199,68 +223,82 @@ def _numel(shape: torch.Size) -> int:
 
 @torch.no_grad()
 def _quantize_ref(x: torch.Tensor, bits: int, bs: int, ef: bool) -> Quantized:
+    """Walk x in runs of whole blocks (~1M elements) so every temporary stays in cache."""
     flat = x.view(-1)
     n = flat.numel()
-    qmax = _QMAX[bits]
     codes = torch.empty(n if bits == 8 else (n + 1) // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=x.device)
     scales = torch.empty(-(-n // bs), dtype=torch.float32, device=x.device)
-    step = max(1, _CHUNK // bs) * bs
+    step = max(1, _CHUNK // bs) * bs  # whole blocks: an even count of elements for 4 bits
     for lo in range(0, n, step):
         hi = min(lo + step, n)
-        q, sc = _quantize_segment(flat[lo:hi], bs, qmax, ef)
-        scales[lo // bs : lo // bs + sc.numel()] = sc
-        if bits == 8:
-            codes[lo:hi].copy_(q)
-        else:
-            _pack4(q, codes[lo // 2 : (hi + 1) // 2])
+        out = codes[lo:hi] if bits == 8 else codes[lo // 2 : (hi + 1) // 2]
+        _quantize_run(flat[lo:hi], out, scales[lo // bs : -(-hi // bs)], bs, bits, ef)
     return Quantized(codes, scales, x.shape, bits, bs)
 
 
-def _quantize_segment(seg: torch.Tensor, bs: int, qmax: int, ef: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes (fp32, integral) and scales for a run of whole blocks; EF updates seg in place."""
-    m = seg.numel()
-    padded = m % bs != 0
-    if padded:  # only the last segment of a tensor: pad its short block with zeros
-        rows = torch.zeros(-(-m // bs) * bs, dtype=torch.float32, device=seg.device)
-        rows[:m] = seg
-        rows = rows.view(-1, bs)
+def _quantize_run(
+    seg: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bs: int, bits: int, ef: bool
+) -> None:
+    """Quantize a run of whole blocks (the last one may be short) into codes and scales.
+
+    With `ef`, seg (fp32) is left holding seg - q * scale: a rounded product, then a rounded
+    difference, exactly as the Triton kernel computes it.
+    """
+    m, nrows, qmax, dev = seg.numel(), scales.numel(), _QMAX[bits], seg.device
+    direct = seg.dtype == torch.float32 and m == nrows * bs
+    if direct:
+        rows = seg.view(nrows, bs)  # EF writes straight through to seg
+    else:  # widen, and pad a short last block with zeros (they do not change its absmax)
+        work = scratch("quant_in", nrows * bs, torch.float32, dev)
+        work[m:].zero_()
+        work[:m].copy_(seg)
+        rows = work.view(nrows, bs)
+    q = scratch("quant_q", nrows * bs, torch.float32, dev).view(nrows, bs)
+    scale = torch.abs(rows, out=q).amax(dim=1).div_(qmax)
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)[:, None]
+    torch.div(rows, safe, out=q).round_().clamp_(-qmax, qmax)  # round = half to even
+    scales.copy_(scale)
+    if bits == 8:
+        codes.copy_(q.view(-1)[:m])
     else:
-        rows = seg.view(-1, bs).float()  # no copy for fp32: EF writes through to seg
-    scale = rows.abs().amax(dim=1) / qmax
-    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = (rows / safe[:, None]).round_().clamp_(-qmax, qmax)
+        _pack4(q.view(-1)[:m], codes)
     if ef:
-        rows.sub_(q * scale[:, None])  # rounded product, then rounded difference (no FMA)
-        if padded:
+        rows.sub_(q.mul_(scale[:, None]))
+        if not direct:
             seg.copy_(rows.view(-1)[:m])
-    return q.view(-1)[:m], scale
 
 
 def _pack4(q: torch.Tensor, out: torch.Tensor) -> None:
-    u = (q + 8).to(torch.uint8)
-    if u.numel() % 2:
-        u = torch.cat([u, u.new_full((1,), 8)])
-    torch.bitwise_or(u[0::2], u[1::2] << 4, out=out)
+    """Codes q in [-7, 7] (fp32) -> bytes (q[2i] + 8) | (q[2i+1] + 8) << 4; odd tail pads 8."""
+    m = q.numel()
+    u = scratch("quant_u4", m + 1, torch.int8, q.device)
+    u[:m].copy_(q)
+    u[m] = 0
+    u = u[: m + m % 2].add_(8).view(torch.uint8)
+    high = scratch("quant_hi4", out.numel(), torch.uint8, q.device)
+    torch.bitwise_or(u[0::2], torch.bitwise_left_shift(u[1::2], 4, out=high), out=out)
 
 
 @torch.no_grad()
-def _dequantize_ref(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
-    n, bs = _numel(q.shape), q.block_size
-    out = torch.empty(n, dtype=dtype, device=q.codes.device)
+def _dequantize_ref(q: Quantized, out: torch.Tensor) -> torch.Tensor:
+    n, bs, dev = _numel(q.shape), q.block_size, q.codes.device
+    flat = out.view(-1)
     step = max(1, _CHUNK // bs) * bs  # whole blocks (an even count of elements for 4 bits)
     for lo in range(0, n, step):
         hi = min(lo + step, n)
+        m, nrows = hi - lo, -(-(hi - lo) // bs)
+        v = scratch("dequant_v", nrows * bs, torch.float32, dev)
         if q.bits == 8:
-            v = q.codes[lo:hi].float()
-        else:
+            v[:m].copy_(q.codes[lo:hi])
+        else:  # nrows * bs is even and >= m, so the padded high nibble of an odd tail fits
             b = q.codes[lo // 2 : (hi + 1) // 2]
-            v = torch.stack([b & 15, b >> 4], dim=1).view(-1)[: hi - lo].float() - 8
-        sc = q.scales[lo // bs : -(-hi // bs)]
-        full = (hi - lo) // bs * bs
-        out[lo : lo + full] = (v[:full].view(-1, bs) * sc[: full // bs, None]).view(-1)
-        if full < hi - lo:
-            out[lo + full : hi] = v[full:] * sc[-1]
-    return out.view(q.shape)
+            nib = scratch("dequant_nib", b.numel(), torch.uint8, dev)
+            v[0 : 2 * b.numel() : 2].copy_(torch.bitwise_and(b, 15, out=nib))
+            v[1 : 2 * b.numel() : 2].copy_(torch.bitwise_right_shift(b, 4, out=nib))
+            v[: 2 * b.numel()].sub_(8)
+        v.view(nrows, bs).mul_(q.scales[lo // bs : lo // bs + nrows, None])
+        flat[lo:hi].copy_(v[:m])  # one rounding to the output dtype
+    return out if out.shape == q.shape else out.view(q.shape)
 
 
 # --- Triton -------------------------------------------------------------------------------
@@ -297,12 +335,11 @@ def _quantize_triton(x: torch.Tensor, bits: int, bs: int, ef: bool) -> Quantized
 
 
 @torch.no_grad()
-def _dequantize_triton(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
+def _dequantize_triton(q: Quantized, out: torch.Tensor) -> torch.Tensor:
     mod = _triton.module("quant")
     n, bs = _numel(q.shape), q.block_size
-    out = torch.empty(n, dtype=dtype, device=q.codes.device)
     nb = -(-n // bs)
-    kind = storage_kind(dtype)
+    kind = storage_kind(out.dtype)
     if n and q.bits == 8:
         bsp = _p2(bs)
         rows = max(1, 4096 // bsp)
@@ -315,4 +352,4 @@ def _dequantize_triton(q: Quantized, dtype: torch.dtype) -> torch.Tensor:
         mod.dequant4_kernel[(-(-nb // rows),)](
             q.codes, q.scales, out, n, BS=bs, HALFP=halfp, ROWS=rows, KIND=kind, enable_fp_fusion=False
         )
-    return out.view(q.shape)
+    return out if out.shape == q.shape else out.view(q.shape)

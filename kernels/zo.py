@@ -29,18 +29,20 @@ import torch
 from hyphae.kernels import _triton
 from hyphae.kernels.perturb import (
     ELEMENTS_PER_HASH,
+    SPAN_ELEMS,
     check_params,
     fp32_scalar,
     expand_bytes,
     hash_bytes,
+    scratch,
     seed_keys,
     storage_kind,
 )
 
 __all__ = ["zo_apply_", "zo_apply_ref_", "zo_apply_triton_", "zo_perturb_", "zo_unperturb_"]
 
-_CHUNK = 1 << 20  # elements per in-cache pass: the fp32 chunk and its z values stay in L2/L3
-_HASH_BUDGET = 1 << 25  # seeds x elements hashed per span (bounds hash temporaries to ~12 MB)
+_CHUNK = 1 << 21  # elements per pass: big enough that per-op overhead (and OpenMP barriers) stay small
+_HASH_BUDGET = 1 << 24  # seeds x elements hashed per span (hash scratch <= ~8 MB)
 _ROWS = 32  # Triton: 128-element hash blocks per program (4096 elements)
 
 Piece = tuple[torch.Tensor, int]  # (contiguous tensor, global index of its first element)
@@ -130,16 +132,16 @@ def _apply_ref(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> Non
 
 
 def _apply_ref_device(pieces: list[Piece], seeds: list[int], coefs: list[float], device: torch.device) -> None:
-    span = max(1 << 13, min(1 << 25, _HASH_BUDGET // len(seeds))) // 1024 * 1024
+    span = max(1 << 13, min(SPAN_ELEMS, _HASH_BUDGET // len(seeds))) // 1024 * 1024
     begin = pieces[0][1]
     end = max(s + p.numel() for p, s in pieces)
     chunk = min(_CHUNK, end - begin)
-    scratch = {
-        "idx": torch.empty(chunk // 8 + 2, dtype=torch.int32, device=device),
-        "z": torch.empty(chunk // 8 + 2, 8, dtype=torch.float32, device=device),
+    bufs = {
+        "idx": scratch("zo_idx", chunk // 8 + 2, torch.int32, device),
+        "z": scratch("zo_z", chunk // 8 + 2, torch.int64, device),
     }
     if any(p.dtype != torch.float32 for p, _ in pieces):
-        scratch["acc"] = torch.empty(chunk, dtype=torch.float32, device=device)
+        bufs["acc"] = scratch("zo_acc", chunk, torch.float32, device)
     for g0 in range(begin - begin % ELEMENTS_PER_HASH, end, span):
         g1 = min(g0 + span, end)
         active = [(p, s) for p, s in pieces if s < g1 and s + p.numel() > g0]
@@ -148,7 +150,7 @@ def _apply_ref_device(pieces: list[Piece], seeds: list[int], coefs: list[float],
         first = g0 // ELEMENTS_PER_HASH
         stream = hash_bytes(seeds, first, -(-g1 // ELEMENTS_PER_HASH) - first, device)
         for p, s in active:
-            _apply_piece(p.view(-1), s, max(s, g0), min(s + p.numel(), g1), g0, stream, coefs, scratch)
+            _apply_piece(p.view(-1), s, max(s, g0), min(s + p.numel(), g1), g0, stream, coefs, bufs)
 
 
 def _apply_piece(
@@ -159,7 +161,7 @@ def _apply_piece(
     g0: int,
     stream: torch.Tensor,
     coefs: list[float],
-    scratch: dict[str, torch.Tensor],
+    bufs: dict[str, torch.Tensor],
 ) -> None:
     """Update global elements [lo, hi) of one tensor (first element at `start`) from `stream`.
 
@@ -172,10 +174,10 @@ def _apply_piece(
         shift = (lo - g0) % 8
         rows = slice((lo - g0) // 8, (top - g0 + 7) // 8)
         low = x.dtype != torch.float32
-        acc = scratch["acc"][:n].copy_(x) if low else x
+        acc = bufs["acc"][:n].copy_(x) if low else x
         for k, coef in enumerate(coefs):
-            z = expand_bytes(stream[k, rows], scratch["idx"], scratch["z"])[shift : shift + n]
-            acc.add_(z, alpha=coef)  # fp32 x + (+-coef): exact product, one rounding
+            z = expand_bytes(stream[k, rows], bufs["idx"], bufs["z"])[shift : shift + n]
+            acc.add_(z, alpha=coef)  # fp32 x + (+-1 as int8 -> fp32) * coef: exact product, one rounding
             if low:
                 x.copy_(acc)  # round to storage (nearest-even) after every seed ...
                 if k + 1 < len(coefs):
