@@ -9,23 +9,19 @@ storage after every seed, exactly as K separate calls would.
 import triton
 import triton.language as tl
 
-from hyphae.kernels._perturb_tl import from_f32, rademacher_bits, to_f32
+from hyphae.kernels._perturb_tl import from_f32, rademacher_bits, tile, to_f32
 
 
 @triton.jit(do_not_specialize=["n", "start", "num_seeds"])
 def zo_apply_kernel(x_ptr, n, start, keys_ptr, coefs_ptr, num_seeds, ROWS: tl.constexpr, KIND: tl.constexpr):
     """x[j] (global index start + j) += coefs[k] * z(keys[k], start + j), k in order.
 
-    The program's tile is ROWS whole 128-element hash blocks in global index space, so each
-    Philox call is made once per 128 elements; elements outside [start, start + n) are masked.
+    The program's tile is ROWS whole 128-element hash blocks in global index space (`tile`),
+    so each Philox call is made once per 128 elements; elements outside the tensor are masked.
     """
-    start64 = tl.cast(start, tl.int64)
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = start64 // 128 + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    local = blocks[:, None] * 128 + tl.arange(0, 128)[None, :] - start64
-    mask = (local >= 0) & (local < tl.cast(n, tl.int64))
-    local = tl.where(mask, local, 0)
-    acc = to_f32(tl.load(x_ptr + local, mask=mask, other=0.0), KIND)
+    blocks, base, offs, mask = tile(n, start, ROWS)
+    ptrs = x_ptr + base + offs
+    acc = to_f32(tl.load(ptrs, mask=mask, other=0.0), KIND)
     for k in range(num_seeds):
         k0 = tl.load(keys_ptr + 2 * k).to(tl.uint32)
         k1 = tl.load(keys_ptr + 2 * k + 1).to(tl.uint32)
@@ -35,4 +31,4 @@ def zo_apply_kernel(x_ptr, n, start, keys_ptr, coefs_ptr, num_seeds, ROWS: tl.co
         acc = acc + tl.where(bits != 0, -coef, coef)
         if KIND != 0:
             acc = to_f32(from_f32(acc, KIND), KIND)  # round to storage after every seed
-    tl.store(x_ptr + local, from_f32(acc, KIND), mask=mask)
+    tl.store(ptrs, from_f32(acc, KIND), mask=mask)

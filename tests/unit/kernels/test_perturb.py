@@ -159,11 +159,22 @@ def test_bad_seed_or_range_is_rejected_with_the_limit() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize(("numel", "offset"), [(1, 0), (129, 0), (1000, 61), (4097, 128), (300, 2**35 + 3)])
+@pytest.mark.parametrize(
+    ("numel", "offset"), [(1, 0), (129, 0), (1000, 61), (4097, 128), (9000, 2**35 + 3), (300, 2**40 + 5)]
+)
 def test_triton_z_matches_reference_bit_exact(triton_device: str, dtype, numel: int, offset: int) -> None:
     seed = 0xFEDCBA9876543210
     got = rademacher_triton(seed, numel, offset=offset, dtype=dtype, device=triton_device)
     assert torch.equal(got.cpu(), rademacher_ref(seed, numel, offset=offset, dtype=dtype))
+
+
+def test_rademacher_fills_a_given_buffer() -> None:
+    out = torch.full((3, 100), 7.0, dtype=torch.bfloat16)
+    got = rademacher_ref(11, 300, offset=9, out=out)
+    assert got is out
+    assert torch.equal(out.view(-1), rademacher_ref(11, 300, offset=9, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="contiguous tensor of 301 elements"):
+        rademacher_ref(11, 301, out=out)
 
 
 def test_public_rademacher_dispatches_and_agrees(forced_triton: object) -> None:
@@ -173,3 +184,10 @@ def test_public_rademacher_dispatches_and_agrees(forced_triton: object) -> None:
 
 def test_cpu_tensors_take_the_reference_unless_forced() -> None:
     assert not _triton.use_triton(torch.empty(1))
+
+
+def test_importing_the_kernels_does_not_import_triton() -> None:
+    """Triton is optional and loaded on first GPU use (and decides interpret mode only then)."""
+    code = "import sys, hyphae.kernels; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -125,6 +125,18 @@ def test_values_on_the_grid_round_trip_exactly(bits: int, n: int) -> None:
     assert torch.equal(dequantize_ref(q), x)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantize_into_a_given_buffer(bits: int) -> None:
+    x = sample(333).view(3, 111)
+    q = quantize_ref(x, bits=bits)
+    out = torch.empty(333, dtype=torch.float16)
+    got = dequantize_ref(q, out=out)
+    assert got.shape == x.shape and got.data_ptr() == out.data_ptr()
+    assert torch.equal(got, dequantize_ref(q, dtype=torch.float16))
+    with pytest.raises(ValueError, match="contiguous tensor of 333 elements"):
+        dequantize_ref(q, out=torch.empty(332))
+
+
 def test_zero_blocks_get_zero_scale_and_zero_codes() -> None:
     x = torch.zeros(300)
     x[290] = 1.0
