@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -122,27 +123,25 @@ class Bench:
 
 def bench_zo(b: Bench, n: int, k: int) -> None:
     theta = [torch.randn(n, device=b.device)]
-    z = torch.empty(n, device=b.device)
-    b.run("rademacher_f32", lambda: rademacher(7, n, out=z), 4 * n)
-    del z
-    b.run("zo_apply_1_f32", lambda: zo_apply_(theta, [7], [1e-3]), 8 * n)
-    seeds, coefs = list(range(100, 100 + k)), [1e-3 * (-1) ** i for i in range(k)]
-    b.run(f"zo_apply_{k}_f32", lambda: zo_apply_(theta, seeds, coefs), 8 * n)
     half = [theta[0].bfloat16()]
-    del theta
-    b.run("zo_apply_1_bf16", lambda: zo_apply_(half, [7], [1e-3]), 4 * n)
+    z = torch.empty(n, device=b.device)
+    seeds, coefs = list(range(100, 100 + k)), [1e-3 * (-1) ** i for i in range(k)]
+    b.run("rademacher_f32", partial(rademacher, 7, n, out=z), 4 * n)
+    b.run("zo_apply_1_f32", partial(zo_apply_, theta, [7], [1e-3]), 8 * n)
+    b.run(f"zo_apply_{k}_f32", partial(zo_apply_, theta, seeds, coefs), 8 * n)
+    b.run("zo_apply_1_bf16", partial(zo_apply_, half, [7], [1e-3]), 4 * n)
 
 
 def bench_quant(b: Bench, n: int) -> None:
     x = torch.randn(n, device=b.device)
+    out = torch.empty_like(x)
     for bits, bs in ((8, 256), (4, 64)):
         code_bytes = n if bits == 8 else n // 2
         scale_bytes = 4 * (n // bs)
-        b.run(f"quantize_int{bits}", lambda: quantize(x, bits=bits), 4 * n + code_bytes + scale_bytes)
-        q, out = quantize(x, bits=bits), torch.empty_like(x)
-        b.run(f"dequantize_int{bits}", lambda: dequantize(q, out=out), code_bytes + scale_bytes + 4 * n)
-        del q, out
-    b.run("quantize_ef_int8", lambda: quantize_ef_(x, bits=8), 8 * n + n + 4 * (n // 256))
+        b.run(f"quantize_int{bits}", partial(quantize, x, bits=bits), 4 * n + code_bytes + scale_bytes)
+        q = quantize(x, bits=bits)
+        b.run(f"dequantize_int{bits}", partial(dequantize, q, out=out), code_bytes + scale_bytes + 4 * n)
+    b.run("quantize_ef_int8", partial(quantize_ef_, x, bits=8), 8 * n + n + 4 * (n // 256))
 
 
 def bench_outer(b: Bench, n: int) -> None:
@@ -150,9 +149,8 @@ def bench_outer(b: Bench, n: int) -> None:
         return [torch.randn(n, device=b.device) * scale]
 
     phi, delta, dbar, phibar, theta = t(), t(1e-2), t(1e-2), t(), t()
-    b.run("noloco_outer", lambda: noloco_outer_(phi, delta, dbar, phibar, theta), 28 * n)
-    del phibar
-    b.run("diloco_outer", lambda: diloco_outer_(phi, delta, dbar, theta), 24 * n)
+    b.run("noloco_outer", partial(noloco_outer_, phi, delta, dbar, phibar, theta), 28 * n)
+    b.run("diloco_outer", partial(diloco_outer_, phi, delta, dbar, theta), 24 * n)
 
 
 def device_name(device: str) -> str:

@@ -13,6 +13,7 @@ here is written to give the same bits as the torch reference in `perturb.py`:
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
     """Philox-4x32 with 10 rounds (Salmon et al. 2011, Random123 constants). All uint32."""
@@ -68,7 +69,7 @@ def f32_to_bf16_rne(x):
 
 @triton.jit
 def to_f32(x, KIND: tl.constexpr):
-    """KIND is `perturb.storage_kind()`: 0 fp32, 1 bf16, 2 fp16. Widen a loaded tile of storage kind KIND to fp32 (exact for all kinds)."""
+    """Widen a tile of storage kind KIND (`_common.storage_kind`: 0 fp32, 1 bf16, 2 fp16), exactly."""
     if KIND == 1:
         return bf16_to_f32(x)
     else:

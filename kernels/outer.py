@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels.perturb import fp32_scalar, storage_kind
+from hyphae.kernels._common import fp32_scalar, storage_kind
 
 __all__ = [
     "diloco_outer_",

@@ -28,13 +28,12 @@ import functools
 import hashlib
 import operator
 import sys
-import threading
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
 from hyphae.kernels import _triton
+from hyphae.kernels._common import MAX_INDEX, check_params, scratch, storage_kind, u64
 
 __all__ = [
     "derive_seed",
@@ -49,7 +48,6 @@ MASK32 = 0xFFFFFFFF
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57  # Philox-4x32 round multipliers
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85  # Philox-4x32 key increments (Weyl sequence)
 ELEMENTS_PER_HASH = 128
-MAX_INDEX = 1 << 62  # global element indices stay below this (int64 index math everywhere)
 SPAN_ELEMS = 1 << 24  # elements hashed per pass for one seed: 128K Philox calls, ~6 MB of scratch
 
 _SEED_PERSON = b"hyphae-zo-seed1"  # blake2b personalization: versions the derivation
@@ -78,74 +76,14 @@ def derive_seed(run_id: str, step: int, peer_id: str, j: int) -> int:
             raw = value.encode("utf-8")
             h.update(len(raw).to_bytes(4, "little") + raw)
         else:
-            h.update(_u64(name, value).to_bytes(8, "little"))
+            h.update(u64(name, value).to_bytes(8, "little"))
     return int.from_bytes(h.digest(), "little")
-
-
-def _u64(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got bool")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if not 0 <= v < 1 << 64:
-        raise ValueError(f"{name} must be in [0, 2**64), got {v}")
-    return v
 
 
 def seed_keys(seed: int) -> tuple[int, int]:
     """Split a 64-bit seed into the Philox key words (low 32 bits, high 32 bits)."""
-    s = _u64("seed", seed)
+    s = u64("seed", seed)
     return s & MASK32, s >> 32
-
-
-def fp32_scalar(name: str, value: float) -> float:
-    """`value` rounded once to fp32 (nearest-even), as the kernels use it.
-
-    Raises:
-        ValueError: the rounded value is not finite (|value| >= ~3.4e38, inf or NaN).
-    """
-    with np.errstate(over="ignore"):
-        r = float(np.float32(value))
-    if not np.isfinite(r):
-        raise ValueError(f"{name} must be finite in fp32 (|x| < 3.4e38), got {value}")
-    return r
-
-
-def storage_kind(dtype: torch.dtype) -> int:
-    """The kernels' code for a parameter dtype: 0 fp32, 1 bf16, 2 fp16.
-
-    Raises:
-        TypeError: any other dtype (updates are defined as one fp32 add rounded once to
-            storage; fp64 or integer parameters have no such definition here).
-    """
-    kinds = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-    if dtype not in kinds:
-        raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}; cast the tensor")
-    return kinds[dtype]
-
-
-def check_params(params: Sequence[torch.Tensor], offset: int) -> list[int]:
-    """Validate a parameter list and return each tensor's global start index.
-
-    Raises:
-        TypeError: an entry is not a tensor or has an unsupported dtype.
-        ValueError: a tensor is not contiguous, or offset + total numel >= 2**62.
-    """
-    starts: list[int] = []
-    pos = _u64("offset", offset)
-    for k, p in enumerate(params):
-        if not isinstance(p, torch.Tensor):
-            raise TypeError(f"params[{k}] must be a torch.Tensor, got {type(p).__name__}")
-        storage_kind(p.dtype)
-        if not p.is_contiguous():
-            raise ValueError(f"params[{k}] must be contiguous (in-place update); call .contiguous()")
-        starts.append(pos)
-        pos += p.numel()
-    if pos >= MAX_INDEX:
-        raise ValueError(f"offset + total numel must be < 2**62, got {pos}")
-    return starts
 
 
 def philox4x32_10_ref(
@@ -197,24 +135,6 @@ def _philox_rounds(
         w1, p1 = p1, w1  # the new word 1 is the raw product; its old buffer is next round's scratch
         w3, p0 = p0, w3
     return w0, w1, w2, w3
-
-
-_local = threading.local()
-
-
-def scratch(name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A per-thread reusable 1-D buffer of at least `numel` elements (contents undefined).
-
-    Large fresh allocations cost page faults on every call (glibc hands big blocks back to the
-    OS), which at these sizes is as slow as the kernel itself; keeping one buffer per purpose
-    per thread avoids that. Valid until the next `scratch(name, ...)` call on the same thread.
-    """
-    pool: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = _local.__dict__.setdefault("pool", {})
-    key = (name, dtype, device)
-    buf = pool.get(key)
-    if buf is None or buf.numel() < numel:
-        buf = pool[key] = torch.empty(numel, dtype=dtype, device=device)
-    return buf[:numel]
 
 
 def hash_bytes(seeds: Sequence[int], first_block: int, num_blocks: int, device: torch.device) -> torch.Tensor:
@@ -368,7 +288,7 @@ def _range(numel: int, offset: int) -> tuple[int, int]:
     n = operator.index(numel)
     if n < 0:
         raise ValueError(f"numel must be >= 0, got {n}")
-    start = _u64("offset", offset)
+    start = u64("offset", offset)
     if start + n >= MAX_INDEX:
         raise ValueError(f"offset + numel must be < 2**62, got {start + n}")
     return start, start + n

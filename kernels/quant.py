@@ -38,7 +38,7 @@ from typing import NamedTuple
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels.perturb import scratch, storage_kind
+from hyphae.kernels._common import scratch, storage_kind
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
@@ -226,7 +226,8 @@ def _quantize_ref(x: torch.Tensor, bits: int, bs: int, ef: bool) -> Quantized:
     """Walk x in runs of whole blocks (~1M elements) so every temporary stays in cache."""
     flat = x.view(-1)
     n = flat.numel()
-    codes = torch.empty(n if bits == 8 else (n + 1) // 2, dtype=torch.int8 if bits == 8 else torch.uint8, device=x.device)
+    code_dtype = torch.int8 if bits == 8 else torch.uint8
+    codes = torch.empty(n if bits == 8 else (n + 1) // 2, dtype=code_dtype, device=x.device)
     scales = torch.empty(-(-n // bs), dtype=torch.float32, device=x.device)
     step = max(1, _CHUNK // bs) * bs  # whole blocks: an even count of elements for 4 bits
     for lo in range(0, n, step):

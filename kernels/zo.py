@@ -27,17 +27,8 @@ from collections.abc import Sequence
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels.perturb import (
-    ELEMENTS_PER_HASH,
-    SPAN_ELEMS,
-    check_params,
-    fp32_scalar,
-    expand_bytes,
-    hash_bytes,
-    scratch,
-    seed_keys,
-    storage_kind,
-)
+from hyphae.kernels._common import check_params, fp32_scalar, scratch, storage_kind
+from hyphae.kernels.perturb import ELEMENTS_PER_HASH, SPAN_ELEMS, expand_bytes, hash_bytes, seed_keys
 
 __all__ = ["zo_apply_", "zo_apply_ref_", "zo_apply_triton_", "zo_perturb_", "zo_unperturb_"]
 
