@@ -181,17 +181,32 @@ def _apply_triton(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> 
     if not pieces or not seeds:
         return
     mod = _triton.module("zo")
-    per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+    single = len(seeds) == 1
+    key0, key1 = seed_keys(seeds[0])
+    tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
     for x, start in pieces:
-        if x.device not in per_device:
-            keys = torch.tensor([seed_keys(s) for s in seeds], dtype=torch.int64, device=x.device)
-            per_device[x.device] = (keys, torch.tensor(coefs, dtype=torch.float32, device=x.device))
-        keys, coef_t = per_device[x.device]
+        if x.device not in tables:
+            tables[x.device] = _seed_tables(seeds, coefs, x.device)
+        keys, coef_t = tables[x.device]
         n = x.numel()
         nblocks = -(-(start + n) // ELEMENTS_PER_HASH) - start // ELEMENTS_PER_HASH
-        grid = (-(-nblocks // _ROWS),)
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            mod.zo_apply_kernel[grid](
-                x, n, start, keys, coef_t, len(seeds),
-                ROWS=_ROWS, KIND=storage_kind(x.dtype), enable_fp_fusion=False,
+            mod.zo_apply_kernel[(-(-nblocks // _ROWS),)](
+                x, n, start, keys, coef_t, len(seeds), key0, key1, coefs[0],
+                ROWS=_ROWS, KIND=storage_kind(x.dtype), SINGLE=single, enable_fp_fusion=False,
             )
+
+
+def _seed_tables(seeds: list[int], coefs: list[float], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys [K, 2] and coefs [K] on `device`; a 1-element dummy pair when K == 1 (scalars used).
+
+    Staged through pinned memory with a non-blocking copy, so a batched apply does not stall the
+    host until the GPU has drained its queue (a plain copy from pageable memory would).
+    """
+    if len(seeds) == 1:
+        dummy = torch.empty(2, dtype=torch.int64, device=device)
+        return dummy, dummy.view(torch.float32)
+    pin = device.type == "cuda"
+    keys = torch.tensor([seed_keys(s) for s in seeds], dtype=torch.int64, pin_memory=pin)
+    coef_t = torch.tensor(coefs, dtype=torch.float32, pin_memory=pin)
+    return keys.to(device, non_blocking=True), coef_t.to(device, non_blocking=True)

@@ -163,3 +163,18 @@ def test_bad_inputs_are_rejected_with_the_fix() -> None:
         diloco_outer_([torch.zeros(4, 4).t()], [torch.zeros(4, 4)], [torch.zeros(4, 4)])
     with pytest.raises(ValueError, match="lr must be finite"):
         diloco_outer_(phi, mom, grads, lr=float("inf"))
+
+
+@pytest.mark.gpu
+def test_public_outer_steps_on_cuda_match_the_cpu_reference() -> None:
+    phi, mom, grads = rand(60), rand(61, 1e-2), rand(62, 1e-2)
+    gphi, gmom = [t.cuda() for t in phi], [t.cuda() for t in mom]
+    diloco_outer_(gphi, gmom, [g.cuda() for g in grads])
+    diloco_outer_ref_(phi, mom, grads)
+    close(phi, gphi)
+    close(mom, gmom)
+    gd, d = [t.cuda() for t in mom], clone(mom)
+    noloco_outer_(gphi, gd, [g.cuda() for g in grads], [p.cuda() for p in phi])
+    noloco_outer_ref_(phi, d, grads, clone(phi))
+    close(phi, gphi)
+    close(d, gd)

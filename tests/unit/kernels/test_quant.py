@@ -181,3 +181,13 @@ def test_bad_inputs_are_rejected() -> None:
         dequantize(q._replace(scales=torch.ones(2)))
     with pytest.raises(ValueError, match="codes must be torch.int8 with 10"):
         dequantize(q._replace(codes=q.codes[:9]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [8, 4])
+def test_public_quantize_on_cuda_gives_the_cpu_wire_bytes(bits: int) -> None:
+    x = sample(10_001, seed=9)
+    got = quantize(x.cuda(), bits=bits)
+    want = quantize_ref(x, bits=bits)
+    assert same_q(want, got)
+    assert torch.equal(dequantize(got).cpu(), dequantize_ref(want))

@@ -161,3 +161,16 @@ def test_empty_lists_and_empty_tensors_are_no_ops() -> None:
 def test_bad_inputs_are_rejected_with_the_fix(params, seeds, coefs, exc, match) -> None:
     with pytest.raises(exc, match=match):
         zo_apply_(params, seeds, coefs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_public_apply_on_cuda_matches_the_cpu_reference(dtype) -> None:
+    """A GPU worker and a CPU worker replaying the same log hold the same bits (Triton or not)."""
+    cpu = make(SHAPES["mixed"], dtype)
+    gpu = [p.cuda() for p in cpu]
+    zo_apply_(gpu, SEEDS, COEFS, offset=3)
+    zo_perturb_(gpu, 5, 1e-3)
+    zo_apply_ref_(cpu, SEEDS, COEFS, offset=3)
+    zo_apply_ref_(cpu, [5], [1e-3])
+    assert same(cpu, gpu)
