@@ -12,7 +12,7 @@ import triton.language as tl
 from hyphae.kernels._perturb_tl import from_f32
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def noloco_kernel(
     phi_ptr, delta_ptr, dbar_ptr, phibar_ptr, theta_ptr, n, a, b, c,
     CONSENSUS: tl.constexpr, THETA: tl.constexpr, THETA_KIND: tl.constexpr, BLOCK: tl.constexpr,
@@ -33,7 +33,7 @@ def noloco_kernel(
         tl.store(theta_ptr + offs, from_f32(phi, THETA_KIND), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def diloco_kernel(
     phi_ptr, mom_ptr, grad_ptr, theta_ptr, n, mu, neg_lr,
     NESTEROV: tl.constexpr, THETA: tl.constexpr, THETA_KIND: tl.constexpr, BLOCK: tl.constexpr,

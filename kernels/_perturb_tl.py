@@ -88,29 +88,34 @@ def from_f32(x, KIND: tl.constexpr):
 
 
 @triton.jit
-def tile(n, start, ROWS: tl.constexpr):
+def tile(n, start, ROWS: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's tile: ROWS whole 128-element hash blocks in global index space.
 
-    Returns (blocks, base, offs, mask): the int64 block counters [ROWS], the int64 local index
-    of tile element 0 (negative when `start` is not block-aligned), int32 offsets [ROWS, 128]
-    from it, and the mask of offsets inside the tensor. Per-element index math stays int32;
-    masked offsets are clamped to a valid one so no lane ever forms an out-of-bounds address.
+    Returns (blocks, local, mask): the int64 hash-block counters [ROWS], the tensor-local
+    element index of each tile element [ROWS, 128] (int64; negative before the tensor when
+    `start` is not block-aligned) and the mask of indices inside the tensor. ALIGNED
+    (start % 128 == 0, decided on the host) gives the plain `pid * TILE + arange` form, which
+    lets Triton prove alignment and contiguity and emit vectorized loads and stores.
     """
-    start64 = tl.cast(start, tl.int64)
-    first = start64 // 128 + tl.program_id(0).to(tl.int64) * ROWS
-    blocks = first + tl.arange(0, ROWS).to(tl.int64)
-    base = first * 128 - start64
-    lo = tl.maximum(-base, 0).to(tl.int32)  # only program 0 can start before the tensor
-    hi = tl.minimum(tl.cast(n, tl.int64) - base, ROWS * 128).to(tl.int32)
+    pid = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, ROWS)[:, None] * 128 + tl.arange(0, 128)[None, :]
-    mask = (offs >= lo) & (offs < hi)
-    return blocks, base, tl.where(mask, offs, lo), mask
+    if ALIGNED:
+        blocks = tl.cast(start, tl.int64) // 128 + pid * ROWS + tl.arange(0, ROWS).to(tl.int64)
+        local = pid * (ROWS * 128) + offs
+        mask = local < n
+    else:
+        start64 = tl.cast(start, tl.int64)
+        first = start64 // 128 + pid * ROWS
+        blocks = first + tl.arange(0, ROWS).to(tl.int64)
+        local = (first * 128 - start64) + offs
+        mask = (local >= 0) & (local < n)
+    return blocks, local, mask
 
 
-@triton.jit(do_not_specialize=["n", "start", "k0", "k1"])
-def rademacher_kernel(out_ptr, n, start, k0, k1, ROWS: tl.constexpr, KIND: tl.constexpr):
+@triton.jit(do_not_specialize=["k0", "k1"])
+def rademacher_kernel(out_ptr, n, start, k0, k1, ROWS: tl.constexpr, KIND: tl.constexpr, ALIGNED: tl.constexpr):
     """out[j] = z(seed, start + j) for j < n, written in storage kind KIND."""
-    blocks, base, offs, mask = tile(n, start, ROWS)
+    blocks, local, mask = tile(n, start, ROWS, ALIGNED)
     bits = rademacher_bits(blocks, tl.cast(k0, tl.uint32), tl.cast(k1, tl.uint32))
     z = tl.where(bits != 0, -1.0, 1.0)
-    tl.store(out_ptr + base + offs, from_f32(z, KIND), mask=mask)
+    tl.store(out_ptr + local, from_f32(z, KIND), mask=mask)

@@ -23,7 +23,7 @@ def _codes(x, safe, QMAX: tl.constexpr):
     return tl.minimum(tl.maximum(q, -QMAX), QMAX)
 
 
-@triton.jit(do_not_specialize=["n", "num_blocks"])
+@triton.jit
 def quant8_kernel(
     x_ptr, codes_ptr, scales_ptr, n, num_blocks,
     BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, EF: tl.constexpr,
@@ -43,7 +43,7 @@ def quant8_kernel(
         tl.store(x_ptr + idx, x - q * scale[:, None], mask=mask)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def dequant8_kernel(
     codes_ptr, scales_ptr, out_ptr, n,
     BS: tl.constexpr, BSP: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,
@@ -57,7 +57,7 @@ def dequant8_kernel(
     tl.store(out_ptr + idx, from_f32(q * scale[:, None], KIND), mask=mask)
 
 
-@triton.jit(do_not_specialize=["n", "num_blocks"])
+@triton.jit
 def quant4_kernel(
     x_ptr, packed_ptr, scales_ptr, n, num_blocks,
     BS: tl.constexpr, HALFP: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr, EF: tl.constexpr,
@@ -85,7 +85,7 @@ def quant4_kernel(
         tl.store(x_ptr + even + 1, xo - qo * scale[:, None], mask=m_odd)
 
 
-@triton.jit(do_not_specialize=["n"])
+@triton.jit
 def dequant4_kernel(
     packed_ptr, scales_ptr, out_ptr, n,
     BS: tl.constexpr, HALFP: tl.constexpr, ROWS: tl.constexpr, KIND: tl.constexpr,

@@ -12,20 +12,21 @@ import triton.language as tl
 from hyphae.kernels._perturb_tl import from_f32, rademacher_bits, tile, to_f32
 
 
-@triton.jit(do_not_specialize=["n", "start", "num_seeds", "key0", "key1", "coef0"])
+@triton.jit(do_not_specialize=["num_seeds", "key0", "key1", "coef0"])
 def zo_apply_kernel(
     x_ptr, n, start, keys_ptr, coefs_ptr, num_seeds, key0, key1, coef0,
-    ROWS: tl.constexpr, KIND: tl.constexpr, SINGLE: tl.constexpr,
+    ROWS: tl.constexpr, KIND: tl.constexpr, SINGLE: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     """x[j] (global index start + j) += coef_k * z(key_k, start + j), k in order.
 
     SINGLE: one seed passed as scalars (key0, key1, coef0), so a perturb needs no host-to-device
     copy; otherwise keys_ptr [K, 2] (int64 holding uint32) and coefs_ptr [K] (fp32).
+    n and start stay specializable so Triton sees their divisibility (vectorized access).
     The program's tile is ROWS whole 128-element hash blocks in global index space (`tile`),
     so each Philox call is made once per 128 elements; elements outside the tensor are masked.
     """
-    blocks, base, offs, mask = tile(n, start, ROWS)
-    ptrs = x_ptr + base + offs
+    blocks, local, mask = tile(n, start, ROWS, ALIGNED)
+    ptrs = x_ptr + local
     acc = to_f32(tl.load(ptrs, mask=mask, other=0.0), KIND)
     if SINGLE:
         bits = rademacher_bits(blocks, tl.cast(key0, tl.uint32), tl.cast(key1, tl.uint32))

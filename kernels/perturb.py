@@ -228,7 +228,8 @@ def rademacher_triton(
         rows = 32
         nblocks = -(-end // ELEMENTS_PER_HASH) - start // ELEMENTS_PER_HASH
         _triton.module("perturb").rademacher_kernel[(-(-nblocks // rows),)](
-            out, out.numel(), start, k0, k1, ROWS=rows, KIND=storage_kind(out.dtype), enable_fp_fusion=False
+            out, out.numel(), start, k0, k1,
+            ROWS=rows, KIND=storage_kind(out.dtype), ALIGNED=start % ELEMENTS_PER_HASH == 0, enable_fp_fusion=False,
         )
     return out
 

@@ -193,7 +193,8 @@ def _apply_triton(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> 
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
             mod.zo_apply_kernel[(-(-nblocks // _ROWS),)](
                 x, n, start, keys, coef_t, len(seeds), key0, key1, coefs[0],
-                ROWS=_ROWS, KIND=storage_kind(x.dtype), SINGLE=single, enable_fp_fusion=False,
+                ROWS=_ROWS, KIND=storage_kind(x.dtype), SINGLE=single, ALIGNED=start % ELEMENTS_PER_HASH == 0,
+                enable_fp_fusion=False,
             )
 
 
