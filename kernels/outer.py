@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import torch
 
 from hyphae.kernels import _triton
-from hyphae.kernels._common import fp32_scalar, storage_kind
+from hyphae.kernels._common import fp32_scalar, scratch, storage_kind
 
 __all__ = [
     "diloco_outer_",
@@ -240,7 +240,7 @@ def _chunks(n: int) -> range:
 def _noloco_ref(rows: list[_NoLoCoRow], a: float, b: float, c: float) -> None:
     for phi, delta, dbar, phibar, theta in rows:
         p, d, g = phi.view(-1), delta.view(-1), dbar.view(-1)
-        pull = torch.empty(min(_CHUNK, p.numel()), device=p.device) if phibar is not None else None
+        pull = scratch("outer_pull", min(_CHUNK, p.numel()), torch.float32, p.device) if phibar is not None else None
         for lo in _chunks(p.numel()):
             s = slice(lo, lo + _CHUNK)
             ds = d[s].mul_(b).add_(g[s], alpha=a)
@@ -256,7 +256,7 @@ def _noloco_ref(rows: list[_NoLoCoRow], a: float, b: float, c: float) -> None:
 def _diloco_ref(rows: list[_DiLoCoRow], lr: float, mu: float, nesterov: bool) -> None:
     for phi, mom, grad, theta in rows:
         p, m, g = phi.view(-1), mom.view(-1), grad.view(-1)
-        step_buf = torch.empty(min(_CHUNK, p.numel()), device=p.device) if nesterov else None
+        step_buf = scratch("outer_step", min(_CHUNK, p.numel()), torch.float32, p.device) if nesterov else None
         for lo in _chunks(p.numel()):
             s = slice(lo, lo + _CHUNK)
             ms = m[s].mul_(mu).add_(g[s])  # SGD: buf.mul_(momentum).add_(grad, alpha=1 - 0)
