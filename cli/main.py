@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,8 @@ def _testnet(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(signal, "SIGPIPE") and (args.command, getattr(args, "action", "")) != ("node", "join"):
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `hyphae node status | head` ends quietly
     try:
         return _run(args)
     except HyphaeError as exc:

@@ -31,7 +31,7 @@ __all__ = ["Daemon", "Service"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_STOP_S = 3.0
+SERVICE_STOP_S = 4.0
 
 
 class Service(Protocol):
@@ -101,8 +101,9 @@ class Daemon:
                 await self._wait_stop_or_service_exit(tasks)
                 for task in tasks:
                     task.cancel()
-                async with asyncio.timeout(SERVICE_STOP_S):
-                    await asyncio.gather(*tasks, return_exceptions=True)
+                done, late = await asyncio.wait(tasks, timeout=SERVICE_STOP_S) if tasks else (set(), set())
+                for task in late:
+                    log.warning("service %s did not stop within %.0f s", task.get_name(), SERVICE_STOP_S)
         finally:
             await runner.cleanup()
 

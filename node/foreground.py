@@ -75,4 +75,8 @@ def _arm_watchdog() -> None:
 
 
 def _default_services(config: NodeConfig) -> list[Callable[[Daemon], Service]]:
-    return []
+    if not config.train:
+        return []
+    from .training_service import TrainingService  # only training daemons pay for it
+
+    return [TrainingService]

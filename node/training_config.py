@@ -1,9 +1,13 @@
-"""What the daemon's training worker runs: the ``[training]`` table of the config file."""
+"""What the daemon's training worker runs: the ``[training]`` table of the config file.
+
+This module must not import torch (the CLI loads it for every command); the algorithm names are
+checked against ``hyphae.training.algorithms.ALGORITHMS`` by a unit test instead.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,24 +20,45 @@ ALGORITHMS = ("ddp", "diloco")
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
-    """Training settings; every field can also be given as ``--<field>`` on ``hyphae node join``."""
+    """Training settings; most can also be given as ``--<field>`` on ``hyphae node join``."""
 
     preset: str = "tiny"
-    """Model preset (see ``hyphae.training`` presets)."""
+    """Model preset (``hyphae.training.PRESETS``: tiny, small, medium, large, and *-moe)."""
     algorithm: str = "diloco"
     """How peers combine their work: one of ALGORITHMS."""
+    algorithm_config: dict[str, Any] = field(default_factory=dict)
+    """The algorithm's hyper-parameters (e.g. ``{inner_steps = 100}`` for DiLoCo); unknown keys
+    are errors, reported when the worker builds the algorithm."""
     max_steps: int = 0
-    """Stop cleanly after this many local steps (0 = run until stopped)."""
+    """Stop cleanly after this many local steps (0 = run until stopped); the node then leaves."""
     data: Path | None = None
     """A text file/directory or .bin shards; None = the Python standard library's sources."""
     seed: int = 0
-    """Base seed; each peer derives its own data stream from it."""
+    """Base seed (model init is shared by all peers; each peer's data stream derives from its id)."""
+    batch_size: int = 8
+    """Sequences per step."""
+    seq_len: int = 128
+    """Tokens per sequence (capped at the model's context length)."""
+    log_every: int = 10
+    """Steps between progress reports."""
+    eval_every: int = 100
+    """Steps between validation-loss measurements (0 = never)."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (0 = only when stopping)."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
+        for name in ("batch_size", "seq_len", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"training.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if not isinstance(self.algorithm_config, dict):
+            raise ConfigError(f"training.algorithm_config must be a table, got {self.algorithm_config!r}")
 
     @classmethod
     def from_dict(cls, table: dict[str, Any]) -> TrainConfig:
@@ -44,7 +69,9 @@ class TrainConfig:
         values = dict(table)
         if values.get("data") is not None:
             values["data"] = Path(str(values["data"])).expanduser()
-        for name, kind in (("preset", str), ("algorithm", str), ("max_steps", int), ("seed", int)):
+        ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every")
+        for name in ("preset", "algorithm", *ints):
+            kind = str if name in ("preset", "algorithm") else int
             if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
                 raise ConfigError(f"training.{name} must be {kind.__name__}, got {values[name]!r}")
         return cls(**values)

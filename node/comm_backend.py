@@ -1,0 +1,195 @@
+"""The daemon's side of its workers' `Comm`: each call a worker makes is answered here.
+
+Tensors arrive as raw bytes in shared memory (name -> (dtype, shape, bytes)) and leave the same
+way; nothing here imports torch. What each call does on the network:
+
+* ``members``: this node plus every connected hyphae peer whose hello says it trains.
+* ``publish``/``collect``: small values over the network's scalar pubsub topic.
+* ``exchange``/``all_reduce``: through the collectives backend (the tensor plane); a group of
+  just this node is reduced locally.
+* ``put_blob``/``get_blob``: a content-addressed directory in the data dir, served to peers by
+  the tensor plane's blob service when it is there.
+* ``state_*``: this node's view of the run state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgpack
+import numpy as np
+
+from hyphae.protocol.atomic import atomic_write_bytes
+from hyphae.protocol.errors import ProtocolViolation
+from hyphae.protocol.wire import decode_body, expect_map
+
+from .tensor_bytes import from_float64, to_float64
+
+if TYPE_CHECKING:
+    from .daemon import Daemon
+
+__all__ = ["CommBackend", "CommFailure", "Tensors", "Collectives"]
+
+log = logging.getLogger(__name__)
+
+Tensors = dict[str, tuple[str, tuple[int, ...], np.ndarray]]
+"""name -> (dtype, shape, raw bytes as a uint8 array)."""
+
+SCALAR_RETENTION_STEPS = 1024
+MAX_SCALAR_BYTES = 1024
+
+
+class CommFailure(Exception):
+    """An expected failure to report to the worker as the Comm exception ``kind``."""
+
+    def __init__(self, kind: str, message: str, peer: str = "") -> None:
+        super().__init__(message)
+        self.kind, self.peer = kind, peer
+
+
+class Collectives(Protocol):
+    """Multi-peer tensor operations (the tensor plane implements these)."""
+
+    async def exchange(self, peer: str, tag: str, tensors: Tensors, timeout_s: float) -> Tensors: ...
+
+    async def all_reduce(self, group: list[str], tag: str, tensors: Tensors, op: str,
+                         timeout_s: float) -> tuple[Tensors, list[str]]: ...
+
+
+def reduce_locally(contributions: list[Tensors], op: str) -> Tensors:
+    """Mean or sum of contributions in float64, cast back; the same input gives the same bits."""
+    first = contributions[0]
+    out: Tensors = {}
+    for name, (dtype, shape, _) in first.items():
+        total = np.zeros(int(np.prod(shape)) if shape else 1, dtype=np.float64)
+        for contrib in contributions:
+            total += to_float64(contrib[name][2], dtype)
+        if op == "mean":
+            total /= len(contributions)
+        out[name] = (dtype, shape, from_float64(total, dtype))
+    return out
+
+
+class CommBackend:
+    """Answers worker Comm calls for one daemon."""
+
+    def __init__(self, daemon: Daemon, *, collectives: Collectives | None = None) -> None:
+        self.daemon = daemon
+        self.collectives = collectives
+        self.blob_dir: Path = daemon.datadir.root / "blobs"
+        self._state: dict[str, Any] = {}
+        self._scalars: dict[tuple[str, int], dict[str, bytes]] = defaultdict(dict)
+        self._scalar_event = asyncio.Event()
+        self._topic = f"/hyphae/scalars/{daemon.config.host.network}/1"
+
+    @property
+    def peer_id(self) -> str:
+        return self.daemon.host.peer_id
+
+    async def start(self) -> None:
+        await self.daemon.host.subscribe(self._topic, self._on_scalar)
+
+    # ---- membership ------------------------------------------------------------------------
+
+    async def members(self) -> list[str]:
+        peers = await self.daemon.host.peers()
+        trainers = {p.peer_id for p in peers if "trainer" in p.roles}
+        if self.collectives is None:
+            trainers = set()  # without collectives, nobody else can take part in a round
+        return sorted(trainers | {self.peer_id})
+
+    # ---- tensors ---------------------------------------------------------------------------
+
+    async def exchange(self, peer: str, tag: str, tensors: Tensors, timeout_s: float) -> Tensors:
+        if self.collectives is None:
+            raise CommFailure("PeerUnavailable", "this node has no tensor plane", peer)
+        return await self.collectives.exchange(peer, tag, tensors, timeout_s)
+
+    async def all_reduce(self, group: list[str], tag: str, tensors: Tensors, op: str,
+                         timeout_s: float) -> tuple[Tensors, list[str]]:
+        if op not in ("mean", "sum"):
+            raise CommFailure("ValueError", f"op must be 'mean' or 'sum', got {op!r}")
+        if group == [self.peer_id]:
+            return reduce_locally([tensors], op), [self.peer_id]
+        if self.collectives is None:
+            raise CommFailure("PeerUnavailable", "this node has no tensor plane", group[0])
+        return await self.collectives.all_reduce(group, tag, tensors, op, timeout_s)
+
+    # ---- scalars ---------------------------------------------------------------------------
+
+    async def publish(self, topic: str, step: int, value: bytes) -> None:
+        if len(value) > MAX_SCALAR_BYTES:
+            raise CommFailure("ValueError", f"value is {len(value)} bytes, limit {MAX_SCALAR_BYTES}")
+        self._store_scalar(self.peer_id, topic, step, value)
+        payload = msgpack.packb({"topic": topic, "step": step, "value": value}, use_bin_type=True)
+        await self.daemon.host.publish(self._topic, payload)
+
+    def _on_scalar(self, author: str, data: bytes) -> None:
+        try:
+            msg = expect_map(decode_body(data), {"topic": str, "step": int, "value": bytes}, what="scalar")
+        except ProtocolViolation as exc:
+            log.info("dropping a scalar from %s: %s", author, exc)
+            return
+        if len(msg["value"]) > MAX_SCALAR_BYTES or len(msg["topic"]) > 256:
+            log.info("dropping an oversized scalar from %s", author)
+            return
+        self._store_scalar(author, msg["topic"], msg["step"], msg["value"])
+
+    def _store_scalar(self, author: str, topic: str, step: int, value: bytes) -> None:
+        self._scalars[(topic, step)][author] = value
+        stale = [k for k in self._scalars if k[0] == topic and k[1] < step - SCALAR_RETENTION_STEPS]
+        for key in stale:
+            del self._scalars[key]
+        self._scalar_event.set()
+        self._scalar_event = asyncio.Event()
+
+    async def collect(self, topic: str, step: int, peers: list[str], timeout_s: float) -> dict[str, bytes]:
+        want = set(peers)
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not want <= set(self._scalars.get((topic, step), {})):
+                    await self._scalar_event.wait()
+        except TimeoutError:
+            pass  # a partial answer is a normal outcome
+        got = self._scalars.get((topic, step), {})
+        return {p: v for p, v in got.items() if p in want}
+
+    # ---- blobs -----------------------------------------------------------------------------
+
+    async def put_blob(self, data: bytes) -> str:
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.blob_dir / digest
+        if not path.exists():
+            await asyncio.to_thread(atomic_write_bytes, path, data)
+        return digest
+
+    async def get_blob(self, digest: str, timeout_s: float) -> bytes:
+        if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise CommFailure("ValueError", f"{digest!r} is not a sha256 hex digest")
+        path = self.blob_dir / digest
+        if not path.exists():
+            raise CommFailure("BlobUnavailable", digest)
+        data = await asyncio.to_thread(path.read_bytes)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise CommFailure("BlobCorrupt", f"local copy of blob {digest} is corrupt")
+        return data
+
+    # ---- run state -------------------------------------------------------------------------
+
+    async def state_get(self, key: str) -> Any:
+        return self._state.get(key)
+
+    async def state_set(self, key: str, value: Any) -> None:
+        if value is None:
+            self._state.pop(key, None)
+        else:
+            self._state[key] = value
+
+    async def state_items(self, prefix: str) -> dict[str, Any]:
+        return {k: v for k, v in self._state.items() if k.startswith(prefix)}
+
