@@ -7,6 +7,7 @@ CPU reference path and >= 0.8 on a GPU (Triton path).
 
     python bench/kernels.py                               # CPU (or CUDA if present), defaults
     python bench/kernels.py --device cpu --numel 33554432 --seeds 8 --json bench/results/kernels.json
+    python bench/kernels.py --device cpu --threads 1          # one core: steadier on a shared box
     python bench/kernels.py --device cuda --numel 268435456   # on a GPU machine (Triton path)
 
 Bytes counted per op (n elements, fp32 unless noted): rademacher writes 4n; zo_apply reads and
