@@ -1,0 +1,556 @@
+"""The tensor plane of one daemon: data connections to peers, and tensors over them.
+
+:class:`TensorPlane` owns a TCP data listener, the ``/hyphae/tensor/1`` handler on the host,
+and a small pool of :class:`~.session.Session` per peer (one outgoing transfer per session at a
+time; more sessions, up to ``max_sessions_per_peer``, for concurrent transfers). Which path a
+session took (direct TCP, libp2p, libp2p-relayed; see :mod:`.connect`) does not change the API,
+only :meth:`TensorPlane.stats`.
+
+Transfers are tagged: ``send(peer, tag, ...)`` on one side meets ``recv(peer, tag)`` on the
+other, in either order (an early arrival waits in a mailbox, within ``max_unclaimed_bytes``).
+:meth:`TensorPlane.request`/:meth:`TensorPlane.serve` add request/response on top, which the
+all-reduce and the blob service use.
+
+Every background task (accept loops, session readers, request handlers, upkeep) lives in the
+plane's TaskGroup, opened by :func:`open_tensor_plane`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._addrs import interface_ipv4s, is_dialable
+from ..errors import ClosedError, HyphaeError, PeerError, ProtocolViolation
+from ..host import Host
+from ..stream import MessageStream
+from . import connect
+from ._mailbox import Mailbox
+from ._util import run_all
+from .carrier import stream_frame_limit
+from .codecs import Codec
+from .config import TensorConfig
+from .session import NotSent, Session, Traffic
+from .spec import Tensor, check_unique_names
+from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, PROTOCOL_ID, Begin
+
+__all__ = ["TensorPlane", "Reply", "RemoteError", "RouteHandler", "open_tensor_plane"]
+
+log = logging.getLogger(__name__)
+
+ENCODE_IN_THREAD_BYTES = 1 << 20
+_ERROR_KEY = "_error"
+
+
+class RemoteError(PeerError):
+    """The peer's request handler failed; its reason is the message."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What a request handler answers: small ``meta`` plus optional tensors."""
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: Sequence[Tensor] = ()
+    codec: str | Codec = "raw"
+
+
+RouteHandler = Callable[[str, dict[str, Any], list[Tensor]], Awaitable[Reply]]
+"""``reply = await handler(peer_id, meta, tensors)``; raise a HyphaeError to answer an error."""
+
+
+@dataclass
+class _PeerStats:
+    traffic: Traffic = field(default_factory=Traffic)
+    path: str | None = None
+    opened: dict[str, int] = field(default_factory=dict)
+    transfers_sent: int = 0
+    transfers_received: int = 0
+    failures: int = 0
+    last_error: str = ""
+
+
+class TensorPlane:
+    """Tensors to and from peers over authenticated, encrypted data connections.
+
+    Build it with :func:`open_tensor_plane`. All methods are coroutines of the daemon's loop;
+    deadlines are the caller's (``asyncio.timeout``), except where a ``timeout_s`` is taken.
+    """
+
+    def __init__(self, host: Host, config: TensorConfig, task_group: asyncio.TaskGroup, *,
+                 puncher: connect.Puncher | None = None) -> None:
+        self.host = host
+        self.config = config
+        self.peer_id = host.peer_id
+        self._tg = task_group
+        self._puncher = puncher
+        self._limits = config.limits
+        self._mailbox = Mailbox(config.max_unclaimed_bytes, config.mailbox_ttl_s)
+        self._sessions: dict[str, list[Session]] = {}
+        self._reserved: set[Session] = set()
+        self._dialing: dict[str, int] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._pending: dict[bytes, connect.Pending] = {}
+        self._routes: dict[str, RouteHandler] = {}
+        self._replies: dict[tuple[str, int], asyncio.Future[Reply]] = {}
+        self._admitted: dict[int, bool] = {}
+        self._ids = itertools.count(1)
+        self._stats: dict[str, _PeerStats] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._listeners: list[socket.socket] = []
+        self.data_addrs: tuple[str, ...] = ()
+        self._closed = False
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    async def _start(self) -> None:
+        bound: list[str] = []
+        for addr in self.config.listen:
+            sock, actual = _bind(addr)
+            self._listeners.append(sock)
+            bound.append(actual)
+            self._spawn(self._accept_loop(sock), f"tensor-accept {actual}")
+        self.data_addrs = self.config.announce or _advertised(bound)
+        self.host.set_stream_handler(PROTOCOL_ID, self._on_stream, max_frame_bytes=stream_frame_limit(self._limits))
+        self.host.add_listener(self._on_peer_event)
+        self._spawn(self._upkeep(), "tensor-upkeep")
+        log.info("tensor plane of %s listening on %s", self.peer_id, ", ".join(self.data_addrs) or "(nothing)")
+
+    async def aclose(self) -> None:
+        """Close every data connection and the listener; pending calls fail. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        closed = ClosedError("the tensor plane is closed")
+        self._mailbox.fail_all(closed)
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.set_exception(closed)
+        for sessions in list(self._sessions.values()):
+            for session in list(sessions):
+                await session.aclose()
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)  # accept loops first leave their sockets alone
+        for sock in self._listeners:
+            sock.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = self._tg.create_task(_guarded(coro, name), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("the tensor plane is closed")
+
+    # ---- public API ------------------------------------------------------------------------
+
+    async def send(self, peer_id: str, tag: str, tensors: Sequence[Tensor], *, codec: str | Codec = "raw") -> None:
+        """Send named tensors to ``peer_id``; returns once the peer verified and kept them.
+
+        Raises:
+            ValueError: bad tensors or codec (duplicate names, sending to ourselves).
+            Refused: the peer refused (limits, budget); the message says why.
+            PeerError: no data connection could be made, or it broke.
+            ClosedError: this plane is closed.
+
+        Cancellation closes the data connection in use; the peer discards the partial transfer.
+        """
+        await self._transfer(peer_id, Begin(tag, _specs(tensors), Codec.named(codec)), tensors)
+
+    async def recv(self, peer_id: str, tag: str) -> list[Tensor]:
+        """The tensors ``peer_id`` sends (or sent) with ``tag``, in the sender's order.
+
+        Raises:
+            PeerError: the peer went away (libp2p disconnected and no data connection left).
+            ClosedError: this plane is closed.
+
+        Cancelling leaves nothing behind; a transfer that arrives later waits in the mailbox.
+        """
+        self._check_open()
+        return await self._mailbox.get(peer_id, tag)
+
+    async def exchange(self, peer_id: str, tag: str, tensors: Sequence[Tensor], *,
+                       codec: str | Codec = "raw") -> list[Tensor]:
+        """Send ``tensors`` to ``peer_id`` and receive its tensors of the same ``tag``.
+
+        Both sides call it (in any order, at once is fine: sends and receives run concurrently,
+        on separate or shared connections, so it cannot deadlock). Raises as :meth:`send` and
+        :meth:`recv`; on failure the other half is cancelled.
+        """
+        _, received = await run_all(self.send(peer_id, tag, tensors, codec=codec), self.recv(peer_id, tag))
+        return received
+
+    def serve(self, route: str, handler: RouteHandler) -> None:
+        """Answer :meth:`request` calls for ``route`` with ``handler`` (one task per request)."""
+        self._routes[route] = handler
+
+    async def request(self, peer_id: str, route: str, meta: dict[str, Any] | None = None,
+                      tensors: Sequence[Tensor] = (), *, codec: str | Codec = "raw") -> Reply:
+        """Ask ``peer_id``'s ``route`` handler and return its reply.
+
+        Raises:
+            RemoteError: the handler answered with an error.
+            Refused / PeerError / ClosedError: as :meth:`send`.
+        """
+        key = (peer_id, next(self._ids))
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._replies[key] = fut
+        try:
+            begin = Begin(route, _specs(tensors), Codec.named(codec), KIND_REQUEST, key[1], dict(meta or {}))
+            await self._transfer(peer_id, begin, tensors)
+            reply = await fut
+        finally:
+            self._replies.pop(key, None)
+        if _ERROR_KEY in reply.meta:
+            raise RemoteError(f"{peer_id} answered {route!r}: {reply.meta[_ERROR_KEY]}")
+        return reply
+
+    def stats(self) -> dict[str, Any]:
+        """Per-peer path, connections and bytes by path, for the dashboard and /metrics."""
+        peers: dict[str, Any] = {}
+        sent: dict[str, int] = {}
+        received: dict[str, int] = {}
+        for peer, st in sorted(self._stats.items()):
+            live = [s for s in self._sessions.get(peer, []) if not s.is_closed]
+            peers[peer] = {
+                "path": st.path, "sessions": len(live), "opened_by_path": dict(st.opened),
+                "bytes_sent": dict(st.traffic.sent), "bytes_received": dict(st.traffic.received),
+                "transfers_sent": st.transfers_sent, "transfers_received": st.transfers_received,
+                "failures": st.failures, "last_error": st.last_error,
+            }
+            for path, n in st.traffic.sent.items():
+                sent[path] = sent.get(path, 0) + n
+            for path, n in st.traffic.received.items():
+                received[path] = received.get(path, 0) + n
+        return {"data_addrs": list(self.data_addrs), "peers": peers, "bytes_sent": sent,
+                "bytes_received": received, "unclaimed_bytes": self._mailbox.unclaimed_bytes}
+
+    # ---- sending ---------------------------------------------------------------------------
+
+    async def _transfer(self, peer_id: str, begin: Begin, tensors: Sequence[Tensor]) -> None:
+        self._check_open()
+        if peer_id == self.peer_id:
+            raise ValueError("cannot send tensors to this node itself")
+        if begin.codec.name != "raw" and begin.nbytes > ENCODE_IN_THREAD_BYTES:
+            pieces = await asyncio.to_thread(lambda: [begin.codec.encode(t) for t in tensors])
+        else:
+            pieces = [begin.codec.encode(t) for t in tensors]
+        stats = self._peer(peer_id)
+        for attempt in range(3):
+            session, fresh = await self._acquire(peer_id)
+            try:
+                await session.send(begin, pieces)
+                stats.transfers_sent += 1
+                return
+            except (NotSent, ClosedError) as exc:
+                if fresh or attempt == 2:  # a new connection that fails at once is a real failure
+                    stats.failures += 1
+                    stats.last_error = str(exc)
+                    raise PeerError(f"transfer {begin.tag!r} to {peer_id} failed: {exc}") from exc
+                log.debug("reused data connection to %s was dead (%s); retrying on another", peer_id, exc)
+            except PeerError as exc:
+                stats.failures += 1
+                stats.last_error = str(exc)
+                raise
+            finally:
+                self._release(session)
+        raise AssertionError("unreachable")
+
+    async def _acquire(self, peer_id: str) -> tuple[Session, bool]:
+        """An idle session to ``peer_id`` reserved for one transfer (dialing one if allowed)."""
+        while True:
+            self._check_open()
+            live = [s for s in self._sessions.get(peer_id, []) if not s.is_closed]
+            idle = next((s for s in live if s not in self._reserved and not s.busy), None)
+            if idle is not None:
+                self._reserved.add(idle)
+                return idle, False
+            if len(live) + self._dialing.get(peer_id, 0) < self.config.max_sessions_per_peer:
+                self._dialing[peer_id] = self._dialing.get(peer_id, 0) + 1
+                try:
+                    session = await self._dial(peer_id)
+                finally:
+                    self._dialing[peer_id] -= 1
+                    self._notify(peer_id)
+                self._reserved.add(session)
+                return session, True
+            event = self._changed.setdefault(peer_id, asyncio.Event())
+            await event.wait()
+
+    def _release(self, session: Session) -> None:
+        self._reserved.discard(session)
+        self._notify(session.peer_id)
+
+    def _notify(self, peer_id: str) -> None:
+        event = self._changed.pop(peer_id, None)
+        if event is not None:
+            event.set()
+
+    async def _dial(self, peer_id: str) -> Session:
+        stats = self._peer(peer_id)
+        try:
+            link = await connect.dial(
+                lambda: self.host.open_stream(peer_id, PROTOCOL_ID, max_frame_bytes=stream_frame_limit(self._limits)),
+                local_id=self.peer_id, remote_id=peer_id, direct=self.config.direct_dial,
+                local_addrs=self.data_addrs, limits=self._limits, dial_timeout_s=self.config.dial_timeout_s,
+                handshake_timeout_s=self.config.handshake_timeout_s, is_relayed=lambda: self._is_relayed(peer_id),
+                puncher=self._puncher,
+            )
+        except PeerError as exc:
+            stats.failures += 1
+            stats.last_error = str(exc)
+            raise
+        session = self._adopt(peer_id, link)
+        self._spawn(self._run_session(session), f"tensor-session {peer_id[-8:]}")
+        return session
+
+    async def _is_relayed(self, peer_id: str) -> bool:
+        return any(p.peer_id == peer_id and p.connection == "relayed" for p in await self.host.peers())
+
+    # ---- receiving -------------------------------------------------------------------------
+
+    def _adopt(self, peer_id: str, link: connect.Link) -> Session:
+        stats = self._peer(peer_id)
+        session = Session(link.carrier, link.sealer, link.opener, peer_id=peer_id, limits=self._limits,
+                          inbox=self, traffic=stats.traffic)
+        self._sessions.setdefault(peer_id, []).append(session)
+        stats.path = session.path
+        stats.opened[session.path] = stats.opened.get(session.path, 0) + 1
+        log.info("data connection with %s via %s (%s)", peer_id, session.path, link.carrier.remote)
+        self._notify(peer_id)
+        return session
+
+    async def _run_session(self, session: Session) -> None:
+        try:
+            await session.run()
+        except Exception:  # noqa: BLE001 — a bug on one connection must not take the plane down
+            log.exception("data connection %s failed", session)
+        finally:
+            session.close("reader ended")
+            sessions = self._sessions.get(session.peer_id, [])
+            if session in sessions:
+                sessions.remove(session)
+            if not sessions:
+                self._sessions.pop(session.peer_id, None)
+            self._notify(session.peer_id)
+
+    async def _accept_loop(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, _ = await loop.sock_accept(sock)
+            except OSError as exc:
+                log.warning("tensor data listener error (continuing): %s", exc)
+                await asyncio.sleep(0.5)
+                continue
+            self._spawn(self._accept_one(conn), "tensor-inbound")
+
+    async def _accept_one(self, sock: socket.socket) -> None:
+        try:
+            pending, link = await connect.accept_direct(
+                sock, self._lookup_pending, self._claim_pending, local_id=self.peer_id, limits=self._limits,
+                timeout_s=self.config.handshake_timeout_s)
+        except ProtocolViolation as exc:
+            log.warning("refused a data connection: %s", exc)
+            return
+        except PeerError as exc:
+            log.info("inbound data connection failed: %s", exc)
+            return
+        await self._run_session(self._adopt(pending.peer_id, link))
+
+    def _lookup_pending(self, session_id: bytes) -> connect.Pending | None:
+        pending = self._pending.get(session_id)
+        return pending if pending is not None and pending.expires_at > time.monotonic() else None
+
+    def _claim_pending(self, session_id: bytes) -> connect.Pending | None:
+        pending = self._lookup_pending(session_id)
+        self._pending.pop(session_id, None)
+        return pending
+
+    async def _on_stream(self, stream: MessageStream) -> None:
+        self._check_open()
+        wait_s = self.config.handshake_timeout_s + 8 * self.config.dial_timeout_s
+        link = await connect.answer(
+            stream, local_id=self.peer_id, data_addrs=self.data_addrs if self._listeners else (),
+            limits=self._limits, handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
+            add_pending=self._pending.__setitem__, drop_pending=lambda sid: self._pending.pop(sid, None),
+            is_relayed=lambda: self._is_relayed(stream.peer_id))
+        if link is None:
+            return
+        session = self._adopt(stream.peer_id, link)
+        self._spawn(self._run_session(session), f"tensor-session {stream.peer_id[-8:]}")
+        await session.closed.wait()  # the host closes the stream when this handler returns
+
+    # ---- Inbox (called by sessions) --------------------------------------------------------
+
+    def admit(self, session: Session, begin: Begin) -> None:
+        self._check_open()
+        peer = session.peer_id
+        if begin.kind == KIND_REQUEST and begin.tag not in self._routes:
+            raise PeerError(f"no handler for route {begin.tag!r:.60} here")
+        if begin.kind == KIND_REPLY and (peer, begin.request_id) in self._replies:
+            counted = False  # awaited: costs no budget
+        else:
+            key = begin.tag if begin.kind == KIND_MESSAGE else f"\x00{begin.kind}"
+            counted = self._mailbox.reserve(peer, key, begin.nbytes)
+        self._admitted[id(begin)] = counted
+
+    def discard(self, session: Session, begin: Begin) -> None:
+        self._mailbox.unreserve(begin.nbytes, self._admitted.pop(id(begin), False))
+
+    def deliver(self, session: Session, begin: Begin, tensors: list[Tensor]) -> None:
+        peer = session.peer_id
+        counted = self._admitted.pop(id(begin), False)
+        self._peer(peer).transfers_received += 1
+        if begin.kind == KIND_MESSAGE:
+            self._mailbox.put(peer, begin.tag, tensors, begin.nbytes, counted)
+            return
+        self._mailbox.unreserve(begin.nbytes, counted)
+        if begin.kind == KIND_REPLY:
+            fut = self._replies.get((peer, begin.request_id))
+            if fut is not None and not fut.done():
+                fut.set_result(Reply(begin.meta, tensors))
+            else:
+                log.debug("late reply %d from %s dropped", begin.request_id, peer)
+        elif not self._closed:
+            self._spawn(self._answer(peer, begin, tensors), f"tensor-request {begin.tag[:40]}")
+
+    async def _answer(self, peer: str, begin: Begin, tensors: list[Tensor]) -> None:
+        try:
+            reply = await self._routes[begin.tag](peer, begin.meta, tensors)
+        except HyphaeError as exc:
+            reply = Reply({_ERROR_KEY: str(exc)[:1000]})
+        except Exception:  # noqa: BLE001 — a handler bug answers an error, and is logged
+            log.exception("handler of %s failed on a request from %s", begin.tag, peer)
+            reply = Reply({_ERROR_KEY: "internal error"})
+        out = Begin(begin.tag, _specs(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
+                    dict(reply.meta))
+        try:
+            await self._transfer(peer, out, reply.tensors)
+        except HyphaeError as exc:
+            log.debug("reply to %s on %s failed: %s", peer, begin.tag, exc)
+
+    # ---- peers and upkeep ------------------------------------------------------------------
+
+    def _peer(self, peer_id: str) -> _PeerStats:
+        return self._stats.setdefault(peer_id, _PeerStats())
+
+    def _on_peer_event(self, kind: str, peer_id: str) -> None:
+        if kind == "disconnected" and not self._closed:
+            self._spawn(self._check_gone(peer_id), "tensor-peer-gone")
+
+    async def _check_gone(self, peer_id: str) -> None:
+        """Fail what waits on a peer that left libp2p and has no data connection left.
+
+        A short grace lets the readers notice connections that died with it.
+        """
+        await asyncio.sleep(0.3)
+        if any(not s.is_closed for s in self._sessions.get(peer_id, [])):
+            return
+        if any(p.peer_id == peer_id for p in await self.host.peers()):
+            return
+        gone = PeerError(f"{peer_id} disconnected")
+        self._mailbox.fail(peer_id, gone)
+        for (peer, _), fut in list(self._replies.items()):
+            if peer == peer_id and not fut.done():
+                fut.set_exception(gone)
+
+    async def _upkeep(self) -> None:
+        period = min(5.0, self.config.idle_timeout_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            self._mailbox.expire(now)
+            for sid in [s for s, p in self._pending.items() if p.expires_at <= now]:
+                del self._pending[sid]
+            for sessions in list(self._sessions.values()):
+                for session in list(sessions):
+                    idle = now - session.last_used > self.config.idle_timeout_s
+                    if idle and not session.busy and session not in self._reserved:
+                        await session.aclose()
+
+
+async def _guarded(coro: Coroutine[Any, Any, Any], name: str) -> None:
+    """Run a plane task; a bug in it is logged, never raised into the daemon's task group."""
+    try:
+        await coro
+    except HyphaeError as exc:
+        log.debug("%s ended: %s", name, exc)
+    except Exception:  # noqa: BLE001 — one failed task must not take the plane (and daemon) down
+        log.exception("%s failed", name)
+
+
+def _specs(tensors: Sequence[Tensor]) -> tuple:
+    specs = tuple(t.spec for t in tensors)
+    check_unique_names(specs)
+    return specs
+
+
+def _bind(addr: str) -> tuple[socket.socket, str]:
+    parts = addr.split("/")
+    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((parts[2], int(parts[4])))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    port = sock.getsockname()[1]
+    return sock, f"/{parts[1]}/{parts[2]}/tcp/{port}"
+
+
+def _advertised(bound: list[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for addr in bound:
+        parts = addr.split("/")
+        if parts[2] == "0.0.0.0":
+            out += [f"/ip4/{ip}/tcp/{parts[4]}" for ip in interface_ipv4s()]
+        elif parts[2] != "::" and is_dialable(addr):
+            out.append(addr)
+    return tuple(dict.fromkeys(out))[:8]
+
+
+@contextlib.asynccontextmanager
+async def open_tensor_plane(host: Host, config: TensorConfig | None = None, *,
+                            puncher: connect.Puncher | None = None) -> AsyncIterator[TensorPlane]:
+    """Start a :class:`TensorPlane` on a started ``host``; yield it once it listens.
+
+    Args:
+        host: the daemon's libp2p host (the plane registers ``/hyphae/tensor/1`` on it).
+        config: listen addresses and limits (defaults: all interfaces, 4 MiB frames).
+        puncher: the hole-punching hook of :mod:`.connect` (the NAT issue provides one).
+
+    On exit every data connection is closed and every plane task has ended.
+    """
+    body_error: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as tg:
+            plane = TensorPlane(host, config or TensorConfig(), tg, puncher=puncher)
+            try:
+                await plane._start()
+                yield plane
+            except Exception as exc:
+                body_error = exc
+                raise
+            finally:
+                await plane.aclose()
+    except ExceptionGroup as group:
+        # The plane's own tasks never raise; unwrap the caller's exception from the group.
+        if body_error is not None and len(group.exceptions) == 1 and group.exceptions[0] is body_error:
+            raise body_error from None
+        raise
