@@ -123,11 +123,11 @@ def _run(args: argparse.Namespace) -> int:
         return run_foreground(config, on_ready=print_ready)
     if args.command == "node" and args.action == "status":
         client = _client(args)
-        node, peers = client.node(), client.peers()
+        node, peers, training = client.node(), client.peers(), client.training()
         if args.json:
-            print(json.dumps({"node": node, "peers": peers}, indent=2))
+            print(json.dumps({"node": node, "peers": peers, "training": training}, indent=2))
         else:
-            print_status(node, peers)
+            print_status(node, peers, training)
         return 0
     if args.command == "node" and args.action == "leave":
         stopped = _client(args).leave()

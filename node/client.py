@@ -82,6 +82,15 @@ class ApiClient:
     def peers(self) -> list[dict[str, Any]]:
         return self._call("GET", "/api/v1/peers")["peers"]
 
+    def training(self) -> dict[str, Any] | None:
+        """The training progress, or None on a daemon that does not train."""
+        try:
+            return self._call("GET", "/api/v1/training")
+        except HyphaeError as exc:
+            if "HTTP 404" in str(exc):
+                return None
+            raise
+
     def get(self, path: str) -> Any:
         return self._call("GET", path)
 

@@ -147,4 +147,26 @@ class Daemon:
         return [p.to_json() for p in await self.host.peers()]
 
     def api_routes(self) -> list[Callable[[web.Application], None]]:
-        return [route for svc in self.services for route in svc.api_routes()]
+        from .dashboard import dashboard_routes
+        from .metrics import metrics_route
+
+        own = [dashboard_routes(self), metrics_route(self)]
+        return own + [route for svc in self.services for route in svc.api_routes()]
+
+    async def metric_extras(self) -> dict[str, Any]:
+        """What services add to the dashboard and /metrics: each may offer ``status()``
+        returning a dict whose keys (``training``, ``run``, ``traffic``, ``links``,
+        ``counters``) are merged here."""
+        extras: dict[str, Any] = {"traffic": [], "links": [], "counters": {}}
+        for svc in self.services:
+            status = getattr(svc, "status", None)
+            if status is None:
+                continue
+            for key, value in (await status()).items():
+                if key in ("traffic", "links"):
+                    extras[key].extend(value)
+                elif key == "counters":
+                    extras["counters"].update(value)
+                else:
+                    extras[key] = value
+        return extras

@@ -233,7 +233,7 @@ class TrainingService:
         now = time.time()
         if p.kind == "log":
             self.latest.update(step=p.step, loss=p.loss, tokens=p.tokens, tokens_per_s=p.tokens_per_s, at=now)
-            self.history.append({"step": p.step, "loss": p.loss, "tokens": p.tokens, "t": now})
+            self.history.append({"step": p.step, "loss": p.loss, "tokens": p.tokens, "tokens_per_s": p.tokens_per_s, "t": now})
             if now - self._last_progress_log >= PROGRESS_LOG_EVERY_S:
                 self._last_progress_log = now
                 log.info("step %d  loss %.4f  %.0f tokens/s", p.step, p.loss or 0.0, p.tokens_per_s or 0.0)
@@ -269,10 +269,13 @@ class TrainingService:
             "evals": list(self.evals),
         }
 
+    async def status(self) -> dict[str, Any]:
+        data = self.snapshot()
+        data["members"] = await self.backend.members()
+        return {"training": data}
+
     def api_routes(self) -> list[Any]:
         async def training(_: web.Request) -> web.Response:
-            data = self.snapshot()
-            data["members"] = await self.backend.members()
-            return web.json_response(data)
+            return web.json_response((await self.status())["training"])
 
         return [lambda app: app.router.add_get("/api/v1/training", training)]
