@@ -134,3 +134,13 @@ class Mailbox:
             if not items:
                 del self._items[key]
         return dropped
+
+    def purge(self, prefix: str) -> int:
+        """Drop every kept value whose tag starts with ``prefix`` (a finished operation's
+        stragglers); return how many."""
+        dropped = 0
+        for key in [k for k in self._items if k[1].startswith(prefix)]:
+            for item in self._items.pop(key):
+                self.unclaimed_bytes -= item.nbytes
+                dropped += 1
+        return dropped

@@ -83,6 +83,11 @@ class Codec:
             return tensor.data
         x = np.frombuffer(tensor.data, dtype=numpy_dtype(spec.dtype))
         out = np.empty(self.wire_nbytes(spec), dtype=np.uint8)
+        with np.errstate(all="ignore"):  # overflow to inf (fp16) and NaN inputs are kept as such
+            self._encode_into(x, spec, out)
+        return memoryview(out)
+
+    def _encode_into(self, x: np.ndarray, spec: TensorSpec, out: np.ndarray) -> None:
         if self.name in ("fp16", "bf16"):
             dst = out.view("<f2" if self.name == "fp16" else "<u2")
             for lo in range(0, x.size, _CHUNK):
@@ -90,7 +95,6 @@ class Codec:
                 dst[lo:lo + _CHUNK] = x32.astype("<f2") if self.name == "fp16" else f32_to_bf16(x32)
         else:
             _quantize_into(x, spec.dtype, self.name, self.block_size, out)
-        return memoryview(out)
 
     def decode(self, spec: TensorSpec, wire: memoryview) -> memoryview:
         """Bytes of ``spec.dtype`` from exactly :meth:`wire_nbytes` wire bytes.
@@ -103,6 +107,11 @@ class Codec:
         if not self.applies_to(spec):
             return wire
         out = np.empty(spec.numel, dtype=numpy_dtype(spec.dtype))
+        with np.errstate(all="ignore"):  # a peer's inf/NaN scales or out-of-range values are its business
+            self._decode_into(wire, spec, out)
+        return memoryview(out).cast("B") if out.size else memoryview(b"")
+
+    def _decode_into(self, wire: memoryview, spec: TensorSpec, out: np.ndarray) -> None:
         if self.name in ("fp16", "bf16"):
             src = np.frombuffer(wire, dtype="<f2" if self.name == "fp16" else "<u2")
             for lo in range(0, src.size, _CHUNK):
@@ -111,7 +120,6 @@ class Codec:
                 out[lo:lo + _CHUNK] = from_float32(x32, spec.dtype)
         else:
             _dequantize_into(wire, spec.dtype, self.name, self.block_size, out)
-        return memoryview(out).cast("B")
 
 
 def _same_as_raw(codec: str, dtype: str) -> bool:

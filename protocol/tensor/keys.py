@@ -29,6 +29,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from ..errors import ProtocolViolation
+from .errors import IntegrityError
 from .wire import HEADER_BYTES, TAG_BYTES, FrameType, pack_header
 
 __all__ = ["Ephemeral", "SessionKeys", "derive_keys", "FrameSealer", "FrameOpener", "IntegrityError"]
@@ -36,11 +37,6 @@ __all__ = ["Ephemeral", "SessionKeys", "derive_keys", "FrameSealer", "FrameOpene
 _INFO = b"hyphae/tensor/1"
 _NONCE_PREFIX = b"\x00\x00\x00\x00"
 _COUNTER = struct.Struct(">Q")
-
-
-class IntegrityError(ProtocolViolation):
-    """A sealed frame failed authentication: tampered, truncated, replayed, reordered, or sealed
-    with other keys. The connection it came on is closed; nothing of its transfer is kept."""
 
 
 class Ephemeral:

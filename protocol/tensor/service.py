@@ -34,14 +34,16 @@ from ..stream import MessageStream
 from . import connect
 from ._mailbox import Mailbox
 from ._util import run_all
+from .allreduce import AllReduce, AllReduceResult
 from .carrier import stream_frame_limit
 from .codecs import Codec
 from .config import TensorConfig
-from .session import NotSent, Session, Traffic
+from .errors import NotSent, RemoteError
+from .session import Session, Traffic
 from .spec import Tensor, check_unique_names
 from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, PROTOCOL_ID, Begin
 
-__all__ = ["TensorPlane", "Reply", "RemoteError", "RouteHandler", "open_tensor_plane"]
+__all__ = ["TensorPlane", "Message", "Reply", "RouteHandler", "open_tensor_plane"]
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +51,12 @@ ENCODE_IN_THREAD_BYTES = 1 << 20
 _ERROR_KEY = "_error"
 
 
-class RemoteError(PeerError):
-    """The peer's request handler failed; its reason is the message."""
+@dataclass(frozen=True)
+class Message:
+    """A received transfer: its tensors (in the sender's order) and the sender's ``meta``."""
+
+    tensors: list[Tensor]
+    meta: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -120,6 +126,7 @@ class TensorPlane:
         self.data_addrs = self.config.announce or _advertised(bound)
         self.host.set_stream_handler(PROTOCOL_ID, self._on_stream, max_frame_bytes=stream_frame_limit(self._limits))
         self.host.add_listener(self._on_peer_event)
+        self._allreduce = AllReduce(self)
         self._spawn(self._upkeep(), "tensor-upkeep")
         log.info("tensor plane of %s listening on %s", self.peer_id, ", ".join(self.data_addrs) or "(nothing)")
 
@@ -156,8 +163,12 @@ class TensorPlane:
 
     # ---- public API ------------------------------------------------------------------------
 
-    async def send(self, peer_id: str, tag: str, tensors: Sequence[Tensor], *, codec: str | Codec = "raw") -> None:
+    async def send(self, peer_id: str, tag: str, tensors: Sequence[Tensor], *, codec: str | Codec = "raw",
+                   meta: dict[str, Any] | None = None) -> None:
         """Send named tensors to ``peer_id``; returns once the peer verified and kept them.
+
+        ``meta`` is optional small data (plain msgpack values, < 64 KiB with the specs) that
+        :meth:`recv_message` returns alongside the tensors.
 
         Raises:
             ValueError: bad tensors or codec (duplicate names, sending to ourselves).
@@ -167,7 +178,8 @@ class TensorPlane:
 
         Cancellation closes the data connection in use; the peer discards the partial transfer.
         """
-        await self._transfer(peer_id, Begin(tag, _specs(tensors), Codec.named(codec)), tensors)
+        begin = Begin(tag, _specs(tensors), Codec.named(codec), KIND_MESSAGE, 0, dict(meta or {}))
+        await self._transfer(peer_id, begin, tensors)
 
     async def recv(self, peer_id: str, tag: str) -> list[Tensor]:
         """The tensors ``peer_id`` sends (or sent) with ``tag``, in the sender's order.
@@ -178,6 +190,10 @@ class TensorPlane:
 
         Cancelling leaves nothing behind; a transfer that arrives later waits in the mailbox.
         """
+        return (await self.recv_message(peer_id, tag)).tensors
+
+    async def recv_message(self, peer_id: str, tag: str) -> Message:
+        """As :meth:`recv`, with the sender's ``meta``."""
         self._check_open()
         return await self._mailbox.get(peer_id, tag)
 
@@ -191,6 +207,26 @@ class TensorPlane:
         """
         _, received = await run_all(self.send(peer_id, tag, tensors, codec=codec), self.recv(peer_id, tag))
         return received
+
+    async def all_reduce(self, members: Sequence[str], tag: str, tensors: Sequence[Tensor], *, op: str = "mean",
+                         timeout_s: float, codec: str | Codec = "raw") -> AllReduceResult:
+        """Mean or sum of ``tensors`` over ``members`` (this node included), tolerating drops.
+
+        Every member calls it with the same ``members``, ``tag`` and tensor specs. A member that
+        fails mid-way is excluded and the rest finish; ``result.included`` says whose inputs the
+        result reduces over. The rule for a dropped member's chunk is in :mod:`.allreduce`.
+
+        Raises:
+            ValueError: bad arguments (op, mixed or non-float dtypes, this node not a member).
+            TimeoutError: ``timeout_s`` passed before the reduction completed.
+            PeerError: no member's contribution reached every owner.
+        """
+        self._check_open()
+        return await self._allreduce.run(members, tag, tensors, op=op, timeout_s=timeout_s, codec=codec)
+
+    def drop_unclaimed(self, prefix: str) -> int:
+        """Forget received transfers nobody claimed whose tag starts with ``prefix``."""
+        return self._mailbox.purge(prefix)
 
     def serve(self, route: str, handler: RouteHandler) -> None:
         """Answer :meth:`request` calls for ``route`` with ``handler`` (one task per request)."""
@@ -415,7 +451,7 @@ class TensorPlane:
         counted = self._admitted.pop(id(begin), False)
         self._peer(peer).transfers_received += 1
         if begin.kind == KIND_MESSAGE:
-            self._mailbox.put(peer, begin.tag, tensors, begin.nbytes, counted)
+            self._mailbox.put(peer, begin.tag, Message(tensors, begin.meta), begin.nbytes, counted)
             return
         self._mailbox.unreserve(begin.nbytes, counted)
         if begin.kind == KIND_REPLY:

@@ -21,25 +21,17 @@ import numpy as np
 
 from ..errors import ClosedError, EndOfStream, HyphaeError, PeerError, ProtocolViolation
 from .carrier import Carrier
+from .errors import NotSent, Refused
 from .keys import FrameOpener, FrameSealer
 from .spec import Tensor
 from .wire import HEADER_BYTES, TAG_BYTES, Ack, Begin, FrameType, Limits, iter_frames
 
-__all__ = ["Session", "Inbox", "Refused", "NotSent", "Traffic"]
+__all__ = ["Session", "Inbox", "Traffic"]
 
 log = logging.getLogger(__name__)
 
 DECODE_IN_THREAD_BYTES = 1 << 20
 """Decoding a quantized transfer larger than this runs in a thread (numpy releases the GIL)."""
-
-
-class Refused(PeerError):
-    """The receiver refused a transfer (over its limits, out of budget); its reason is the message."""
-
-
-class NotSent(PeerError):
-    """The connection failed before the transfer's END was written: the receiver cannot have
-    kept it, so sending again (on another connection) is safe."""
 
 
 class Traffic:

@@ -116,7 +116,10 @@ class Tensor:
         view = memoryview(buffer)
         if not view.c_contiguous:
             raise ValueError(f"{spec.name!r}: buffer is not C-contiguous; pass np.ascontiguousarray(x) or x.contiguous()")
-        view = view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        if view.nbytes == 0:
+            view = memoryview(b"")  # memoryview cannot cast a view with a zero in its shape
+        elif view.format != "B" or view.ndim != 1:
+            view = view.cast("B")
         if view.nbytes != spec.nbytes:
             raise ValueError(f"{spec.name!r}: buffer holds {view.nbytes} bytes, spec {spec.dtype}{list(spec.shape)} "
                              f"needs {spec.nbytes}")
