@@ -1,0 +1,295 @@
+"""A²CiD²: DADAO's practical form for deep nets — asynchronous pairwise gossip with momentum.
+
+ALGORITHMS.md §4, "for deep nets". Each peer keeps its weights x (the model) and a companion x̃
+(fp32, x̃ = x at the start) that follow, between events, the mixing ODE
+
+    ẋ = η(x̃ − x),  x̃̇ = η(x − x̃)      ⇒  x + x̃ constant, x − x̃ decays as e^{−2ηΔt}
+
+integrated in closed form over the time elapsed since the last event (`mix_`). Events:
+- gradient step (the loop's `step`): flow to now, the normal optimizer step on x (AdamW, clip,
+  schedule), and the same step added to x̃;
+- gossip with a partner j (a background task, `start`): flow to now, swap x with j through
+  `comm.exchange`, then x̃_i += α̃(x_j − x_i) and x_i += ½(x_j − x_i) (`gossip_`), written as
+  increments from the values *sent*, so Σ_i x_i is conserved exactly even if a gradient step
+  landed while the bytes were in flight.
+Nothing waits on anyone: the loop never touches the network, and a gossip partner that is gone
+or late (`timeout_s`) is skipped.
+
+Time is measured with `comm.now()` in units of this peer's measured step time (an EMA of the
+time between two `step` calls), so one unit is one gradient event, as in the paper. The constants
+come from the communication process (graph.py): with per-edge rates λ in those units,
+η = 1/(2√(χ₁χ₂)) and α̃ = ½√(χ₁/χ₂). For the complete graph over N members (every peer may
+gossip with every other) χ₁ = χ₂ = 1/(Nλ), so α̃ = ½ and η = Nλ/2; λ = (gossips per step)/(N−1)
+is proportional to the step time, so ηΔt does not depend on it after all: mixing and gossip are
+both clocked in seconds, which is what decouples communication from computation.
+
+Rendezvous (why the gossip clock is shared): `exchange` needs both ends to call it with the same
+tag, so a partner must know *when* it is wanted without a message. The gossip clock is a Poisson
+process of mean spacing `gossip_interval_s` on the run clock, drawn from a hash of (run id, k)
+(every peer draws the same ticks), and at tick k every member meets the partner the NoLoCo
+pairing (`_pairing.groups`, n = 2) gives it. So each peer gossips at Poisson times of rate
+1/gossip_interval_s with a uniformly random other member (per edge: Poisson of rate
+1/((N−1)·interval)), with no coordinator, no message to arrange it and no dependence on N in the
+schedule. It needs the peers' `comm.now()` to be one run clock (true in SimNetwork; a daemon whose
+clocks differ by more than `timeout_s` simply never meets, and the peers train alone).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hyphae.training._config import check_positive, from_dict, to_dict
+from hyphae.training._graph import complete_graph_chis
+from hyphae.training._pairing import group_of
+from hyphae.training.comm import Comm, CommClosed, CommError
+from hyphae.training.model import GPT
+from hyphae.training.optim import AdamWConfig, build_adamw
+from hyphae.training.strategy import Metrics, Precision, Strategy
+
+__all__ = ["ACiD2", "ACiD2Config", "acid_constants", "gossip_", "mix_", "tick_times"]
+
+logger = logging.getLogger(__name__)
+
+_EMA = 0.1  # weight of the newest interval in the step-time estimate
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ACiD2Config:
+    """Settings of A²CiD² (registered as "dadao")."""
+
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+    """The local optimizer applied to x at every gradient event."""
+
+    gossip_interval_s: float = 1.0
+    """Mean seconds between two gossips of one peer (run-wide: every peer draws the same
+    ticks). About one step time gives the paper's one communication per gradient."""
+
+    timeout_s: float = 5.0
+    """How long a gossip waits for its partner (arrival and transfer) before skipping it."""
+
+    eta: float | None = None
+    """Mixing rate η per step time; None = 1/(2√(χ₁χ₂)) of the gossip process."""
+
+    alpha_tilde: float | None = None
+    """x̃'s gossip weight α̃; None = ½√(χ₁/χ₂). eta = alpha_tilde = 0 is plain async gossip."""
+
+    run_id: str = ""
+    """Names the run in the gossip clock and pairing hashes; every member uses the same."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, AdamWConfig):
+            raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
+        check_positive("gossip_interval_s", self.gossip_interval_s)
+        check_positive("timeout_s", self.timeout_s)
+        if self.eta is not None:
+            check_positive("eta", self.eta, allow_zero=True)
+        if self.alpha_tilde is not None:
+            check_positive("alpha_tilde", self.alpha_tilde, allow_zero=True)
+        if not isinstance(self.run_id, str):
+            raise ValueError(f"run_id must be a string, got {self.run_id!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ACiD2Config:
+        return from_dict(cls, data)
+
+
+def acid_constants(chi1: float, chi2: float) -> tuple[float, float]:
+    """(η, α̃) = (1/(2√(χ₁χ₂)), ½√(χ₁/χ₂)) (ALGORITHMS.md §4)."""
+    return 1.0 / (2.0 * math.sqrt(chi1 * chi2)), 0.5 * math.sqrt(chi1 / chi2)
+
+
+@torch.no_grad()
+def mix_(x: torch.Tensor, x_tilde: torch.Tensor, eta_dt: float) -> None:
+    """Flow the mixing ODE over η·Δt in place: x + x̃ is kept, x − x̃ shrinks by e^{−2ηΔt}."""
+    if eta_dt <= 0:
+        return
+    f = -0.5 * math.expm1(-2.0 * eta_dt)  # (1 − e^{−2ηΔt}) / 2, accurate for small ηΔt
+    gap = x_tilde.float() - x.float()
+    x.add_(gap.mul(f).to(x.dtype))
+    x_tilde.sub_(gap.mul_(f))
+
+
+@torch.no_grad()
+def gossip_(
+    x: torch.Tensor, x_tilde: torch.Tensor, sent: torch.Tensor, received: torch.Tensor, alpha_tilde: float
+) -> None:
+    """The gossip jump with partner j, from what was exchanged: x += ½(x_j − x_i), x̃ += α̃(x_j − x_i).
+
+    Both ends add opposite increments to x, so Σ x is conserved exactly (up to the rounding of
+    each addition) whatever happened to x between sending and receiving.
+    """
+    diff = received.float() - sent.float()
+    x_tilde.add_(diff, alpha=alpha_tilde)
+    x.add_(diff.mul_(0.5).to(x.dtype))
+
+
+def tick_times(run_id: str, interval_s: float, start_index: int = 0):  # type: ignore[no-untyped-def]
+    """Yield (k, t_k) of the run's gossip clock: a Poisson process of mean spacing interval_s
+    from t = 0, a pure function of (run_id, interval_s)."""
+    t, k = 0.0, 0
+    while True:
+        digest = hashlib.blake2b(f"hyphae-gossip-clock\0{run_id}\0{k}".encode(), digest_size=8).digest()
+        u = (int.from_bytes(digest, "little") >> 11) * 2.0**-53  # uniform in [0, 1)
+        t += -math.log1p(-u) * interval_s
+        if k >= start_index:
+            yield k, t
+        k += 1
+
+
+class ACiD2(Strategy):
+    """A²CiD² on one peer.
+
+    Args:
+        model: this peer's replica (x); x̃ starts equal to it.
+        comm: this peer's Comm.
+        config: settings.
+        precision: compute precision (see strategy.Precision).
+    """
+
+    algorithm = "dadao"
+
+    def __init__(
+        self, model: GPT, comm: Comm, config: ACiD2Config | None = None, *, precision: Precision = "auto"
+    ) -> None:
+        super().__init__(model, comm, precision=precision)
+        self.config = config or ACiD2Config()
+        self._params = list(self.trainable_parameters())
+        self.optimizer = build_adamw(self._params, self.config.optimizer)
+        self.x_tilde = {n: p.detach().clone().float() for n, p in self._params}
+        self.step_time_s: float | None = None
+        self.gossips = 0
+        self.failed_gossips = 0
+        self._last_step_at: float | None = None
+        self._flowed_at: float | None = None
+        self._members = 1
+        self._task: asyncio.Task | None = None
+
+    # --- the loop calls these ----------------------------------------------------------------
+
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        self._flowed_at = self.comm.now()
+        self._members = len(await self.comm.members())
+        self._task = tasks.create_task(self._gossip_loop(), name=f"acid-gossip-{self.comm.peer_id}")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()  # the TaskGroup reaps it; nothing is half-applied (see _gossip)
+            self._task = None
+
+    async def step(self, step: int) -> Metrics:
+        now = self.comm.now()
+        if self._last_step_at is not None and now > self._last_step_at:
+            dt = now - self._last_step_at
+            self.step_time_s = dt if self.step_time_s is None else (1 - _EMA) * self.step_time_s + _EMA * dt
+        self._last_step_at = now
+        self._flow(now)
+        before = [p.detach().clone() for _, p in self._params]
+        metrics = self.local_update(self.optimizer, self.config.optimizer, step)
+        with torch.no_grad():
+            for (name, p), old in zip(self._params, before):
+                self.x_tilde[name].add_(p.detach().float() - old.float())
+        metrics["gossips"] = self.gossips
+        metrics["failed_gossips"] = self.failed_gossips
+        return metrics
+
+    # --- mixing ------------------------------------------------------------------------------
+
+    def constants(self) -> tuple[float, float]:
+        """(η per step time, α̃) for the current membership and step time."""
+        n = self._members
+        if n < 2:
+            return 0.0, 0.0
+        unit = self.step_time_s or self.config.gossip_interval_s  # before the first measurement
+        per_node = (1.0 if n % 2 == 0 else (n - 1) / n) * unit / self.config.gossip_interval_s
+        eta, alpha_tilde = acid_constants(*complete_graph_chis(n, per_node / (n - 1)))
+        cfg = self.config
+        return (eta if cfg.eta is None else cfg.eta), (alpha_tilde if cfg.alpha_tilde is None else cfg.alpha_tilde)
+
+    def _flow(self, now: float) -> None:
+        if self._flowed_at is None:
+            self._flowed_at = now
+        dt = now - self._flowed_at
+        self._flowed_at = max(now, self._flowed_at)
+        if dt <= 0:
+            return
+        eta, _ = self.constants()
+        unit = self.step_time_s or self.config.gossip_interval_s
+        for name, p in self._params:
+            mix_(p.data, self.x_tilde[name], eta * dt / unit)
+
+    # --- gossip ------------------------------------------------------------------------------
+
+    async def _gossip_loop(self) -> None:
+        cfg, me = self.config, self.comm.peer_id
+        grace = cfg.timeout_s / 2  # a tick this late is still attended: the partner waits timeout_s
+        for k, t in tick_times(cfg.run_id, cfg.gossip_interval_s):
+            now = self.comm.now()
+            if t + grace < now:
+                continue  # missed (an earlier gossip ran long): a partner that came times out
+            if t > now:
+                await self.comm.sleep(t - now)
+            members = await self.comm.members()
+            self._members = len(members)
+            partner = [p for p in group_of(cfg.run_id, k, members, 2, me, domain="acid") if p != me]
+            if partner:
+                await self._gossip(partner[0], k)
+
+    async def _gossip(self, partner: str, k: int) -> None:
+        """One gossip with `partner` at tick k; skipped (counted) if it fails.
+
+        Cancellation before the reply leaves x and x̃ as they were (only flowed in time); the
+        partner may or may not have applied its half (Comm.exchange's contract).
+        """
+        self._flow(self.comm.now())
+        sent = {n: p.detach().float().clone() for n, p in self._params}
+        try:
+            received = await self.comm.exchange(partner, sent, tag=f"acid/{k}", timeout_s=self.config.timeout_s)
+            for name, ref in sent.items():
+                if received[name].shape != ref.shape:
+                    raise ValueError(f"{name}: shape {tuple(received[name].shape)}, expected {tuple(ref.shape)}")
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError, KeyError, ValueError) as exc:
+            self.failed_gossips += 1
+            logger.debug("acid gossip %d with %s skipped: %s", k, partner, exc)
+            return
+        self._flow(self.comm.now())
+        _, alpha_tilde = self.constants()
+        for name, p in self._params:
+            gossip_(p.data, self.x_tilde[name], sent[name], received[name].to(p.device), alpha_tilde)
+        self.gossips += 1
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "x_tilde": {n: t.clone() for n, t in self.x_tilde.items()},
+            "step_time_s": self.step_time_s,
+            "gossips": self.gossips,
+            "failed_gossips": self.failed_gossips,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted(set(self.x_tilde) - set(state["x_tilde"]))
+        if missing:
+            raise ValueError(f"A²CiD² state lacks x_tilde for {missing[:3]}...; wrong model?")
+        with torch.no_grad():
+            for name, t in self.x_tilde.items():
+                t.copy_(state["x_tilde"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step_time_s = state["step_time_s"]
+        self.gossips = int(state["gossips"])
+        self.failed_gossips = int(state["failed_gossips"])
+

@@ -1,0 +1,325 @@
+"""NoLoCo: DiLoCo's inner loop with an outer step that talks to one partner, never to everyone.
+
+ALGORITHMS.md §2. Each replica i keeps its own slow weights φ_i and outer momentum δ_i (zero at
+the start) beside its fast weights θ_i (the model). Every `inner_steps` (H) Adam steps:
+
+    G  = the group of i at outer step t (see `_pairing.groups`: pairs for n = 2)
+    D̄  = (1/|G|) Σ_{j∈G} (θ_j − φ_j)          mean progress of the group
+    φ̄  = (1/|G|) Σ_{j∈G} φ_j                   mean slow weights of the group
+    δ_i ← b·δ_i + a·D̄ + c·(φ̄ − φ_i)           heavy ball + the pull toward the group
+    φ_i ← φ_i + δ_i;   θ_i ← φ_i
+
+Defaults a = 0.7, b = 0.5, c = 0.7, n = 2. The group is computed by every member alone from
+(run id, t, live members), and the only communication is `comm.exchange` of (φ, θ − φ) with each
+other group member: no all-reduce, no barrier, latency one round trip whatever N is.
+
+Churn: a partner that is gone (`PeerUnavailable`), does not arrive within `timeout_s`
+(`TimeoutError`), or a node left without a partner (odd N) takes the **local-only** step:
+D̄ = its own θ − φ and no consensus term. A partial group (n > 2, some missing) averages over
+those that answered. Nothing ever waits longer than `timeout_s`.
+
+Numerics: group means are summed in float64 over the members sorted by peer id and rounded once
+to fp32, so every member of a group computes bit-identical D̄ and φ̄ (the exchanged tensors are
+exact copies), and a mean of equal φ's is exactly φ (the consensus term is exactly zero when
+the replicas agree: oracle 1). The update itself is `hyphae.kernels.noloco_outer_` (fused, the
+Triton kernel on CUDA). With `quantize="int8"` the partner's φ and θ − φ arrive blockwise-int8
+(`hyphae.kernels.quantize`, ~3.9x fewer bytes) with error feedback: each of the two streams
+keeps the residual of what it failed to send and adds it to the next message, so the errors
+telescope over outer steps instead of accumulating. A node always uses its own exact values in
+the means, which halves the quantization error in the group mean compared to using its own
+quantized copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hyphae.kernels import DEFAULT_BLOCK_SIZE, Quantized, dequantize, noloco_outer_, quantize, quantize_ef_
+from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._pairing import group_of
+from hyphae.training.comm import Comm, CommClosed, CommError
+from hyphae.training.model import GPT
+from hyphae.training.optim import AdamWConfig, build_adamw
+from hyphae.training.strategy import Metrics, Precision, Strategy
+
+__all__ = ["InnerAdamConfig", "NoLoCo", "NoLoCoConfig", "group_means"]
+
+logger = logging.getLogger(__name__)
+
+QUANTIZE = ("none", "int8")
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class InnerAdamConfig(AdamWConfig):
+    """NoLoCo's inner optimizer: Adam without weight decay (AdamWConfig with weight_decay 0)."""
+
+    weight_decay: float = 0.0
+    """Decoupled weight decay; the paper uses none."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class NoLoCoConfig:
+    """Settings of NoLoCo (defaults from the paper, ALGORITHMS.md §2)."""
+
+    inner: InnerAdamConfig = field(default_factory=InnerAdamConfig)
+    """The local (inner) Adam: clip 1.0, warm-up then cosine (set decay_steps), no decay."""
+
+    inner_steps: int = 50
+    """H: local steps between two outer steps."""
+
+    outer_lr: float = 0.7
+    """a: weight of the group's mean progress D̄ in the momentum."""
+
+    outer_momentum: float = 0.5
+    """b: heavy-ball momentum of the outer step."""
+
+    consensus: float = 0.7
+    """c: pull of the slow weights toward the group mean φ̄ (0 = none)."""
+
+    group_size: int = 2
+    """n: members per group (2 = pairs; the number of members gives DiLoCo-like averaging)."""
+
+    timeout_s: float = 60.0
+    """Deadline of the outer exchange (partner's arrival and transfer); after it the step is
+    local-only. Keep it below the duration of one outer step so no one waits on a straggler
+    for longer than that."""
+
+    quantize: str = "none"
+    """How φ and θ − φ travel: "none" (fp32) or "int8" (blockwise absmax, error feedback)."""
+
+    error_feedback: bool = True
+    """With int8: carry each stream's quantization residual into its next message."""
+
+    run_id: str = ""
+    """Names the run in the pairing hash; every member must use the same value."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.inner, AdamWConfig):
+            raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
+        check_int("inner_steps", self.inner_steps, minimum=1)
+        check_positive("outer_lr", self.outer_lr)
+        check_range("outer_momentum", self.outer_momentum, 0.0, 0.999999)
+        check_range("consensus", self.consensus, 0.0, 1.0)
+        check_int("group_size", self.group_size, minimum=2)
+        check_positive("timeout_s", self.timeout_s)
+        check_choice("quantize", self.quantize, QUANTIZE)
+        if not isinstance(self.error_feedback, bool):
+            raise ValueError(f"error_feedback must be true or false, got {self.error_feedback!r}")
+        if not isinstance(self.run_id, str):
+            raise ValueError(f"run_id must be a string, got {self.run_id!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NoLoCoConfig:
+        return from_dict(cls, data)
+
+
+def group_means(
+    own: tuple[Tensors, Tensors], others: Mapping[str, tuple[Tensors, Tensors]], own_id: str
+) -> tuple[Tensors, Tensors]:
+    """The group's mean slow weights φ̄ and mean progress D̄.
+
+    Args:
+        own: this node's (φ, θ − φ), fp32.
+        others: peer id -> that member's (φ, θ − φ) as received.
+        own_id: this node's peer id (places `own` in the sorted order).
+
+    Returns:
+        (φ̄, D̄) in fp32: summed in float64 in peer-id order, divided once, rounded once, so
+        every member with the same inputs gets the same bits and equal φ's average to φ.
+    """
+    rows = dict(others)
+    rows[own_id] = own
+    order = sorted(rows)
+    k = len(order)
+    means: list[Tensors] = []
+    for which in (0, 1):
+        out: Tensors = {}
+        for name, ref in own[which].items():
+            acc = torch.zeros(ref.shape, dtype=torch.float64, device=ref.device)
+            for peer in order:
+                acc += rows[peer][which][name].to(ref.device, torch.float64)
+            out[name] = acc.div_(k).to(torch.float32)
+        means.append(out)
+    return means[0], means[1]
+
+
+class NoLoCo(Strategy):
+    """NoLoCo on one peer.
+
+    Args:
+        model: this peer's replica; its current weights become φ.
+        comm: this peer's Comm.
+        config: NoLoCo settings.
+        precision: compute precision (see strategy.Precision).
+    """
+
+    algorithm = "noloco"
+
+    def __init__(
+        self,
+        model: GPT,
+        comm: Comm,
+        config: NoLoCoConfig | None = None,
+        *,
+        precision: Precision = "auto",
+    ) -> None:
+        super().__init__(model, comm, precision=precision)
+        self.config = config or NoLoCoConfig()
+        self._params = list(self.trainable_parameters())
+        self.inner = build_adamw(self._params, self.config.inner)
+        self.slow = {n: p.detach().clone().float() for n, p in self._params}
+        self.momentum = {n: torch.zeros_like(s) for n, s in self.slow.items()}
+        self._errors: dict[str, Tensors] = {"phi": {}, "progress": {}}  # int8 error feedback
+        self.outer_steps = 0
+        self.local_only_steps = 0
+        self.last_group: tuple[str, ...] = ()
+
+    async def step(self, step: int) -> Metrics:
+        metrics = self.local_update(self.inner, self.config.inner, step)
+        if (step + 1) % self.config.inner_steps == 0:
+            metrics["peers"] = await self.outer_step()
+            metrics["outer_step"] = self.outer_steps
+            metrics["local_only_steps"] = self.local_only_steps
+        return metrics
+
+    async def outer_step(self) -> int:
+        """Exchange with this step's group, update φ and δ, reset θ to φ.
+
+        Returns:
+            How many members the step averaged over (1 = local-only).
+
+        Raises:
+            CommClosed: this peer left the run.
+
+        Cancellation leaves φ, δ and θ untouched (the update is applied after all awaits).
+        """
+        t, me = self.outer_steps, self.comm.peer_id
+        with torch.no_grad():
+            phi = self.slow  # read-only until the update below; the Comm copies what it sends
+            progress = {n: p.detach().float() - self.slow[n] for n, p in self._params}
+        received = await self._exchange_with_group(t, phi, progress)
+        if received:
+            phibar, dbar = group_means((phi, progress), received, me)
+        else:
+            phibar, dbar = None, progress
+            self.local_only_steps += 1
+        names = list(self.slow)
+        params = dict(self._params)
+        noloco_outer_(
+            [self.slow[n] for n in names],
+            [self.momentum[n] for n in names],
+            [dbar[n] for n in names],
+            [phibar[n] for n in names] if phibar is not None else None,
+            [params[n].data for n in names],
+            a=self.config.outer_lr,
+            b=self.config.outer_momentum,
+            c=self.config.consensus,
+        )
+        self.outer_steps += 1
+        return 1 + len(received)
+
+    async def _exchange_with_group(
+        self, t: int, phi: Tensors, progress: Tensors
+    ) -> dict[str, tuple[Tensors, Tensors]]:
+        """Swap (φ, θ − φ) with every other member of this step's group; failures are skipped."""
+        me = self.comm.peer_id
+        members = await self.comm.members()
+        group = group_of(self.config.run_id, t, members, self.config.group_size, me)
+        self.last_group = group
+        partners = [p for p in group if p != me]
+        if not partners:
+            return {}
+        payload = self._encode(phi, progress)
+        tag = f"noloco/{t}"
+        replies = await asyncio.gather(*(self._swap(p, payload, tag) for p in partners))
+        return {p: r for p, r in zip(partners, replies) if r is not None}
+
+    async def _swap(self, peer: str, payload: Tensors, tag: str) -> tuple[Tensors, Tensors] | None:
+        try:
+            reply = await self.comm.exchange(peer, payload, tag=tag, timeout_s=self.config.timeout_s)
+            return self._decode(reply)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            logger.info("noloco outer step %s: partner %s unavailable (%s); without it", tag, peer, exc)
+            return None
+        except (KeyError, ValueError, TypeError) as exc:  # a partner with another model or codec
+            logger.warning("noloco outer step %s: bad reply from %s (%s); without it", tag, peer, exc)
+            return None
+
+    # --- wire format -------------------------------------------------------------------------
+
+    def _encode(self, phi: Tensors, progress: Tensors) -> Tensors:
+        if self.config.quantize == "none":
+            return {**{f"phi/{n}": t for n, t in phi.items()}, **{f"progress/{n}": t for n, t in progress.items()}}
+        out: Tensors = {}
+        for kind, tensors in (("phi", phi), ("progress", progress)):
+            errors = self._errors[kind]
+            for name, t in tensors.items():
+                if self.config.error_feedback:
+                    buf = errors.setdefault(name, torch.zeros_like(t).contiguous())
+                    buf.add_(t)
+                    q = quantize_ef_(buf, bits=8)
+                else:
+                    q = quantize(t, bits=8)
+                out[f"{kind}/{name}/codes"] = q.codes
+                out[f"{kind}/{name}/scales"] = q.scales
+        return out
+
+    def _decode(self, reply: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+        out: tuple[Tensors, Tensors] = ({}, {})
+        block = DEFAULT_BLOCK_SIZE[8]
+        for which, kind in enumerate(("phi", "progress")):
+            for name, ref in self.slow.items():
+                if self.config.quantize == "none":
+                    t = reply[f"{kind}/{name}"]
+                    if t.shape != ref.shape:
+                        raise ValueError(f"{kind}/{name} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+                    out[which][name] = t.to(ref.device, torch.float32)
+                else:
+                    q = Quantized(
+                        reply[f"{kind}/{name}/codes"].to(ref.device),
+                        reply[f"{kind}/{name}/scales"].to(ref.device),
+                        ref.shape, 8, block,
+                    )
+                    out[which][name] = dequantize(q)
+        return out
+
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "inner": self.inner.state_dict(),
+            "slow": {n: t.clone() for n, t in self.slow.items()},
+            "momentum": {n: t.clone() for n, t in self.momentum.items()},
+            "errors": {k: {n: t.clone() for n, t in v.items()} for k, v in self._errors.items()},
+            "outer_steps": self.outer_steps,
+            "local_only_steps": self.local_only_steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        missing = sorted(set(self.slow) - set(state["slow"]))
+        if missing:
+            raise ValueError(f"NoLoCo state lacks slow weights for {missing[:3]}...; wrong model?")
+        with torch.no_grad():
+            for name in self.slow:
+                self.slow[name].copy_(state["slow"][name])
+                self.momentum[name].copy_(state["momentum"][name])
+        self._errors = {k: {n: t.clone() for n, t in v.items()} for k, v in state.get("errors", {}).items()}
+        self._errors.setdefault("phi", {})
+        self._errors.setdefault("progress", {})
+        self.inner.load_state_dict(state["inner"])
+        self.outer_steps = int(state["outer_steps"])
+        self.local_only_steps = int(state["local_only_steps"])
+
