@@ -9,15 +9,19 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from hyphae.training.acid import ACiD2, ACiD2Config
 from hyphae.training.comm import Comm
 from hyphae.training.ddp import DDP, DDPConfig
 from hyphae.training.diloco import DiLoCo, DiLoCoConfig
 from hyphae.training.model import GPT
+from hyphae.training.noloco import NoLoCo, NoLoCoConfig
 from hyphae.training.strategy import Precision, Strategy
 
 ALGORITHMS: dict[str, tuple[type[Strategy], type]] = {
     "ddp": (DDP, DDPConfig),
     "diloco": (DiLoCo, DiLoCoConfig),
+    "noloco": (NoLoCo, NoLoCoConfig),
+    "dadao": (ACiD2, ACiD2Config),  # the practical A²CiD² form; the exact DADAO is dadao.simulate
 }
 """name -> (strategy class, its config class)."""
 
