@@ -385,6 +385,7 @@ class LeanYamux(IMuxedConn):
             try:
                 reason = await self._read_loop()
             finally:
+                self._nursery = None  # from here on the transport is closed below, not by _spawn
                 self._teardown(reason)
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
