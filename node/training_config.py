@@ -15,7 +15,7 @@ from hyphae.protocol.errors import ConfigError
 
 __all__ = ["TrainConfig", "ALGORITHMS"]
 
-ALGORITHMS = ("ddp", "diloco", "noloco", "dadao")
+ALGORITHMS = ("ddp", "diloco", "noloco", "dadao", "spes", "zo")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,13 +15,17 @@ from hyphae.training.ddp import DDP, DDPConfig
 from hyphae.training.diloco import DiLoCo, DiLoCoConfig
 from hyphae.training.model import GPT
 from hyphae.training.noloco import NoLoCo, NoLoCoConfig
+from hyphae.training.spes import SPES, SPESConfig
 from hyphae.training.strategy import Precision, Strategy
+from hyphae.training.zo import ZO, ZOConfig
 
 ALGORITHMS: dict[str, tuple[type[Strategy], type]] = {
     "ddp": (DDP, DDPConfig),
     "diloco": (DiLoCo, DiLoCoConfig),
     "noloco": (NoLoCo, NoLoCoConfig),
     "dadao": (ACiD2, ACiD2Config),  # the practical A²CiD² form; the exact DADAO is dadao.simulate
+    "spes": (SPES, SPESConfig),
+    "zo": (ZO, ZOConfig),
 }
 """name -> (strategy class, its config class)."""
 

@@ -1,0 +1,174 @@
+"""The shared-seed ZO log: run-state keys, canonical order, and replaying a log onto weights.
+
+Every projected gradient a peer computes is one log entry byte; a peer's bytes of one step form
+one `Entry` (step, peer, data[j] for j = 0..m−1). The log is the canonical state of the run
+(ALGORITHMS.md §3): the weights after step t are
+
+    θ_{t+1} = θ_t − (η / √N_t) Σ_{peer, j} ĝ(peer, j) · z(seed(t, peer, j))   [then decay]
+
+applied in canonical order — steps ascending, peers by id within a step, j ascending — where
+N_t is the number of peers with an entry for step t. Each term is one fp32 add per element
+(`zo_apply_`), coefficients computed in float64 on the host and rounded once to fp32, so the
+same log replayed on any device gives the same bits.
+
+Run-state layout (plain data only):
+    zo/log/{step:012d}/{peer}   bytes, one byte per perturbation (`_zo_codec`)
+    zo/snapshot/{peer}          {"step", "hash", ...}: that peer's canonical weights at `step`
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from itertools import groupby
+from typing import Any
+
+import torch
+
+from hyphae.kernels import zo_apply_
+from hyphae.training._tensor_codec import encode_tensors
+from hyphae.training._zo_codec import decode_byte
+from hyphae.training.comm import blob_digest
+
+__all__ = [
+    "LOG_PREFIX",
+    "SNAPSHOT_PREFIX",
+    "TOPIC",
+    "Entry",
+    "SeedFn",
+    "by_step",
+    "entries_from_state",
+    "log_key",
+    "replay_",
+    "step_coefficients",
+    "weights_digest",
+]
+
+TOPIC = "zo"
+"""`Comm.publish` topic of the per-step scalars."""
+
+LOG_PREFIX = "zo/log/"
+SNAPSHOT_PREFIX = "zo/snapshot/"
+
+MAX_SEEDS_PER_CALL = 4096
+"""Seeds per `zo_apply_` call in a replay (a batch is bit-identical to applying one by one)."""
+
+SeedFn = Callable[[int, str, int], int]
+"""(step, peer id, j) -> the 64-bit seed of that perturbation."""
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Entry:
+    """One peer's scalars of one step; ordering is the canonical order (step, peer)."""
+
+    step: int
+    peer: str
+    data: bytes
+
+
+def log_key(step: int, peer: str) -> str:
+    """The run-state key of (step, peer)'s entry; zero-padded so keys sort by step."""
+    return f"{LOG_PREFIX}{step:012d}/{peer}"
+
+
+def entries_from_state(
+    items: Mapping[str, Any], *, start: int, stop: int | None = None, perturbations: int
+) -> list[Entry]:
+    """The log entries of steps [start, stop) in `items` (a `state_items(LOG_PREFIX)` answer).
+
+    Entries whose value is not `perturbations` bytes are left out — by every peer alike, since
+    the rule only reads the log — so a malformed write cannot fork the run.
+
+    Returns:
+        Entries in canonical order.
+    """
+    out = []
+    for key, value in items.items():
+        if not key.startswith(LOG_PREFIX):
+            continue
+        step_text, _, peer = key[len(LOG_PREFIX):].partition("/")
+        if not step_text.isdigit() or not peer:
+            continue
+        step = int(step_text)
+        if step < start or (stop is not None and step >= stop):
+            continue
+        if isinstance(value, bytes | bytearray) and len(value) == perturbations:
+            out.append(Entry(step, peer, bytes(value)))
+    out.sort()
+    return out
+
+
+def by_step(entries: Iterable[Entry]) -> list[list[Entry]]:
+    """Canonically ordered entries grouped by step."""
+    return [list(group) for _, group in groupby(sorted(entries), key=lambda e: e.step)]
+
+
+def step_coefficients(entries: Sequence[Entry], lr: float, seed_of: SeedFn) -> tuple[list[int], list[float]]:
+    """Seeds and coefficients of ONE step's entries in canonical order: c = −(η/√N_t)·ĝ.
+
+    Raises:
+        ValueError: the entries span more than one step.
+    """
+    if not entries:
+        return [], []
+    steps = {e.step for e in entries}
+    if len(steps) != 1:
+        raise ValueError(f"step_coefficients takes one step's entries, got steps {sorted(steps)[:4]}")
+    scale = lr / math.sqrt(len(entries))
+    seeds, coefs = [], []
+    for e in sorted(entries):
+        for j, b in enumerate(e.data):
+            seeds.append(seed_of(e.step, e.peer, j))
+            coefs.append(-scale * decode_byte(b))
+    return seeds, coefs
+
+
+@torch.no_grad()
+def replay_(
+    params: Sequence[torch.Tensor],
+    entries: Iterable[Entry],
+    *,
+    lr: float,
+    seed_of: SeedFn,
+    decayed: Sequence[torch.Tensor] = (),
+    weight_decay: float = 0.0,
+) -> int:
+    """Apply `entries` to `params` in canonical order, in place; returns the updates applied.
+
+    Without weight decay consecutive steps are fused into `zo_apply_` calls of up to
+    `MAX_SEEDS_PER_CALL` seeds (bit-identical to one call per update); with decay each step
+    is applied, then `decayed` tensors are multiplied by (1 − η·λ).
+    """
+    pending_seeds: list[int] = []
+    pending_coefs: list[float] = []
+    applied = 0
+
+    def flush() -> None:
+        for i in range(0, len(pending_seeds), MAX_SEEDS_PER_CALL):
+            zo_apply_(params, pending_seeds[i:i + MAX_SEEDS_PER_CALL], pending_coefs[i:i + MAX_SEEDS_PER_CALL])
+        pending_seeds.clear()
+        pending_coefs.clear()
+
+    for group in by_step(entries):
+        seeds, coefs = step_coefficients(group, lr, seed_of)
+        pending_seeds.extend(seeds)
+        pending_coefs.extend(coefs)
+        applied += len(seeds)
+        if weight_decay:
+            flush()
+            decay_(decayed, lr, weight_decay)
+    flush()
+    return applied
+
+
+def decay_(decayed: Sequence[torch.Tensor], lr: float, weight_decay: float) -> None:
+    """θ ← θ·(1 − η·λ) on the decayed tensors (one IEEE multiply per element)."""
+    factor = 1.0 - lr * weight_decay
+    for p in decayed:
+        p.mul_(factor)
+
+
+def weights_digest(named: Mapping[str, torch.Tensor]) -> str:
+    """The content address of named weights: sha256 of their HYT1 encoding (= `put_tensors`)."""
+    return blob_digest(encode_tensors(dict(named)))

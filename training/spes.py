@@ -1,0 +1,352 @@
+"""SPES: every node holds the whole MoE but trains only the shared weights and its own experts.
+
+ALGORITHMS.md §1 (arXiv 2602.11543), without the paper's parameter server:
+
+- Ownership. Expert index e (the same owner in every layer) belongs to one live node, a
+  contiguous block per node (`assign_experts` over the sorted members). It lives in the run
+  state (`spes/owner/{e}` = peer id, written by the owner). A fresh run assigns from
+  `members()` in `start()`; after that every sync reassigns from the round's `included`
+  list, which the all-reduce hands identically to every included node, so all nodes agree
+  without asking each other. A node that joins mid-run owns nothing until the next sync.
+- Memory. Experts this node does not own are `requires_grad_(False)` and not in the AdamW
+  optimizer: no gradient, no optimizer state. On reassignment the optimizer is rebuilt over
+  the new trainable set, keeping the state of parameters that stay (optimizer state is never
+  synced or reset, as in the paper); an adopted expert starts with fresh AdamW moments.
+- Sync every `sync_steps` steps, round r = steps done / sync_steps:
+  1. each owner publishes each owned expert e as a content-addressed blob (`put_tensors`;
+     every layer's w1/w2 of e) and records {hash, round, peer, step} at `spes/expert/{e}`;
+  2. the shared tensors are averaged (fp32 mean) by `comm.all_reduce` over the members —
+     fault tolerant: a member lost mid-round is left out. It also acts as the barrier after
+     which every included owner's record is in the run state;
+  3. every node fetches every expert whose recorded hash differs from the one its copy came
+     from (`get_tensors`; in the daemon a peer that already fetched serves it too). An owner
+     that is not in `included` is gone: its last recorded blob is its expert's latest weights
+     (what it trained since that sync is lost);
+  4. if t = steps done is a multiple of `merge_interval` and a_t > 0, the expert-merging
+     warm-up runs on every node from the identical synced weights (so results agree);
+  5. ownership is recomputed from `included`; an adopter first makes sure its copy of each
+     adopted expert equals the latest recorded blob (fetching it by hash if not);
+  6. the first included node also stores the averaged shared tensors as a blob
+     (`spes/shared`), so a node joining later starts from the synced weights.
+  With static membership and no merge, all nodes end a sync bit-identical: each expert is its
+  owner's pre-sync value, each shared tensor the all-reduce's fp32 mean.
+- Local training: AdamW β (0.9, 0.95), wd 0.1, clip 1.0, warm-up + cosine (`AdamWConfig`);
+  the load-balancing (0.01) and router z-loss (0.001) weights come from the model config.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from hyphae.training._config import check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._experts import assign_experts, expert_tensors, merge_coefficient, merge_model_experts_
+from hyphae.training.comm import BlobCorrupt, Comm, CommClosed, CommError
+from hyphae.training.model import GPT
+from hyphae.training.optim import AdamWConfig, build_adamw
+from hyphae.training.strategy import Metrics, Precision, Strategy
+
+logger = logging.getLogger(__name__)
+
+OWNER_PREFIX = "spes/owner/"
+"""Run-state keys `spes/owner/{e}` -> peer id of expert e's owner."""
+
+EXPERT_PREFIX = "spes/expert/"
+"""Run-state keys `spes/expert/{e}` -> {"hash", "round", "peer", "step"} of e's latest blob."""
+
+SHARED_KEY = "spes/shared"
+"""Run-state key -> {"hash", "round", "step"} of the latest averaged shared tensors."""
+
+_POLL_S = 0.05  # how often a fetcher re-reads the run state while an owner's record is pending
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class SPESConfig:
+    """Settings of SPES (defaults from the paper)."""
+
+    optimizer: AdamWConfig = field(default_factory=AdamWConfig)
+    """Local AdamW over the shared parameters and the owned experts."""
+
+    sync_steps: int = 100
+    """Local steps between two syncs."""
+
+    merge_interval: int = 500
+    """Steps between expert-merging warm-up steps; a multiple of sync_steps so every node
+    merges right after the same sync, from identical weights. 0 disables merging."""
+
+    merge_a0: float = 0.05
+    """a0 of the merge schedule a_t = a0 · max(0, 1 − t / merge_until)."""
+
+    merge_until: int = 20000
+    """T of the merge schedule: no merging from this step on."""
+
+    merge_top_k: int = 4
+    """Most similar experts (cosine of flattened w1) each expert is pulled towards."""
+
+    timeout_s: float = 300.0
+    """How long a sync waits for stragglers (all-reduce) and for an owner's expert blob."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.optimizer, AdamWConfig):
+            raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
+        check_int("sync_steps", self.sync_steps, minimum=1)
+        check_int("merge_interval", self.merge_interval, minimum=0)
+        if self.merge_interval % self.sync_steps:
+            raise ValueError(
+                f"merge_interval ({self.merge_interval}) must be a multiple of sync_steps "
+                f"({self.sync_steps}) so all nodes merge the same synced weights; e.g. "
+                f"merge_interval={self.sync_steps * max(1, round(self.merge_interval / self.sync_steps))}"
+            )
+        check_range("merge_a0", self.merge_a0, 0.0, 1.0)
+        check_int("merge_until", self.merge_until, minimum=1)
+        check_int("merge_top_k", self.merge_top_k, minimum=1)
+        check_positive("timeout_s", self.timeout_s)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SPESConfig:
+        return from_dict(cls, data)
+
+
+class SPES(Strategy):
+    """SPES on one node.
+
+    Args:
+        model: this node's replica of an MoE GPT (identical init on every node).
+        comm: this node's Comm.
+        config: SPES settings.
+        precision: compute precision (see strategy.Precision).
+
+    Raises:
+        ValueError: a dense model.
+    """
+
+    algorithm = "spes"
+
+    def __init__(
+        self, model: GPT, comm: Comm, config: SPESConfig | None = None, *, precision: Precision = "auto"
+    ) -> None:
+        if not model.config.is_moe:
+            raise ValueError("SPES trains a mixture-of-experts model; build it with n_experts > 0 (e.g. 'tiny-moe')")
+        super().__init__(model, comm, precision=precision)
+        self.config = config or SPESConfig()
+        self.n_experts = model.config.n_experts
+        self._shared = model.shared_parameters()
+        self.owned: tuple[int, ...] = ()
+        self.optimizer: torch.optim.AdamW
+        self._set_owned(())
+        self.loaded: dict[int, str] = {}
+        """Expert -> hash of the blob its local weights were last set from (or published as)."""
+        self.rounds = 0
+        self.failed_rounds = 0
+        self.merges = 0
+        self._joined = False
+
+    # --- ownership ---------------------------------------------------------------------------
+
+    def _set_owned(self, owned: tuple[int, ...] | list[int]) -> None:
+        """Freeze every expert but `owned` and rebuild AdamW over what is trainable."""
+        owned = tuple(sorted(set(int(e) for e in owned)))
+        bad = [e for e in owned if not 0 <= e < self.n_experts]
+        if bad:
+            raise ValueError(f"experts {bad} out of range [0, {self.n_experts})")
+        with torch.no_grad():
+            for e in range(self.n_experts):
+                for p in expert_tensors(self.model, e).values():
+                    p.requires_grad_(e in owned)
+                    if e not in owned:
+                        p.grad = None
+        old = getattr(self, "optimizer", None)  # None while __init__ builds the first one
+        self.optimizer = build_adamw(self.model.named_parameters(), self.config.optimizer)
+        if old is not None:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p in old.state:
+                        self.optimizer.state[p] = old.state[p]
+        self.owned = owned
+
+    async def _write_owner_records(self) -> None:
+        for e in self.owned:
+            await self.comm.state_set(f"{OWNER_PREFIX}{e}", self.comm.peer_id)
+
+    # --- the loop calls these ----------------------------------------------------------------
+
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        await self._join()
+
+    async def step(self, step: int) -> Metrics:
+        await self._join()
+        metrics = self.local_update(self.optimizer, self.config.optimizer, step)
+        done = step + 1
+        if done % self.config.sync_steps == 0:
+            metrics.update(await self._sync(done))
+        return metrics
+
+    async def _join(self) -> None:
+        """First contact with the run: take ownership in a fresh run, else the synced weights."""
+        if self._joined:
+            return
+        self._joined = True
+        records = await self.comm.state_items(EXPERT_PREFIX)
+        if not records:  # a fresh run: everyone assigns from the same member list
+            if not self.owned:
+                mine = [e for e, p in assign_experts(await self.comm.members(), self.n_experts).items()
+                        if p == self.comm.peer_id]
+                self._set_owned(mine)
+            await self._write_owner_records()
+            logger.info("spes %s: owns experts %s", self.comm.peer_id, list(self.owned))
+            return
+        logger.info("spes %s: joining a run in progress; loading the synced weights", self.comm.peer_id)
+        await asyncio.gather(*(self._fetch(e, rec["hash"]) for e, rec in self._by_expert(records).items()))
+        shared = await self.comm.state_get(SHARED_KEY)
+        if shared is not None:
+            try:
+                tensors = await self.comm.get_tensors(shared["hash"], timeout_s=self.config.timeout_s)
+            except CommClosed:
+                raise
+            except (CommError, TimeoutError) as exc:
+                logger.warning("spes: could not fetch the shared weights (%s); keeping the local ones", exc)
+            else:
+                self._load(tensors, self._shared)
+
+    # --- the sync ----------------------------------------------------------------------------
+
+    async def _sync(self, done: int) -> Metrics:
+        cfg, me = self.config, self.comm.peer_id
+        r = done // cfg.sync_steps
+        for e in self.owned:  # 1. publish
+            digest = await self.comm.put_tensors(expert_tensors(self.model, e))
+            await self.comm.state_set(f"{EXPERT_PREFIX}{e}", {"hash": digest, "round": r, "peer": me, "step": done})
+            self.loaded[e] = digest
+        included = await self._average_shared(r)  # 2. all-reduce (and barrier)
+        expected = set(included) if included is not None else set(await self.comm.members())
+        others = [e for e in range(self.n_experts) if e not in self.owned]
+        await asyncio.gather(*(self._refresh(e, r, expected) for e in others))  # 3. fetch
+        a = 0.0
+        if cfg.merge_interval and done % cfg.merge_interval == 0:
+            a = merge_coefficient(done, a0=cfg.merge_a0, until=cfg.merge_until)
+            if a > 0:  # 4. merge warm-up, identical on every node
+                merge_model_experts_(self.model, a, top_k=cfg.merge_top_k)
+                self.merges += 1
+        if included:
+            await self._reassign(included)  # 5. ownership
+            if included[0] == me:  # 6. the synced shared weights, for joiners
+                digest = await self.comm.put_tensors(self._shared)
+                await self.comm.state_set(SHARED_KEY, {"hash": digest, "round": r, "step": done})
+        self.rounds = r
+        return {"peers": len(included) if included else 1, "owned_experts": len(self.owned), "merge_a": a}
+
+    async def _average_shared(self, r: int) -> tuple[str, ...] | None:
+        """Replace the shared tensors by their fp32 mean; returns who was included (None: failed)."""
+        try:
+            group = await self.comm.members()
+            if group == [self.comm.peer_id]:
+                return (self.comm.peer_id,)
+            result = await self.comm.all_reduce(
+                {n: p.detach() for n, p in self._shared.items()},
+                group=group, tag=f"spes/{r}", timeout_s=self.config.timeout_s,
+            )
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            self.failed_rounds += 1
+            logger.warning("spes round %d: all-reduce failed (%s); keeping local shared weights", r, exc)
+            return None
+        self._load(result.tensors, self._shared)
+        return result.included
+
+    async def _refresh(self, e: int, r: int, expected: set[str]) -> None:
+        """Bring expert e to its latest blob, waiting for this round's if its owner is expected."""
+        key = f"{EXPERT_PREFIX}{e}"
+        deadline = self.comm.now() + self.config.timeout_s
+        while True:
+            rec = await self.comm.state_get(key)
+            if rec is not None and rec["round"] >= r:
+                break
+            owner = await self.comm.state_get(f"{OWNER_PREFIX}{e}")
+            if owner not in expected or self.comm.now() >= deadline:
+                break  # gone (or silent): its last blob is the latest there is
+            await self.comm.sleep(_POLL_S)
+        if rec is not None:
+            await self._fetch(e, rec["hash"])
+
+    async def _fetch(self, e: int, digest: str) -> None:
+        """Set expert e's weights from blob `digest` unless they already came from it."""
+        if self.loaded.get(e) == digest:
+            return
+        try:
+            tensors = await self.comm.get_tensors(digest, timeout_s=self.config.timeout_s)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            logger.warning("spes: expert %d blob %s unavailable (%s); keeping the local copy", e, digest[:12], exc)
+            return
+        params = expert_tensors(self.model, e)
+        if set(tensors) != set(params):
+            raise BlobCorrupt(f"expert blob {digest} holds {sorted(tensors)[:2]}..., not expert {e} of this model")
+        self._load(tensors, params)
+        self.loaded[e] = digest
+
+    async def _reassign(self, included: tuple[str, ...]) -> None:
+        me = self.comm.peer_id
+        mine = tuple(e for e, p in sorted(assign_experts(included, self.n_experts).items()) if p == me)
+        if mine == self.owned:
+            return
+        records = self._by_expert(await self.comm.state_items(EXPERT_PREFIX))
+        for e in sorted(set(mine) - set(self.owned)):  # adopter: latest weights first
+            if e in records:
+                await self._fetch(e, records[e]["hash"])
+        logger.info("spes %s: experts %s -> %s (members %d)", me, list(self.owned), list(mine), len(included))
+        self._set_owned(mine)
+        await self._write_owner_records()
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _by_expert(records: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
+        return {int(k.rsplit("/", 1)[1]): v for k, v in records.items()}
+
+    @staticmethod
+    def _load(tensors: Mapping[str, torch.Tensor], params: Mapping[str, torch.nn.Parameter]) -> None:
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(tensors[name])
+
+    def optimizer_state_bytes(self) -> int:
+        """Bytes of every tensor in the optimizer state (measured, not computed)."""
+        return optimizer_state_bytes(self.optimizer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "owned": list(self.owned),
+            "loaded": {str(e): d for e, d in self.loaded.items()},
+            "rounds": self.rounds,
+            "failed_rounds": self.failed_rounds,
+            "merges": self.merges,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._set_owned(list(state["owned"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loaded = {int(e): str(d) for e, d in state["loaded"].items()}
+        self.rounds = int(state["rounds"])
+        self.failed_rounds = int(state["failed_rounds"])
+        self.merges = int(state["merges"])
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Sum of the bytes of every tensor an optimizer holds as state (moments, step counters)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, torch.Tensor):
+                total += value.numel() * value.element_size()
+    return total
