@@ -147,7 +147,7 @@ class AllReduce:
             round_ = _Round(self, state, layout, members.index(me), Codec.named(codec), time.monotonic(), timeout_s)
             included, epochs = await round_.run()
         finally:
-            self.plane._spawn(self._forget(tag), f"allreduce-linger {tag[:40]}")
+            self.plane._spawn(f"allreduce-linger {tag[:40]}", self._forget, tag)
         out = np.empty(layout.numel, dtype=numpy_dtype(layout.dtype))
         for j, (lo, hi) in enumerate(bounds):
             out[lo:hi] = state.final[j][1]

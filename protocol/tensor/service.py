@@ -122,12 +122,12 @@ class TensorPlane:
             sock, actual = _bind(addr)
             self._listeners.append(sock)
             bound.append(actual)
-            self._spawn(self._accept_loop(sock), f"tensor-accept {actual}")
+            self._spawn(f"tensor-accept {actual}", self._accept_loop, sock)
         self.data_addrs = self.config.announce or _advertised(bound)
         self.host.set_stream_handler(PROTOCOL_ID, self._on_stream, max_frame_bytes=stream_frame_limit(self._limits))
         self.host.add_listener(self._on_peer_event)
         self._allreduce = AllReduce(self)
-        self._spawn(self._upkeep(), "tensor-upkeep")
+        self._spawn("tensor-upkeep", self._upkeep)
         log.info("tensor plane of %s listening on %s", self.peer_id, ", ".join(self.data_addrs) or "(nothing)")
 
     async def aclose(self) -> None:
@@ -151,8 +151,12 @@ class TensorPlane:
         for sock in self._listeners:
             sock.close()
 
-    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
-        task = self._tg.create_task(_guarded(coro, name), name=name)
+    def _spawn(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> asyncio.Task[Any] | None:
+        """Run ``fn(*args)`` as a plane task (the coroutine is made inside the task, so a task
+        cancelled before it starts leaves no un-awaited coroutine behind). None once closed."""
+        if self._closed:
+            return None
+        task = self._tg.create_task(_guarded(name, fn, *args), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -349,7 +353,7 @@ class TensorPlane:
             stats.last_error = str(exc)
             raise
         session = self._adopt(peer_id, link)
-        self._spawn(self._run_session(session), f"tensor-session {peer_id[-8:]}")
+        self._spawn(f"tensor-session {peer_id[-8:]}", self._run_session, session)
         return session
 
     async def _is_relayed(self, peer_id: str) -> bool:
@@ -391,7 +395,7 @@ class TensorPlane:
                 log.warning("tensor data listener error (continuing): %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            self._spawn(self._accept_one(conn), "tensor-inbound")
+            self._spawn("tensor-inbound", self._accept_one, conn)
 
     async def _accept_one(self, sock: socket.socket) -> None:
         try:
@@ -426,7 +430,7 @@ class TensorPlane:
         if link is None:
             return
         session = self._adopt(stream.peer_id, link)
-        self._spawn(self._run_session(session), f"tensor-session {stream.peer_id[-8:]}")
+        self._spawn(f"tensor-session {stream.peer_id[-8:]}", self._run_session, session)
         await session.closed.wait()  # the host closes the stream when this handler returns
 
     # ---- Inbox (called by sessions) --------------------------------------------------------
@@ -461,7 +465,7 @@ class TensorPlane:
             else:
                 log.debug("late reply %d from %s dropped", begin.request_id, peer)
         elif not self._closed:
-            self._spawn(self._answer(peer, begin, tensors), f"tensor-request {begin.tag[:40]}")
+            self._spawn(f"tensor-request {begin.tag[:40]}", self._answer, peer, begin, tensors)
 
     async def _answer(self, peer: str, begin: Begin, tensors: list[Tensor]) -> None:
         try:
@@ -485,7 +489,7 @@ class TensorPlane:
 
     def _on_peer_event(self, kind: str, peer_id: str) -> None:
         if kind == "disconnected" and not self._closed:
-            self._spawn(self._check_gone(peer_id), "tensor-peer-gone")
+            self._spawn("tensor-peer-gone", self._check_gone, peer_id)
 
     async def _check_gone(self, peer_id: str) -> None:
         """Fail what waits on a peer that left libp2p and has no data connection left.
@@ -518,10 +522,10 @@ class TensorPlane:
                         await session.aclose()
 
 
-async def _guarded(coro: Coroutine[Any, Any, Any], name: str) -> None:
+async def _guarded(name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
     """Run a plane task; a bug in it is logged, never raised into the daemon's task group."""
     try:
-        await coro
+        await fn(*args)
     except HyphaeError as exc:
         log.debug("%s ended: %s", name, exc)
     except Exception:  # noqa: BLE001 — one failed task must not take the plane (and daemon) down

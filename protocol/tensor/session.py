@@ -115,6 +115,7 @@ class Session:
         self._staging = memoryview(bytearray(limits.max_frame_bytes))
         self._ack: asyncio.Future[Ack] | None = None
         self._incoming: _Incoming | None = None
+        self._draining = False
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
@@ -185,19 +186,28 @@ class Session:
         """Handle one frame; False when the peer said CLOSE."""
         self.last_used = time.monotonic()
         if ftype is FrameType.DATA:
+            if self._draining:
+                return True  # a refused transfer's frames, still in flight: dropped unread
             incoming = self._incoming
             if incoming is None:
                 raise ProtocolViolation("DATA frame outside a transfer")
             self._opener.open_into(header, body, incoming.take(len(body) - TAG_BYTES))
+        elif self._draining:
+            return False  # the sender stopped (or lies): the connection ends here
         elif ftype is FrameType.BEGIN:
             if self._incoming is not None:
                 raise ProtocolViolation("BEGIN inside a transfer")
-            begin = Begin.from_bytes(self._opener.open(header, body), self._limits)
+            plaintext = self._opener.open(header, body)  # an authentication failure is not a refusal
             try:
+                begin = Begin.from_bytes(plaintext, self._limits)
                 self._inbox.admit(self, begin)
             except HyphaeError as exc:
+                # Tell the sender why, then drop what it already sent until it stops; closing at
+                # once could reset the connection before the reason is read.
+                log.info("refusing a transfer from %s: %s", self.peer_id, exc)
                 await self._refuse(str(exc))
-                raise ProtocolViolation(f"refused transfer {begin.tag!r}: {exc}") from exc
+                self._draining = True
+                return True
             self._incoming = _Incoming(begin)
         elif ftype is FrameType.END:
             self._opener.open(header, body)

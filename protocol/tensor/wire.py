@@ -24,6 +24,7 @@ peer announces is checked against :class:`Limits` before anything is allocated.
 from __future__ import annotations
 
 import enum
+import math
 import struct
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -295,7 +296,8 @@ class Begin:
         begin = cls(m["tag"], specs, codec, m["kind"], m["id"], m["meta"])
         total = begin.nbytes
         if total > limits.max_transfer_bytes:
-            raise MessageTooLarge(f"transfer announces {total} bytes, limit {limits.max_transfer_bytes}")
+            raise MessageTooLarge(f"transfer announces {total} bytes, limit {limits.max_transfer_bytes}: "
+                                  "raise max_transfer_bytes on the receiver or send it in parts")
         if m["wire"] != begin.wire_bytes:
             raise ProtocolViolation(f"transfer announces {m['wire']} wire bytes, its specs need {begin.wire_bytes}")
         return begin
@@ -308,13 +310,13 @@ def _spec_from_wire(item: Any, limits: Limits) -> TensorSpec:
     name, dtype, shape = item
     if not 0 < len(name) <= MAX_NAME_CHARS or dtype not in DTYPE_BYTES or len(shape) > MAX_DIMS:
         raise ProtocolViolation(f"bad tensor spec: name of {len(name)} chars, dtype {dtype!r:.20}, {len(shape)} dims")
-    numel = 1
     for d in shape:
         if isinstance(d, bool) or not isinstance(d, int) or d < 0:
             raise ProtocolViolation(f"tensor {name!r:.40} has dimension {d!r:.20}; must be an int >= 0")
-        numel *= d
-        if numel * DTYPE_BYTES[dtype] > limits.max_transfer_bytes:  # stop before a giant product
-            raise MessageTooLarge(f"tensor {name!r:.40} is larger than the {limits.max_transfer_bytes}-byte limit")
+    nbytes = math.prod(shape) * DTYPE_BYTES[dtype]  # <= 8 dims of < 2**64: a cheap exact product
+    if nbytes > limits.max_transfer_bytes:
+        raise MessageTooLarge(f"tensor {name!r:.40} announces {nbytes} bytes, limit {limits.max_transfer_bytes}: "
+                              "raise max_transfer_bytes on the receiver or send it in parts")
     return TensorSpec(name, dtype, tuple(shape))
 
 
