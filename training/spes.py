@@ -190,12 +190,17 @@ class SPES(Strategy):
         return metrics
 
     async def _join(self) -> None:
-        """First contact with the run: take ownership in a fresh run, else the synced weights."""
+        """First contact with the run: take ownership in a fresh run, else the synced weights.
+
+        A run is fresh until its first sync completed (no `spes/shared` record yet): nodes that
+        start together may see each other's first expert records before that, and must not
+        mistake themselves for joiners.
+        """
         if self._joined:
             return
         self._joined = True
-        records = await self.comm.state_items(EXPERT_PREFIX)
-        if not records:  # a fresh run: everyone assigns from the same member list
+        shared = await self.comm.state_get(SHARED_KEY)
+        if shared is None:  # a fresh run: everyone assigns from the same member list
             if not self.owned:
                 mine = [e for e, p in assign_experts(await self.comm.members(), self.n_experts).items()
                         if p == self.comm.peer_id]
@@ -204,17 +209,16 @@ class SPES(Strategy):
             logger.info("spes %s: owns experts %s", self.comm.peer_id, list(self.owned))
             return
         logger.info("spes %s: joining a run in progress; loading the synced weights", self.comm.peer_id)
-        await asyncio.gather(*(self._fetch(e, rec["hash"]) for e, rec in self._by_expert(records).items()))
-        shared = await self.comm.state_get(SHARED_KEY)
-        if shared is not None:
-            try:
-                tensors = await self.comm.get_tensors(shared["hash"], timeout_s=self.config.timeout_s)
-            except CommClosed:
-                raise
-            except (CommError, TimeoutError) as exc:
-                logger.warning("spes: could not fetch the shared weights (%s); keeping the local ones", exc)
-            else:
-                self._load(tensors, self._shared)
+        records = self._by_expert(await self.comm.state_items(EXPERT_PREFIX))
+        await asyncio.gather(*(self._fetch(e, rec["hash"]) for e, rec in records.items()))
+        try:
+            tensors = await self.comm.get_tensors(shared["hash"], timeout_s=self.config.timeout_s)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            logger.warning("spes: could not fetch the shared weights (%s); keeping the local ones", exc)
+        else:
+            self._load(tensors, self._shared)
 
     # --- the sync ----------------------------------------------------------------------------
 
