@@ -115,9 +115,10 @@ def mix_(x: torch.Tensor, x_tilde: torch.Tensor, eta_dt: float) -> None:
     if eta_dt <= 0:
         return
     f = -0.5 * math.expm1(-2.0 * eta_dt)  # (1 − e^{−2ηΔt}) / 2, accurate for small ηΔt
-    gap = x_tilde.float() - x.float()
-    x.add_(gap.mul(f).to(x.dtype))
-    x_tilde.sub_(gap.mul_(f))
+    work = _work_dtype(x, x_tilde)
+    step = (x_tilde.to(work) - x.to(work)).mul_(f)
+    x.add_(step.to(x.dtype))
+    x_tilde.sub_(step.to(x_tilde.dtype))
 
 
 @torch.no_grad()
@@ -129,9 +130,18 @@ def gossip_(
     Both ends add opposite increments to x, so Σ x is conserved exactly (up to the rounding of
     each addition) whatever happened to x between sending and receiving.
     """
-    diff = received.float() - sent.float()
-    x_tilde.add_(diff, alpha=alpha_tilde)
+    work = _work_dtype(x, x_tilde)
+    diff = received.to(work) - sent.to(work)
+    x_tilde.add_(diff.to(x_tilde.dtype), alpha=alpha_tilde)
     x.add_(diff.mul_(0.5).to(x.dtype))
+
+
+def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """fp32 at least (bf16 weights mix in fp32), fp64 if any operand is."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
 
 
 def tick_times(run_id: str, interval_s: float, start_index: int = 0):  # type: ignore[no-untyped-def]
