@@ -1,11 +1,12 @@
 """Who is in the run right now: live, suspect or gone, from heartbeats in member entries. Pure.
 
-Each member rewrites its own ``last_seen_ms`` every few seconds (a ~45-byte pycrdt delta). A
-member's age is the time since that heartbeat by its own clock, clamped at zero (a clock ahead
-of ours does not make it immortal), or, if smaller, the time since this node last *received* a
-heartbeat of it live by pubsub (so a member whose clock lags ours still looks alive). Heartbeats
-that arrive late through anti-entropy do not count as live evidence: a member that died during a
-partition must not look alive because its last heartbeat was delivered after the heal.
+Each member rewrites its own ``last_seen_ms`` every few seconds (a ~45-byte pycrdt delta that
+anti-entropy spreads). A member's age is the time since that heartbeat by its own clock, clamped
+at zero (a clock ahead of ours does not make it immortal), or, if smaller, the time since it last
+talked to this node directly (published, asked or answered a sync), so a member whose clock lags
+ours still looks alive to the peers it talks to. A heartbeat relayed late by a third node is
+never live evidence by itself: a member that died during a partition must not look alive because
+its last heartbeat was delivered after the heal.
 
 Replicas with clocks within a second of each other (NTP) agree on ``live_members()`` except for
 a second around each threshold; algorithms that pair members (NoLoCo) tolerate that by design.
@@ -27,9 +28,10 @@ LIVE, SUSPECT, GONE = "live", "suspect", "gone"
 class MembershipConfig:
     """Timeouts that turn heartbeat ages into a status."""
 
-    suspect_after_s: float = 10.0
-    """No heartbeat for this long: suspect (still listed, no longer in ``live_members()``)."""
-    gone_after_s: float = 30.0
+    suspect_after_s: float = 15.0
+    """No heartbeat for this long: suspect (still listed, no longer in ``live_members()``).
+    Heartbeats travel by anti-entropy: leave room for the interval plus a few pull rounds."""
+    gone_after_s: float = 45.0
     """No heartbeat for this long, or the member said it left: gone."""
     forget_after_s: float = 3600.0
     """Gone members disappear from views after this long (their streams are kept)."""
@@ -47,7 +49,7 @@ def member_status(entry: Mapping[str, Any], now_s: float, heard_live_s: float | 
     Args:
         entry: the member's section value (``last_seen_ms``, ``left``, ...).
         now_s: this node's wall clock.
-        heard_live_s: when this node last received a heartbeat of it by pubsub, or None.
+        heard_live_s: when it last talked to this node directly, or None.
         config: the timeouts.
     """
     last_ms = entry.get("last_seen_ms")

@@ -270,14 +270,9 @@ class RunState:
 
     # ---- receiving ---------------------------------------------------------------------------
 
-    def receive(self, envelopes: Iterable[Envelope], *, publisher: str | None = None) -> Received:
-        """Apply envelopes from the network (verified, rule-checked, in dependency order).
-
-        Args:
-            envelopes: decoded envelopes, any order.
-            publisher: the pubsub publisher when they came live by pubsub (heartbeats from their
-                own author count as live evidence); None for sync replies and the disk.
-        """
+    def receive(self, envelopes: Iterable[Envelope]) -> Received:
+        """Apply envelopes from the network or the disk (verified, rule-checked, in dependency
+        order, whatever order they come in)."""
         out = Received()
         rules = self.config.rules
         batch = sorted(envelopes, key=lambda e: (rules[e.section].priority if e.section in rules else 1 << 30,
@@ -295,8 +290,6 @@ class RunState:
                 out.applied.extend(offer.applied)
                 self._after_apply(offer.applied, local=False)
         for env in out.applied:
-            if env.section == "member" and publisher == env.author:
-                self._heard_live[env.author] = self.clock()
             if env.author == self.peer_id:
                 writer = self._writers.get(env.section)
                 if writer is not None and env.epoch > writer.epoch:
@@ -304,6 +297,11 @@ class RunState:
                                 "write starts a newer epoch", env.section, env.epoch, writer.epoch)
                     self._writers.pop(env.section)
         return out
+
+    def note_alive(self, peer_id: str) -> None:
+        """``peer_id`` just talked to us (published, asked or answered a sync): live evidence
+        that does not depend on its clock (see :mod:`.membership`)."""
+        self._heard_live[peer_id] = self.clock()
 
     def _reject(self, env: Envelope, reason: str) -> None:
         self.rejected_count += 1

@@ -144,26 +144,27 @@ def test_members_go_live_suspect_gone_and_are_forgotten(ids, clock) -> None:
     watcher.receive(member.envelopes())
     peer = ids[1].peer_id
     statuses = []
-    for dt in (5, 10, 20, 80):
+    for dt in (5, 10, 20, 80):  # ages 5, 15, 35, 115 s
         clock.advance(dt)
         statuses.append(watcher.members().get(peer, {}).get("status"))
     assert statuses == ["live", "suspect", "gone", None]
     assert watcher.live_members() == []
 
 
-def test_only_live_pubsub_heartbeats_rescue_a_lagging_clock(ids, clock) -> None:
+def test_direct_contact_rescues_a_member_whose_clock_lags(ids, clock) -> None:
     cfg = MembershipConfig()
     lagging_clock = FakeClock(clock() - 60)  # its clock is a minute behind
     lagging = make(ids[1], lagging_clock)
     watcher = make(ids[0], clock)
     lagging.set_member(addrs=[])
-    watcher.receive(lagging.envelopes())  # by sync: no live evidence
+    watcher.receive(lagging.envelopes())  # relayed: no live evidence
     assert watcher.members()[ids[1].peer_id]["status"] == "gone"
-    lagging_clock.advance(1)
-    watcher.receive([lagging.heartbeat()], publisher=ids[1].peer_id)  # live, from its author
+    watcher.note_alive(ids[1].peer_id)  # it talked to us directly just now
     assert watcher.members()[ids[1].peer_id]["status"] == "live"
+    clock.advance(cfg.suspect_after_s + 1)
+    assert watcher.members()[ids[1].peer_id]["status"] == "suspect"
     assert member_status({"last_seen_ms": int(clock() * 1000) + 10_000}, clock(), None, cfg)[0] == "live"
-    assert member_status({"left": True, "last_seen_ms": int(clock() * 1000)}, clock(), None, cfg)[0] == "gone"
+    assert member_status({"left": True, "last_seen_ms": int(clock() * 1000)}, clock(), clock(), cfg)[0] == "gone"
 
 
 def test_sync_answers_send_only_what_is_missing(ids, clock) -> None:
