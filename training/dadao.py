@@ -30,7 +30,7 @@ import numpy as np
 
 from hyphae.training._graph import chis
 
-__all__ = ["Constants", "Flow", "Quadratics", "Trace", "ode_matrix", "simulate"]
+__all__ = ["Constants", "Flow", "Quadratics", "Trace", "communicate", "ode_matrix", "simulate"]
 
 X, XT, Y, YT, Z, ZT = range(6)
 """Row of each state vector in a node's (6, d) state."""

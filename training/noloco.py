@@ -242,7 +242,12 @@ class NoLoCo(Strategy):
             return {}
         payload = self._encode(phi, progress)
         tag = f"noloco/{t}"
-        replies = await asyncio.gather(*(self._swap(p, payload, tag) for p in partners))
+        try:
+            async with asyncio.TaskGroup() as tasks:  # n > 2: every partner at once
+                swaps = [tasks.create_task(self._swap(p, payload, tag)) for p in partners]
+        except* CommClosed as group:  # this peer left: say so plainly, not as a group
+            raise group.exceptions[0] from None
+        replies = [s.result() for s in swaps]
         return {p: r for p, r in zip(partners, replies) if r is not None}
 
     async def _swap(self, peer: str, payload: Tensors, tag: str) -> tuple[Tensors, Tensors] | None:

@@ -15,6 +15,7 @@ from hyphae.kernels import noloco_outer_
 from hyphae.training import (
     BatchStream,
     Callback,
+    CommClosed,
     DiLoCo,
     DiLoCoConfig,
     LoopConfig,
@@ -317,6 +318,35 @@ def test_killed_partner_means_immediate_local_only_step(micro_config: ModelConfi
     assert results[0].steps == 12
     assert strategies[0].outer_steps == 3 and strategies[0].local_only_steps == 2
     assert elapsed < 1.0  # the gone partner cost no waiting at all
+
+
+def test_partial_group_averages_over_the_members_that_answered(micro_config: ModelConfig) -> None:
+    net = SimNetwork()
+    comms = net.add_peers(3)  # one group of three; the third never shows up
+    cfg = NoLoCoConfig(inner=INNER, group_size=3, timeout_s=2.0)
+    strategies = [NoLoCo(build_model(micro_config, seed=i), c, cfg) for i, c in enumerate(comms[:2])]
+
+    async def main():
+        sizes = await asyncio.gather(*(s.outer_step() for s in strategies))
+        return sizes, comms[0].now()
+
+    sizes, elapsed = run_virtual(main())
+    assert sizes == [2, 2] and elapsed == pytest.approx(2.0)
+    assert all(s.local_only_steps == 0 for s in strategies)
+
+
+def test_leaving_mid_exchange_raises_comm_closed_not_a_group(micro_config: ModelConfig) -> None:
+    net = SimNetwork()
+    comms = net.add_peers(3)
+    cfg = NoLoCoConfig(inner=INNER, group_size=3, timeout_s=50.0)
+    strategy = NoLoCo(build_model(micro_config, seed=0), comms[0], cfg)
+
+    async def main():
+        net.kill(comms[0].peer_id, at_s=1.0)
+        await strategy.outer_step()
+
+    with pytest.raises(CommClosed):
+        run_virtual(main())
 
 
 def test_no_all_reduce_is_ever_called(micro_config: ModelConfig, monkeypatch: pytest.MonkeyPatch) -> None:
