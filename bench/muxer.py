@@ -1,24 +1,25 @@
 """Muxer benchmark: small-RPC round trip and bulk throughput over libp2p (Noise + yamux) streams,
 py-libp2p's Yamux vs hyphae's LeanYamux, against plain asyncio TCP with the same framing.
 
-    python bench/muxer.py --json bench/results/muxer.json
+    python bench/muxer.py --json bench/results/muxer.json      # ~45 s on 2 busy cores
 
-Every variant runs as two fresh processes on loopback (a server and a client; this process only
-orchestrates), both sides using the same muxer:
+Each variant is a pair of processes on loopback (a server and a client, both sides using the same
+muxer; this process only orchestrates), started once and kept for the whole run:
 
 * ``stock``: py-libp2p 0.8.1's ``Yamux`` (with ``PY_YAMUX_RELEASE_ON_READ=0``, as the project runs it);
-* ``lean``: ``hyphae.protocol._yamux.LeanYamux`` with its buffered Noise I/O;
+* ``lean``: ``hyphae.protocol._yamux.LeanYamux`` with its direct Noise I/O;
 * ``lean-session-io``: LeanYamux reading and writing through py-libp2p's Noise session instead
-  (what the buffered Noise I/O buys);
-* ``tcp``: plain asyncio TCP, 4-byte length + msgpack, the baseline, measured in the same run.
+  (what the direct Noise I/O buys);
+* ``tcp``: plain asyncio TCP, 4-byte length + msgpack, the baseline, always measured in the same run.
 
-The echo sends one small msgpack message and waits for it back (``TrioFramedStream.request`` on
-the libp2p side), ``--warmup`` times untimed, then ``--messages`` times timed. CPU per message is
-``time.process_time()`` over the timed run, divided by the message count, for each process
-(the server reports its own). Bulk: ``--bulk-mib`` MiB written one way on one stream in 1 MiB
-writes, then FIN; timed until the server's byte count comes back. The machine is shared, so
-wall times are noisy; CPU per message is the steadier number.
-"""
+A round is, per variant in turn: ``--warmup`` untimed round trips, then ``--messages`` timed ones
+(one small msgpack message echoed back; ``TrioFramedStream.request`` on the libp2p side), then
+``--bulk-mib`` MiB written one way on a fresh stream in 1 MiB writes and FIN, timed until the
+server's byte count comes back. CPU per message is ``time.process_time()`` over the timed run
+divided by the message count, in each process (the server reports its own). ``--rounds`` rounds
+interleave the variants so they share the machine's (noisy, shared) load; every number reported
+is the median over rounds, and the ratios to TCP are taken round by round before the median.
+""""""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ writer, so :class:`NoiseChunkIO` works on the socket's file descriptor directly:
   go-libp2p do) and writes them with as few ``write(2)`` calls as the socket takes, waiting only
   when the socket buffer is full.
 
-Measured (bench/muxer.py, both sides LeanYamux): this saves ~40 us of CPU per message per side
-against py-libp2p's session read/write.
+Measured (bench/muxer.py, both sides LeanYamux, 2 shared cores): small-message round trip
+375 -> 220 us median and 194 -> 114 us of CPU per message per side against py-libp2p's session
+read/write; one-way bulk 203 -> 413 MB/s.
 
 Writes are atomic: a Noise nonce is spent when a message is encrypted, so a write abandoned
 half-way (or before sending) corrupts the connection for every stream on it. Hence a write that

@@ -23,7 +23,11 @@ How this one differs:
   way per stream. py-libp2p's Yamux ignores FIN/RST in a frame that carries ACK, so an ACK is
   never combined with them.
 * The reader never blocks on a write: the rare frames it must send itself (PING replies, RST
-  for a refused stream, GO_AWAY) run as separate tasks.
+  for a refused stream) run as separate tasks. We answer PINGs but send none (py-libp2p's
+  ``rtt()`` has no caller in 0.8.1; liveness is libp2p's ping protocol's job).
+* ``read`` and ``write`` yield to the scheduler only when they must wait (no data, no window, a
+  full socket): a checkpoint costs a full scheduler pass, and py-libp2p's ``NetStream`` already
+  takes a ``trio.Lock`` around every call.
 * A received GO_AWAY tears the connection down, as py-libp2p's Yamux does (every
   implementation closes the socket right after sending one).
 
@@ -48,8 +52,8 @@ from typing import Any
 
 import multiaddr
 import trio
-from libp2p.exceptions import BaseLibp2pError
 from libp2p.abc import ConnectionType, IHost, IMuxedConn, IMuxedStream, ISecureConn
+from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.exceptions import (
     MuxedConnUnavailable,
@@ -70,7 +74,7 @@ _HEADER = struct.Struct(">BBHII")  # version, type, flags, stream id, length
 HEADER_SIZE = 12
 TYPE_DATA, TYPE_WINDOW_UPDATE, TYPE_PING, TYPE_GO_AWAY = 0, 1, 2, 3
 FLAG_SYN, FLAG_ACK, FLAG_FIN, FLAG_RST = 1, 2, 4, 8
-GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR, GO_AWAY_INTERNAL_ERROR = 0, 1, 2
+GO_AWAY_NORMAL, GO_AWAY_PROTOCOL_ERROR = 0, 1
 
 INITIAL_WINDOW = 256 * 1024  # fixed by the spec; we never grant more per stream
 # Header + payload fit one Noise message (65535 - 16 byte tag), so a frame is one encryption.
@@ -85,6 +89,10 @@ _EXPECTED_READ_ERRORS = (OSError, EOFError, ValueError, trio.BrokenResourceError
 
 class _ProtocolError(Exception):
     """The peer broke the yamux spec; the connection is closed with GO_AWAY(protocol error)."""
+
+
+class _GoAway(Exception):
+    """The peer sent GO_AWAY: the connection is torn down."""
 
 
 class _SendLock:
@@ -162,8 +170,6 @@ class LeanYamuxStream(IMuxedStream):
                 await self._send_control(0, 0)
                 continue  # data may have arrived while we were sending
             await self._read_lot.park()
-        if self._reset:
-            raise MuxedStreamReset(f"stream {self.stream_id} was reset")
         buf = self._rbuf
         if n is None or n < 0 or n >= len(buf):
             data = bytes(buf)
@@ -318,9 +324,6 @@ class LeanYamuxStream(IMuxedStream):
     async def __aenter__(self) -> LeanYamuxStream:
         return self
 
-    def __repr__(self) -> str:
-        return f"<LeanYamuxStream {self.stream_id} of {self.conn.peer_id}>"
-
 
 class LeanYamux(IMuxedConn):
     """A yamux connection over a secured connection; constructed by py-libp2p's upgrader.
@@ -352,9 +355,6 @@ class LeanYamux(IMuxedConn):
         self._dead: str | None = None  # why the connection ended; None while it is up
         self._closed_transport = False
         self._on_close_called = False
-        self._ping_id = 0
-        self._pings: dict[int, tuple[float, trio.Event]] = {}
-        self._rtt = 0.0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -374,7 +374,7 @@ class LeanYamux(IMuxedConn):
         """Run the reader until the connection ends; then tear down and call ``on_close``.
 
         If cancelled (host shutdown), every stream is woken with a reset and the transport is
-        closed, but ``on_close`` is not called: whoever cancelled is closing the swarm.
+        closed, but ``on_close`` is not awaited: whoever cancelled is closing the swarm.
         """
         if self.event_started.is_set():
             return
@@ -390,6 +390,7 @@ class LeanYamux(IMuxedConn):
                 nursery.cancel_scope.cancel()
                 with trio.CancelScope(shield=True):
                     await self._close_transport()
+                self.event_closed.set()
         await self._finish()
 
     async def close(self, error_code: int = GO_AWAY_NORMAL) -> None:
@@ -399,7 +400,7 @@ class LeanYamux(IMuxedConn):
         """
         if self._dead is None:
             if not self._lock.locked:  # never wait behind a write stuck on a full socket
-                await self._send_go_away(error_code)
+                await self._send_quietly(_HEADER.pack(0, TYPE_GO_AWAY, 0, 0, error_code))
             self._teardown("closed locally")
         await self._close_transport()
         await self._finish()
@@ -431,8 +432,6 @@ class LeanYamux(IMuxedConn):
         for stream in self._streams.values():
             stream._on_lost(reason)
         self._streams.clear()
-        for _, event in self._pings.values():
-            event.set()
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -487,15 +486,9 @@ class LeanYamux(IMuxedConn):
             self._nursery.start_soon(fn, *args)
 
     async def _send_quietly(self, frame: bytes) -> None:
-        """A frame the reader needs sent (PING reply, RST): in its own task, failures ignored."""
+        """A frame nobody waits for (PING reply, RST, GO_AWAY); a dead connection is no error."""
         try:
             await self._send(frame)
-        except MuxedConnUnavailable:
-            pass
-
-    async def _send_go_away(self, code: int) -> None:
-        try:
-            await self._send(_HEADER.pack(0, TYPE_GO_AWAY, 0, 0, code))
         except MuxedConnUnavailable:
             pass
 
@@ -516,8 +509,7 @@ class LeanYamux(IMuxedConn):
         except _ProtocolError as exc:
             log.warning("yamux protocol error from %s: %s; closing the connection", self.peer_id, exc)
             if not self._lock.locked:
-                with trio.move_on_after(1.0):
-                    await self._send_go_away(GO_AWAY_PROTOCOL_ERROR)
+                await self._send_quietly(_HEADER.pack(0, TYPE_GO_AWAY, 0, 0, GO_AWAY_PROTOCOL_ERROR))
             return f"protocol error: {exc}"
         except _GoAway as exc:
             return str(exc)
@@ -599,36 +591,9 @@ class LeanYamux(IMuxedConn):
         elif flags & FLAG_FIN:
             stream._on_fin()
 
-    # ---- ping ------------------------------------------------------------------------------------
-
     def _on_ping(self, flags: int, opaque: int) -> None:
-        if flags & FLAG_SYN:
+        if flags & FLAG_SYN:  # we send no pings, so an ACK is not for us
             self._spawn(self._send_quietly, _HEADER.pack(0, TYPE_PING, FLAG_ACK, 0, opaque))
-        elif flags & FLAG_ACK and opaque in self._pings:
-            sent_at, event = self._pings.pop(opaque)
-            self._rtt = trio.current_time() - sent_at
-            event.set()
-
-    async def ping(self) -> float:
-        """Measure the round trip with a yamux PING; return seconds (also kept for :meth:`rtt`).
-
-        Raises MuxedConnUnavailable if the connection ends first. Use trio.fail_after to bound it.
-        """
-        self._ping_id = (self._ping_id + 1) & _MAX_STREAM_ID
-        opaque, event = self._ping_id, trio.Event()
-        self._pings[opaque] = (trio.current_time(), event)
-        try:
-            await self._send(_HEADER.pack(0, TYPE_PING, FLAG_SYN, 0, opaque))
-            await event.wait()
-        finally:
-            self._pings.pop(opaque, None)
-        if self._dead is not None:
-            raise MuxedConnUnavailable(f"connection to {self.peer_id} is closed: {self._dead}")
-        return self._rtt
-
-    def rtt(self) -> float:
-        """The last round trip measured by :meth:`ping`, in seconds (0.0 before the first)."""
-        return self._rtt
 
     # ---- addresses ---------------------------------------------------------------------------------
 
@@ -640,13 +605,6 @@ class LeanYamux(IMuxedConn):
 
     def get_remote_address(self) -> tuple[str, int] | None:
         return self.secured_conn.get_remote_address()
-
-    def __repr__(self) -> str:
-        return f"<LeanYamux to {self.peer_id} streams={len(self._streams)} dead={self._dead!r}>"
-
-
-class _GoAway(Exception):
-    """The peer sent GO_AWAY: the connection is torn down."""
 
 
 class _HonoringMuxerMultistream(MuxerMultistream):

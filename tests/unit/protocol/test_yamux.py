@@ -223,16 +223,6 @@ def test_ping_syn_is_answered_with_ack_echoing_the_opaque_value() -> None:
     run(body)
 
 
-def test_ping_measures_rtt_between_two_muxers() -> None:
-    async def body() -> None:
-        async with trio.open_nursery() as nursery:
-            a, _ = await muxer_pair(nursery)
-            assert await a.ping() > 0 and a.rtt() > 0
-            nursery.cancel_scope.cancel()
-
-    run(body)
-
-
 def test_close_sends_go_away_and_ends_everything() -> None:
     async def body() -> None:
         closed = []
