@@ -19,7 +19,7 @@ server's byte count comes back. CPU per message is ``time.process_time()`` over 
 divided by the message count, in each process (the server reports its own). ``--rounds`` rounds
 interleave the variants so they share the machine's (noisy, shared) load; every number reported
 is the median over rounds, and the ratios to TCP are taken round by round before the median.
-""""""
+"""
 
 from __future__ import annotations
 
