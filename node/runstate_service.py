@@ -18,6 +18,7 @@ The client half (:func:`run_show`, :func:`run_config_set`, :func:`parse_config_p
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -93,8 +94,10 @@ class RunStateService:
         host = daemon.host
         self.state = RunState(run, host.identity, config=RunStateConfig(owner=owner))
         self.store = RunStore(run_state_path(daemon.datadir.root, run))
-        self.node = RunStateNode(host, self.state, store=self.store, config=sync or SyncConfig(
-            create_if_missing=True, initial_config=dict(initial_config or {})))
+        sync = sync or SyncConfig(create_if_missing=True)
+        if initial_config:
+            sync = dataclasses.replace(sync, initial_config=dict(initial_config))
+        self.node = RunStateNode(host, self.state, store=self.store, config=sync)
 
     async def run(self) -> None:
         """Replicate until cancelled; the member entry is written once the saved state is loaded

@@ -68,8 +68,8 @@ class SyncConfig:
     announce_leave: bool = True
     """On a clean stop, mark this member as left (others drop it at once)."""
     quiet_sections: tuple[str, ...] = ("member",)
-    """Sections whose deltas are not pushed by pubsub (their snapshots still are): anti-entropy
-    carries them. Heartbeats pushed by pubsub would cost O(N^2) deliveries a second network-wide
+    """Sections pushed by pubsub only when this process first writes them (a join, a restart):
+    their deltas and later compaction snapshots travel by anti-entropy. Heartbeats pushed by pubsub would cost O(N^2) deliveries a second network-wide
     (measured: ~15 ms of CPU per delivery in py-libp2p 0.8.1 at 8 nodes), pulled they cost O(N)."""
 
     def __post_init__(self) -> None:
@@ -137,6 +137,7 @@ class RunStateNode:
         self._kicked: set[str] = set()
         self._syncing: set[str] = set()
         self._group: asyncio.TaskGroup | None = None
+        self._announced: set[str] = set()
         self._running = False
 
     def _allowed(self, peer_id: str) -> bool:
@@ -202,14 +203,17 @@ class RunStateNode:
 
     # ---- publishing --------------------------------------------------------------------------
 
-    def _pushed(self, env: Envelope) -> bool:
-        return env.seq == 0 or env.section not in self.config.quiet_sections
-
     def _on_applied(self, envelopes: Sequence[Envelope], local: bool) -> None:
-        if local and self._running:
-            for env in envelopes:
-                if self._pushed(env):
-                    self._outbox.put_nowait(env)
+        if not local or not self._running:
+            return
+        for env in envelopes:
+            if env.section in self.config.quiet_sections:
+                # Only the first snapshot of this process is news (a join or a restart); later
+                # ones are compactions, and deltas are heartbeats: anti-entropy brings those.
+                if env.seq != 0 or env.section in self._announced:
+                    continue
+                self._announced.add(env.section)
+            self._outbox.put_nowait(env)
 
     async def _publisher(self) -> None:
         while True:
@@ -310,7 +314,7 @@ class RunStateNode:
             self.state.note_alive(peer_id)
             applied = await self._receive_in_chunks(envelopes)
             total += len(applied)
-            repaired = [env for env in applied if self._pushed(env)]
+            repaired = [env for env in applied if env.section not in self.config.quiet_sections]
             if repaired and len(applied) <= self.config.republish_max:
                 for env in repaired:
                     self._outbox.put_nowait(env)
