@@ -13,7 +13,8 @@ How this one differs:
 * Writers write from their own task. The only lock is :class:`_SendLock`, which takes no
   scheduler pass when uncontended, and the frame write itself cannot be cancelled half-way,
   because a frame cut in half (or a Noise nonce spent on a message never sent) breaks the
-  connection for every stream, not only the cancelled one.
+  connection for every stream, not only the cancelled one. A write that makes no progress for
+  10 s closes the connection instead (go-yamux's ConnectionWriteTimeout; _noise_buffered.py).
 * Flow control as go-yamux: a 256 KiB window per stream, credit returned in one WINDOW_UPDATE
   once half the window has been consumed, writers park on a ``ParkingLot`` at zero window and
   are woken by the peer's WINDOW_UPDATE (no polling). A DATA frame larger than the credit we
@@ -28,8 +29,8 @@ How this one differs:
 * ``read`` and ``write`` yield to the scheduler only when they must wait (no data, no window, a
   full socket): a checkpoint costs a full scheduler pass, and py-libp2p's ``NetStream`` already
   takes a ``trio.Lock`` around every call.
-* A received GO_AWAY tears the connection down, as py-libp2p's Yamux does (every
-  implementation closes the socket right after sending one).
+* A received GO_AWAY tears the connection down, as py-libp2p's Yamux does (it and go-yamux
+  send GO_AWAY when closing, right before closing the socket).
 
 Errors: ``read`` raises ``MuxedStreamEOF`` after the peer's FIN and ``MuxedStreamReset`` after a
 RST or a lost connection (buffered data is returned first, except after a RST); ``write``
