@@ -13,12 +13,15 @@ same log replayed on any device gives the same bits.
 
 Run-state layout (plain data only):
     zo/log/{step:012d}/{peer}   bytes, one byte per perturbation (`_zo_codec`)
-    zo/snapshot/{peer}          {"step", "hash", ...}: that peer's canonical weights at `step`
+    zo/snapshot/{step:012d}/{peer}
+                                {"step", "hash", ...}: that peer's canonical weights at `step`
+                                (each peer keeps its last two; a vote needs the others')
 """
 
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
@@ -40,7 +43,9 @@ __all__ = [
     "by_step",
     "entries_from_state",
     "log_key",
+    "newest_agreed",
     "replay_",
+    "snapshot_key",
     "step_coefficients",
     "weights_digest",
 ]
@@ -70,6 +75,31 @@ class Entry:
 def log_key(step: int, peer: str) -> str:
     """The run-state key of (step, peer)'s entry; zero-padded so keys sort by step."""
     return f"{LOG_PREFIX}{step:012d}/{peer}"
+
+
+def snapshot_key(step: int, peer: str) -> str:
+    """The run-state key of `peer`'s snapshot record for boundary `step`."""
+    return f"{SNAPSHOT_PREFIX}{step:012d}/{peer}"
+
+
+def snapshot_votes(records: Mapping[str, Any], step: int) -> Counter[str]:
+    """Hash -> how many peers recorded it for boundary `step` (`state_items(SNAPSHOT_PREFIX)`)."""
+    return Counter(
+        r["hash"] for r in records.values() if isinstance(r, dict) and r.get("step") == step and "hash" in r
+    )
+
+
+def newest_agreed(records: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The record with the most votes at the newest boundary (ties: the smallest hash)."""
+    steps = [int(r["step"]) for r in records.values() if isinstance(r, dict) and "step" in r and "hash" in r]
+    if not steps:
+        return None
+    newest = max(steps)
+    votes = snapshot_votes(records, newest)
+    best = min(votes, key=lambda h: (-votes[h], h))
+    return next(
+        r for r in records.values() if isinstance(r, dict) and r.get("step") == newest and r.get("hash") == best
+    )
 
 
 def entries_from_state(

@@ -16,16 +16,16 @@ MeZO / SPSA on every peer, "Just One Byte" on the wire, FedKSeed's seed pool as 
   snapshot + the log of the interval replayed in canonical order (step, peer id, j). After a
   boundary all peers that read the same log hold bit-identical weights; each writes the hash
   (the sha256 of the HYT1 blob of its weights, which it also `put_tensors`) to
-  `zo/snapshot/{peer}`. A peer whose hash lost the vote at the last boundary adopts the
+  `zo/snapshot/{step}/{peer}`. A peer whose hash lost the vote at the last boundary adopts the
   majority's snapshot blob before the next replay.
 - FedKSeed (`pool_size` = K > 0): perturbations draw from K pool seeds (`_zo_pool`), and the
   canonical weights are θ_0 − η Σ_s A_s z(s) over the K accumulated scalars A — a boundary
   costs one fused pass over at most K seeds, and a joiner needs θ_0 and A, not the log.
 - Late joiner (`start`): fetch the newest agreed snapshot (blob, hash-checked on fetch; with a
-  pool: θ_0 + A, rebuilt and compared with the recorded hash), apply the log written since up
-  to the newest logged step, and join the run at that step (it may still be in progress on
-  the others, so peers that start together all start at step 0); its next boundary hash
-  equals the incumbents'.
+  pool: θ_0 + A, rebuilt and compared with the recorded hash), apply the log written since,
+  and contribute from the newest logged step on (peers that start together all start at
+  step 0); its next boundary hash equals the incumbents'. The loop's step number is the
+  run's clock: once `step(s)` runs, the next forward uses s + 1 if that is later.
 
 Memory: the model (inference only) plus one CPU copy of the reference weights (the snapshot,
 or θ_0 with a pool), which is what makes rebuilding possible without storing perturbations.
@@ -36,8 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +55,20 @@ from hyphae.training._zo_log import (
     decay_,
     entries_from_state,
     log_key,
+    newest_agreed,
     replay_,
+    snapshot_key,
+    snapshot_votes,
     step_coefficients,
     weights_digest,
 )
+from hyphae.training._zo_estimator import spsa_gradient
 from hyphae.training._zo_pool import SeedPool
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.strategy import Metrics, Precision, Strategy
+
+__all__ = ["ZO", "ZOConfig", "spsa_gradient"]
 
 logger = logging.getLogger(__name__)
 
@@ -132,27 +137,6 @@ class ZOConfig:
         return from_dict(cls, data)
 
 
-@torch.no_grad()
-def spsa_gradient(
-    params: Sequence[torch.Tensor], loss_fn: Callable[[], float], seed: int, eps: float
-) -> tuple[float, float, float]:
-    """MeZO's projected gradient along z(seed): two forward passes, nothing stored.
-
-    θ += εz; L+ = loss_fn(); θ −= 2εz; L− = loss_fn(); θ += εz. The last step does not give
-    back θ bit for bit (float rounding); callers that need exact weights rebuild them from
-    a log.
-
-    Returns:
-        (g, L+, L−) with g = (L+ − L−) / (2ε).
-    """
-    zo_apply_(params, [seed], [eps])
-    plus = loss_fn()
-    zo_apply_(params, [seed], [-2.0 * eps])
-    minus = loss_fn()
-    zo_apply_(params, [seed], [eps])
-    return (plus - minus) / (2.0 * eps), plus, minus
-
-
 class ZO(Strategy):
     """Shared-seed zeroth-order training on one peer.
 
@@ -191,6 +175,7 @@ class ZO(Strategy):
         self.updates_applied = 0
         self.repairs = 0
         self._own_log: list[int] = []
+        self._own_snapshots: list[int] = []
         self._pending_step: int | None = None
         self._pending: list[float] = []
         self._started = False
@@ -234,7 +219,7 @@ class ZO(Strategy):
         entries = await self._exchange(t, values)
         with torch.no_grad():
             self._apply_step(entries)
-        self.next_step = t + 1
+        self.next_step = max(t, step) + 1
         metrics: Metrics = {"lr": cfg.lr, "peers": len(entries)}
         if values:
             metrics["proj_grad_abs"] = sum(abs(g) for g in values) / len(values)
@@ -325,12 +310,21 @@ class ZO(Strategy):
             if self.pool is not None:
                 record["pool"] = await self.comm.put_tensors(self.pool.state_tensors())
                 record["base"] = self.base_hash
-            await self.comm.state_set(f"{SNAPSHOT_PREFIX}{self.comm.peer_id}", record)
+            await self._write_record(record)
         except CommClosed:
             raise
         except CommError as exc:
             logger.warning("zo boundary %d: could not publish the snapshot (%s)", b, exc)
         self.last_hash = record["hash"] if "hash" in record else weights_digest(self.named_weights())
+
+    async def _write_record(self, record: dict[str, Any]) -> None:
+        """Record this peer's snapshot for boundary record["step"]; keep only its last two."""
+        me = self.comm.peer_id
+        await self.comm.state_set(snapshot_key(record["step"], me), record)
+        self._own_snapshots.append(record["step"])
+        for old in self._own_snapshots[:-2]:
+            await self.comm.state_set(snapshot_key(old, me), None)
+        self._own_snapshots = self._own_snapshots[-2:]
 
     async def _wait_for_log(self, t: int) -> None:
         """Give live members' step-t entries time to reach this peer's view of the log."""
@@ -353,7 +347,7 @@ class ZO(Strategy):
         if not self.last_hash:
             return
         records = await self.comm.state_items(SNAPSHOT_PREFIX)
-        votes = Counter(r["hash"] for r in records.values() if r.get("step") == self.snapshot_step and "hash" in r)
+        votes = snapshot_votes(records, self.snapshot_step)
         if not votes:
             return
         best, n = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -371,21 +365,24 @@ class ZO(Strategy):
         if self._started:
             return
         self._started = True
-        newest = _newest_agreed(await self.comm.state_items(SNAPSHOT_PREFIX))
+        newest = newest_agreed(await self.comm.state_items(SNAPSHOT_PREFIX))
         if newest is None:  # a fresh run: these weights are its θ_0
             self.base_hash = await self.comm.put_tensors(self.named_weights())
             self.last_hash = self.base_hash
             record: dict[str, Any] = {"step": 0, "hash": self.base_hash, "base": self.base_hash}
             if self.pool is not None:
                 record["pool"] = await self.comm.put_tensors(self.pool.state_tensors())
-            await self.comm.state_set(f"{SNAPSHOT_PREFIX}{self.comm.peer_id}", record)
+            await self._write_record(record)
             return
         if newest["step"] > self.snapshot_step or not self.base_hash:
             if not await self._load_snapshot(newest):
-                logger.error("zo %s: cannot load snapshot %d; training from local weights", self.comm.peer_id, newest["step"])
+                logger.error("zo %s: cannot load snapshot %d; training from local weights",
+                             self.comm.peer_id, newest["step"])
                 return
-        # Join at the newest logged step: steps before it are history (applied now), the newest
-        # may still be in progress on the others, so this peer contributes to it instead.
+        # Steps before the newest logged one are history (applied now). The newest may still be
+        # in progress on the others (peers that start together see each other's first entries),
+        # so this peer contributes to it; if it was complete, the late entry is still logged and
+        # canonical, and `step` then moves on to the loop's step number.
         items = await self.comm.state_items(LOG_PREFIX)
         start = max(self.snapshot_step, self.next_step)
         logged = entries_from_state(items, start=start, perturbations=self.config.perturbations)
@@ -403,24 +400,27 @@ class ZO(Strategy):
         step, digest = int(record["step"]), str(record["hash"])
         timeout = self.config.timeout_s
         try:
-            if weights_digest(self.named_weights()) != digest:
-                if self.pool is not None and record.get("pool") and record.get("base"):
-                    base = await self.comm.get_tensors(str(record["base"]), timeout_s=timeout)
-                    state = await self.comm.get_tensors(str(record["pool"]), timeout_s=timeout)
-                    self._set_reference(base)
-                    self.pool.load_state_tensors(state)
-                    with torch.no_grad():
-                        self._rebuild([])
-                    if weights_digest(self.named_weights()) != digest:
-                        logger.warning("zo: pool rebuild of snapshot %d missed its hash; fetching the weights", step)
-                        self._set_weights(await self.comm.get_tensors(digest, timeout_s=timeout))
+            local = weights_digest(self.named_weights())
+            if local == digest:
+                if self.pool is None:
+                    self._set_reference(self.named_weights())
+            elif self.pool is not None and record.get("pool") and record.get("base"):
+                # FedKSeed: θ_0 (not fetched when these weights are θ_0) + K accumulated scalars.
+                if local == record["base"]:
+                    self._set_reference(self.named_weights())
                 else:
-                    weights = await self.comm.get_tensors(digest, timeout_s=timeout)
-                    self._set_weights(weights)
-                    if self.pool is None:
-                        self._set_reference(weights)
-            elif self.pool is None:
-                self._set_reference(self.named_weights())
+                    self._set_reference(await self.comm.get_tensors(str(record["base"]), timeout_s=timeout))
+                self.pool.load_state_tensors(await self.comm.get_tensors(str(record["pool"]), timeout_s=timeout))
+                with torch.no_grad():
+                    self._rebuild([])
+                if weights_digest(self.named_weights()) != digest:
+                    logger.warning("zo: pool rebuild of snapshot %d missed its hash; fetching the weights", step)
+                    self._set_weights(await self.comm.get_tensors(digest, timeout_s=timeout))
+            else:
+                weights = await self.comm.get_tensors(digest, timeout_s=timeout)
+                self._set_weights(weights)
+                if self.pool is None:
+                    self._set_reference(weights)
             if self.pool is not None and not self.base_hash:
                 self.base_hash = str(record.get("base", ""))
         except CommClosed:
@@ -452,7 +452,9 @@ class ZO(Strategy):
         missing = [n for n in self._names if n not in tensors]
         if missing:
             raise ValueError(f"reference weights lack {missing[:3]}...; another model?")
-        self._reference = [tensors[n].detach().to("cpu", dtype=p.dtype, copy=True) for n, p in zip(self._names, self._params)]
+        self._reference = [
+            tensors[n].detach().to("cpu", dtype=p.dtype, copy=True) for n, p in zip(self._names, self._params)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -463,6 +465,7 @@ class ZO(Strategy):
             "base_hash": self.base_hash,
             "last_hash": self.last_hash,
             "own_log": list(self._own_log),
+            "own_snapshots": list(self._own_snapshots),
             "updates_applied": self.updates_applied,
             "repairs": self.repairs,
         }
@@ -476,17 +479,7 @@ class ZO(Strategy):
         self.base_hash = str(state["base_hash"])
         self.last_hash = str(state["last_hash"])
         self._own_log = [int(t) for t in state["own_log"]]
+        self._own_snapshots = [int(t) for t in state["own_snapshots"]]
         self.updates_applied = int(state["updates_applied"])
         self.repairs = int(state["repairs"])
 
-
-def _newest_agreed(records: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The record with the most votes at the newest snapshot step (ties: smallest hash)."""
-    valid = [r for r in records.values() if isinstance(r, dict) and "step" in r and "hash" in r]
-    if not valid:
-        return None
-    newest = max(int(r["step"]) for r in valid)
-    at = [r for r in valid if int(r["step"]) == newest]
-    votes = Counter(r["hash"] for r in at)
-    best = min(votes, key=lambda h: (-votes[h], h))
-    return next(r for r in at if r["hash"] == best)

@@ -54,7 +54,9 @@ class Probe(SPES):
         return metrics
 
 
-def _nodes(config: ModelConfig, n: int, spes: SPESConfig, net: SimNetwork | None = None) -> tuple[SimNetwork, list[Probe]]:
+def _nodes(
+    config: ModelConfig, n: int, spes: SPESConfig, net: SimNetwork | None = None
+) -> tuple[SimNetwork, list[Probe]]:
     net = net or SimNetwork(latency_s=0.01)
     return net, [Probe(build_model(config, seed=0), c, spes) for c in net.add_peers(n)]
 
@@ -166,7 +168,9 @@ def test_identical_data_keeps_shared_tensors_identical_on_every_node(micro_confi
             assert torch.equal(nodes[0].post[done][name], nodes[1].post[done][name])
 
 
-def test_identical_data_and_sync_every_step_equals_one_process_training_everything_bit_for_bit(micro_config: ModelConfig) -> None:
+def test_identical_data_and_sync_every_step_equals_one_process_training_everything_bit_for_bit(
+    micro_config: ModelConfig,
+) -> None:
     cfg = _cfg(micro_config, experts=4)
     opt = AdamWConfig(lr=3e-3, warmup_steps=2, grad_clip=0.0)  # SPES clips over its own subset only
     _, nodes = _nodes(cfg, 2, SPESConfig(optimizer=opt, sync_steps=1, merge_interval=0))
@@ -206,7 +210,9 @@ def test_sync_payload_matches_the_formula(micro_config: ModelConfig) -> None:
     assert sync_bytes(cfg, n_nodes=4, owned=1, bytes_per_value=2).server_download * 2 == formula.server_download
 
 
-def test_an_owner_leaving_mid_run_has_its_experts_adopted_without_losing_their_weights(micro_config: ModelConfig) -> None:
+def test_an_owner_leaving_mid_run_has_its_experts_adopted_without_losing_their_weights(
+    micro_config: ModelConfig,
+) -> None:
     cfg = _cfg(micro_config, experts=4)
     net, nodes = _nodes(cfg, 4, SPESConfig(optimizer=OPT, sync_steps=4, merge_interval=0, timeout_s=5.0))
     gone = nodes[1].comm.peer_id
@@ -287,7 +293,8 @@ def test_state_dict_round_trip_restores_ownership_and_optimizer(micro_config: Mo
 
 def test_spes_is_built_by_name_and_its_config_is_checked(micro_config: ModelConfig) -> None:
     comm = SimNetwork().add_peer()
-    strategy = build_strategy("spes", build_model(_cfg(micro_config), seed=0), comm, {"sync_steps": 10, "merge_interval": 20})
+    model = build_model(_cfg(micro_config), seed=0)
+    strategy = build_strategy("spes", model, comm, {"sync_steps": 10, "merge_interval": 20})
     assert isinstance(strategy, SPES) and strategy.config.sync_steps == 10
     with pytest.raises(ValueError, match="multiple of sync_steps"):
         SPESConfig(sync_steps=100, merge_interval=250)
