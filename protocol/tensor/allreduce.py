@@ -35,18 +35,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from ..errors import PeerError, ProtocolViolation
 from ..wire import expect_map
 from ._util import run_all
-from .codecs import Codec, bf16_to_f32, f32_to_bf16
+from ._layout import Layout, flat_tensor, from_f64, to_f64
+from .codecs import Codec
 from .errors import Refused, RemoteError
-from .spec import FLOAT_DTYPES, Tensor, TensorSpec, check_unique_names, numpy_dtype
+from .spec import Tensor, numpy_dtype
 
 if TYPE_CHECKING:
     from .service import Reply, TensorPlane
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
 __all__ = ["AllReduceResult", "AllReduce", "ROUTE"]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROUTE = "/hyphae/tensor/allreduce/query"
 RS_SHARE, VOTE_SHARE = 0.5, 0.65
@@ -102,7 +104,7 @@ class _Op:
             acc += have[i]
         if self.op == "mean":
             acc /= len(members)
-        values = _from_f64(acc, self.dtype)
+        values = from_f64(acc, self.dtype)
         if keep:
             self.final[chunk] = (members, values)
         return values
@@ -138,7 +140,7 @@ class AllReduce:
             raise ValueError(f"all-reduce tag {tag!r} is in use; give every round its own tag")
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
-        layout = _Layout(tensors)
+        layout = Layout(tensors)
         k = len(members)
         bounds = [(j * layout.numel // k, (j + 1) * layout.numel // k) for j in range(k)]
         state = _Op(tag, members, layout.dtype, op, bounds)
@@ -169,13 +171,13 @@ class AllReduce:
         values = state.reduce(m["chunk"], members, keep=False)
         if values is None:
             return Reply({"have": False})
-        return Reply({"have": True}, [_flat("r", state.dtype, values)])
+        return Reply({"have": True}, [flat_tensor("r", state.dtype, values)])
 
 
 class _Round:
     """The steps of one all-reduce on this member (state lives in :class:`_Op`)."""
 
-    def __init__(self, owner: AllReduce, state: _Op, layout: _Layout, me: int, codec: Codec, start: float,
+    def __init__(self, owner: AllReduce, state: _Op, layout: Layout, me: int, codec: Codec, start: float,
                  timeout_s: float) -> None:
         self.plane = owner.plane
         self.state, self.layout, self.me, self.codec = state, layout, me, codec
@@ -185,6 +187,7 @@ class _Round:
         self.deadline = start + timeout_s
         self.timeout_s = timeout_s
         self.dead: set[int] = set()
+        self._scopes: dict[int, set[asyncio.Timeout]] = {}
         self.prefix = _prefix(state.tag)
 
     def peer(self, i: int) -> str:
@@ -197,7 +200,7 @@ class _Round:
         """Keep a member's part of a chunk (as float64); False if it is malformed."""
         lo, hi = self.state.bounds[chunk]
         try:
-            self.state.parts.setdefault(chunk, {})[member] = _to_f64(tensors, self.state.dtype, hi - lo)
+            self.state.parts.setdefault(chunk, {})[member] = to_f64(tensors, self.state.dtype, hi - lo)
         except ProtocolViolation as exc:
             log.warning("all-reduce %s: part of chunk %d from %s: %s", self.state.tag, chunk, self.peer(member), exc)
             return False
@@ -223,36 +226,47 @@ class _Round:
                      [self.peer(i) for i in sorted(included - shrunk)])
             included, epoch = shrunk, epoch + 1
 
-    async def _attempt(self, deadline: float, coro: Any) -> Any:
-        """Run one exchange with a member; None (member noted dead if it broke) on failure."""
+    async def _with(self, i: int, deadline: float, call: Callable[[], Awaitable[T]]) -> T | None:
+        """One exchange with member ``i``: its result, or None if it fails, times out, or ``i`` is
+        found dead meanwhile (by this or another exchange: waiting on a dead member stops at once)."""
+        if i in self.dead:
+            return None
         try:
-            async with asyncio.timeout_at(_loop_time(deadline)):
-                return await coro
+            async with asyncio.timeout_at(_loop_time(deadline)) as scope:
+                self._scopes.setdefault(i, set()).add(scope)
+                try:
+                    return await call()
+                finally:
+                    self._scopes[i].discard(scope)
         except TimeoutError:
             return None
-        except (ProtocolViolation, RemoteError, Refused) as exc:
-            log.warning("all-reduce %s: %s", self.state.tag, exc)
+        except (ProtocolViolation, RemoteError, Refused) as exc:  # alive, but this exchange failed
+            log.warning("all-reduce %s with %s: %s", self.state.tag, self.peer(i), exc)
             return None
         except PeerError as exc:
-            log.debug("all-reduce %s: %s", self.state.tag, exc)
-            return False
+            log.debug("all-reduce %s: %s is gone: %s", self.state.tag, self.peer(i), exc)
+            self.mark_dead(i)
+            return None
+
+    def mark_dead(self, i: int) -> None:
+        if i in self.dead:
+            return
+        self.dead.add(i)
+        now = asyncio.get_running_loop().time()
+        for scope in list(self._scopes.get(i, ())):
+            scope.reschedule(now)
 
     async def reduce_scatter(self) -> frozenset[int]:
         self.keep_part(self.me, self.me, self.my_part(self.me))
         tag = f"{self.prefix}p"
 
         async def give(j: int) -> None:
-            if await self._attempt(self.rs_deadline, self.plane.send(self.peer(j), tag, self.my_part(j),
-                                                                     codec=self.codec)) is False:
-                self.dead.add(j)
+            await self._with(j, self.rs_deadline,
+                             lambda: self.plane.send(self.peer(j), tag, self.my_part(j), codec=self.codec))
 
         async def take(j: int) -> int | None:
-            got = await self._attempt(self.rs_deadline, self.plane.recv(self.peer(j), tag))
-            if got is False:
-                self.dead.add(j)
-            if not got or not self.keep_part(self.me, j, got):
-                return None
-            return j
+            got = await self._with(j, self.rs_deadline, lambda: self.plane.recv(self.peer(j), tag))
+            return j if got is not None and self.keep_part(self.me, j, got) else None
 
         others = [j for j in range(self.k) if j != self.me]
         results = await run_all(*(give(j) for j in others), *(take(j) for j in others))
@@ -262,19 +276,18 @@ class _Round:
         tag = f"{self.prefix}v"
         others = [j for j in range(self.k) if j != self.me]
 
+        async def give(j: int) -> None:
+            await self._with(j, self.vote_deadline,
+                             lambda: self.plane.send(self.peer(j), tag, (), meta={"have": sorted(have)}))
+
         async def take(j: int) -> frozenset[int] | None:
-            got = await self._attempt(self.vote_deadline, self.plane.recv_message(self.peer(j), tag))
-            if got is False:
-                self.dead.add(j)
-            if not got:
-                return None
-            seen = got.meta.get("have")
+            got = await self._with(j, self.vote_deadline, lambda: self.plane.recv_message(self.peer(j), tag))
+            seen = got.meta.get("have") if got is not None else None
             if not isinstance(seen, list):
                 return None
             return frozenset(i for i in seen if isinstance(i, int) and 0 <= i < self.k)
 
-        votes = await run_all(*(self._attempt(self.vote_deadline, self.plane.send(
-            self.peer(j), tag, (), meta={"have": sorted(have)})) for j in others), *(take(j) for j in others))
+        votes = await run_all(*(give(j) for j in others), *(take(j) for j in others))
         views = {self.me: have} | {j: v for j, v in zip(others, votes[len(others):]) if v is not None}
         voters = frozenset(views)
         included = voters.intersection(*views.values())
@@ -299,32 +312,31 @@ class _Round:
         orphan_tag, result_tag = f"{self.prefix}{epoch}/o", f"{self.prefix}{epoch}/r"
 
         async def send_orphan_part(j: int) -> None:  # a dead owner's chunk, re-run by its successor
-            await self._attempt(self.deadline, self.plane.send(
+            await self._with(owners[j], self.deadline, lambda: self.plane.send(
                 self.peer(owners[j]), f"{orphan_tag}{j}", self.my_part(j), codec=self.codec))
 
         async def take_orphan_part(j: int, i: int) -> None:
-            got = await self._attempt(self.deadline, self.plane.recv(self.peer(i), f"{orphan_tag}{j}"))
-            if got is False:
-                self.dead.add(i)
-            elif got:
+            got = await self._with(i, self.deadline, lambda: self.plane.recv(self.peer(i), f"{orphan_tag}{j}"))
+            if got is not None:
                 self.keep_part(j, i, got)
 
+        async def give_result(j: int, i: int, values: np.ndarray) -> None:
+            await self._with(i, self.deadline, lambda: self.plane.send(
+                self.peer(i), f"{result_tag}{j}", [flat_tensor("r", self.state.dtype, values)], meta={"set": label}))
+
         async def own(j: int) -> None:
-            if j != self.me and self.me in included:
-                self.keep_part(j, self.me, self.my_part(j))
             if j != self.me:
+                if self.me in included:
+                    self.keep_part(j, self.me, self.my_part(j))
                 await run_all(*(take_orphan_part(j, i) for i in included if i != self.me))
             values = self.state.reduce(j, included, keep=True)
             if values is not None:
-                await run_all(*(self._attempt(self.deadline, self.plane.send(
-                    self.peer(i), f"{result_tag}{j}", [_flat("r", self.state.dtype, values)],
-                    meta={"set": label})) for i in recipients))
+                await run_all(*(give_result(j, i, values) for i in recipients))
 
         async def fetch(j: int) -> bool:
-            got = await self._attempt(self.deadline, self.plane.recv_message(self.peer(owners[j]), f"{result_tag}{j}"))
-            if got is False:
-                self.dead.add(owners[j])
-            if got and got.meta.get("set") == label and self._accept(j, included, got.tensors):
+            got = await self._with(owners[j], self.deadline,
+                                   lambda: self.plane.recv_message(self.peer(owners[j]), f"{result_tag}{j}"))
+            if got is not None and got.meta.get("set") == label and self._accept(j, included, got.tensors):
                 return True
             return await self.repair(j, included, owners[j])
 
@@ -347,57 +359,18 @@ class _Round:
         return True
 
     async def repair(self, chunk: int, included: frozenset[int], owner: int) -> bool:
-        """Ask the owner, then everyone else, for ``chunk`` over ``included``, until the deadline."""
+        """Ask the owner, then everyone else, for ``chunk`` over ``included``, until the deadline.
+
+        False at once when the owner is dead (the caller then redoes the gather without it).
+        """
         meta = {"tag": self.state.tag, "chunk": chunk, "set": sorted(included)}
-        while time.monotonic() < self.deadline:
-            sources = [owner] + [i for i in sorted(included) if i not in (owner, self.me)]
-            for i in sources:
-                if i in self.dead:
-                    continue
-                reply = await self._attempt(self.deadline, self.plane.request(self.peer(i), ROUTE, meta))
-                if reply is False:
-                    self.dead.add(i)
-                elif reply and reply.meta.get("have") and self._accept(chunk, included, list(reply.tensors)):
+        while time.monotonic() < self.deadline and owner not in self.dead:
+            for i in [owner] + [i for i in sorted(included) if i not in (owner, self.me)]:
+                reply = await self._with(i, self.deadline, lambda i=i: self.plane.request(self.peer(i), ROUTE, meta))
+                if reply is not None and reply.meta.get("have") and self._accept(chunk, included, list(reply.tensors)):
                     return True
-            if all(i in self.dead for i in sources) or owner in self.dead:
-                return False  # an unreachable owner: the caller redoes the gather without it
             await asyncio.sleep(QUERY_PAUSE_S)
         return False
-
-
-class _Layout:
-    """The inputs seen as one flat vector of one float dtype, and back."""
-
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
-        if not tensors:
-            raise ValueError("all-reduce needs at least one tensor")
-        check_unique_names(t.spec for t in tensors)
-        dtypes = {t.spec.dtype for t in tensors}
-        if len(dtypes) != 1 or not dtypes <= set(FLOAT_DTYPES):
-            raise ValueError(f"all-reduce tensors must share one float dtype ({', '.join(FLOAT_DTYPES)}), got "
-                             f"{sorted(dtypes)}: call once per dtype")
-        self.tensors = list(tensors)
-        self.dtype = dtypes.pop()
-        self.offsets = np.cumsum([0] + [t.spec.numel for t in tensors]).tolist()
-        self.numel = self.offsets[-1]
-
-    def pieces(self, lo: int, hi: int) -> list[Tensor]:
-        """Views of the inputs covering flat elements [lo, hi) (no copy)."""
-        out: list[Tensor] = []
-        size = self.tensors[0].spec.itemsize
-        for i, t in enumerate(self.tensors):
-            a, b = max(lo, self.offsets[i]), min(hi, self.offsets[i + 1])
-            if a < b:
-                start = (a - self.offsets[i]) * size
-                out.append(Tensor(TensorSpec(str(len(out)), self.dtype, (b - a,)), t.data[start:start + (b - a) * size]))
-        return out
-
-    def unflatten(self, flat: np.ndarray) -> list[Tensor]:
-        view = memoryview(flat).cast("B")
-        size = self.tensors[0].spec.itemsize
-        return [Tensor(t.spec, view[self.offsets[i] * size:self.offsets[i + 1] * size])
-                for i, t in enumerate(self.tensors)]
-
 
 def _prefix(tag: str) -> str:
     return f"/hyphae/ar/{tag}/"
@@ -405,28 +378,3 @@ def _prefix(tag: str) -> str:
 
 def _loop_time(deadline: float) -> float:
     return asyncio.get_running_loop().time() + (deadline - time.monotonic())
-
-
-def _flat(name: str, dtype: str, values: np.ndarray) -> Tensor:
-    return Tensor(TensorSpec(name, dtype, (values.size,)), memoryview(values).cast("B"))
-
-
-def _to_f64(tensors: list[Tensor], dtype: str, numel: int) -> np.ndarray:
-    """A member's part as float64, checking it is what the chunk needs (peers are untrusted)."""
-    if any(t.spec.dtype != dtype for t in tensors) or sum(t.spec.numel for t in tensors) != numel:
-        raise ProtocolViolation(f"a part of {sum(t.spec.numel for t in tensors)} elements of "
-                                f"{sorted({t.spec.dtype for t in tensors})}, expected {numel} of {dtype}")
-    out = np.empty(numel, dtype=np.float64)
-    off = 0
-    for t in tensors:
-        raw = np.frombuffer(t.data, dtype=numpy_dtype(dtype))
-        out[off:off + raw.size] = bf16_to_f32(raw) if dtype == "bfloat16" else raw
-        off += raw.size
-    return out
-
-
-def _from_f64(values: np.ndarray, dtype: str) -> np.ndarray:
-    if dtype == "bfloat16":
-        return f32_to_bf16(values.astype(np.float32))
-    return values.astype(numpy_dtype(dtype))
-

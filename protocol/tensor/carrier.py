@@ -106,6 +106,8 @@ class SocketCarrier(Carrier):
         return self._remote
 
     async def read_exactly(self, view: memoryview, *, at_boundary: bool = False) -> None:
+        if self._closing:
+            raise PeerError(f"data connection to {self._remote} is closed")
         got = 0
         self._busy += 1
         try:

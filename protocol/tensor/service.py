@@ -48,6 +48,7 @@ __all__ = ["TensorPlane", "Message", "Reply", "RouteHandler", "open_tensor_plane
 log = logging.getLogger(__name__)
 
 ENCODE_IN_THREAD_BYTES = 1 << 20
+GONE_POLL_S, GONE_POLLS = 0.2, 50
 _ERROR_KEY = "_error"
 
 
@@ -384,6 +385,8 @@ class TensorPlane:
                 sessions.remove(session)
             if not sessions:
                 self._sessions.pop(session.peer_id, None)
+                if self._mailbox.waiting_on(session.peer_id):
+                    self._spawn("tensor-peer-gone", self._check_gone, session.peer_id)
             self._notify(session.peer_id)
 
     async def _accept_loop(self, sock: socket.socket) -> None:
@@ -492,15 +495,19 @@ class TensorPlane:
             self._spawn("tensor-peer-gone", self._check_gone, peer_id)
 
     async def _check_gone(self, peer_id: str) -> None:
-        """Fail what waits on a peer that left libp2p and has no data connection left.
+        """Fail what waits on a peer that left libp2p once its last data connection is gone too.
 
-        A short grace lets the readers notice connections that died with it.
+        Polled briefly: the readers of connections that died with it notice a moment later.
         """
-        await asyncio.sleep(0.3)
-        if any(not s.is_closed for s in self._sessions.get(peer_id, [])):
+        for _ in range(GONE_POLLS):
+            await asyncio.sleep(GONE_POLL_S)
+            if any(p.peer_id == peer_id for p in await self.host.peers()):
+                return  # back (or never left): nothing to fail
+            if not any(not s.is_closed for s in self._sessions.get(peer_id, [])):
+                break
+        else:
             return
-        if any(p.peer_id == peer_id for p in await self.host.peers()):
-            return
+        log.debug("%s is gone: failing what waits on it", peer_id)
         gone = PeerError(f"{peer_id} disconnected")
         self._mailbox.fail(peer_id, gone)
         for (peer, _), fut in list(self._replies.items()):

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from hyphae.protocol.errors import PeerError
 from hyphae.protocol.host import Host
 from hyphae.protocol.tensor import Tensor, TensorConfig, TensorPlane, open_tensor_plane
 from hyphae.protocol.testing import wait_for
@@ -46,17 +47,28 @@ def make_group(make_host: Callable[..., Any], make_plane: Callable[..., Any]) ->
         for _ in range(n - 1):
             hosts.append(await make_host(bootstrap=(hosts[0].addrs[0],)))
         first = hosts[0]
-        await wait_for(lambda: _has_all(first, {h.peer_id for h in hosts[1:]}), 15, "every host joined the first")
-        for a, b in itertools.combinations(hosts[1:], 2):
-            if b.peer_id not in await ready_peers(a) and a.peer_id not in await ready_peers(b):
-                await a.connect(b.addrs[0])
-        for h in hosts:
-            others = {o.peer_id for o in hosts if o is not h}
-            await wait_for(lambda h=h, others=others: _has_all(h, others), 15, "every host sees every other")
+        await wait_for(lambda: _has_all(first, {h.peer_id for h in hosts[1:]}), 20, "every host joined the first")
+        try:  # the DHT rendezvous usually meshes the rest within a few seconds
+            await wait_for(lambda: _meshed(hosts), 6, "a full mesh")
+        except AssertionError:
+            for a, b in itertools.combinations(hosts[1:], 2):
+                if b.peer_id not in await ready_peers(a) and a.peer_id not in await ready_peers(b):
+                    try:
+                        await a.connect(b.addrs[0])
+                    except PeerError:
+                        pass  # a simultaneous dial from the other side won; the wait below tells
+            await wait_for(lambda: _meshed(hosts), 20, "every host sees every other")
         planes = [await make_plane(h, **config) for h in hosts]
         return hosts, planes
 
     return make
+
+
+async def _meshed(hosts: list[Host]) -> bool:
+    for h in hosts:
+        if not await _has_all(h, {o.peer_id for o in hosts if o is not h}):
+            return False
+    return True
 
 
 async def _has_all(host: Host, others: set[str]) -> bool:
