@@ -51,10 +51,10 @@ from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 
 from ._addrs import expand_wildcards, is_dialable
+from ._yamux import LeanYamux, honor_muxer_opt
 from .config import HostConfig, parse_peer_multiaddr
 from .errors import PeerError
 from .hello import PROTOCOL_ID as HELLO_PROTOCOL_ID
@@ -67,9 +67,9 @@ __all__ = ["TrioHost", "PeerState"]
 
 log = logging.getLogger(__name__)
 
-# py-libp2p 0.8.1's yamux sends a WINDOW_UPDATE frame after *every* read unless this is "0",
-# doubling the frames (and socket sends) of every small request. With it off, updates are
-# batched at half the window as go-yamux does. Measured: echo round trip 800 -> 560 us.
+# py-libp2p 0.8.1's own yamux (still used by protocol/testing.py's plaintext RawPeer; our hosts
+# use LeanYamux) sends a WINDOW_UPDATE frame after *every* read unless this is "0", doubling the
+# frames of every small request. With it off, updates are batched at half the window.
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DHT_VALUE_MAX_BYTES = 64 * 1024
@@ -169,14 +169,16 @@ def _build_libp2p_host(identity: Identity, config: HostConfig, listen: list[mult
     def advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
         return announce or [a for a in expand_wildcards(candidates) if is_dialable(str(a))]
 
-    return new_host(
+    host = new_host(
         key_pair=keypair,
         sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},  # Noise only: plaintext/secio/TLS refused
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): LeanYamux},  # wire-compatible, ~4x less CPU per message
         listen_addrs=listen,
         connection_config=connection_config,
         addrs_factory=advertised,
     )
+    honor_muxer_opt(host)  # py-libp2p 0.8.1 builds its own Yamux for /yamux/1.0.0 otherwise
+    return host
 
 
 class TrioHost:
