@@ -334,6 +334,8 @@ class TrioHost:
         self._kick_rendezvous()
 
     async def _add_to_dht(self, peer_id: str) -> None:
+        if not self.is_connected(peer_id):
+            return  # opening a stream now would redial a peer someone just disconnected
         try:
             await self.dht.add_peer(ID.from_base58(peer_id))
         except Exception as exc:  # noqa: BLE001 — a routing-table refusal is not fatal
@@ -502,6 +504,8 @@ class TrioHost:
 
     async def _ping_one(self, peer_id: str) -> None:
         """Measure one round trip on ``/ipfs/ping/1.0.0`` (sub-millisecond resolution)."""
+        if not self.is_connected(peer_id):
+            return
         with trio.move_on_after(10):
             try:
                 stream = await self.host.new_stream(ID.from_base58(peer_id), [PING_PROTOCOL])
