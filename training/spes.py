@@ -28,6 +28,7 @@ ALGORITHMS.md §1 (arXiv 2602.11543), without the paper's parameter server:
      adopted expert equals the latest recorded blob (fetching it by hash if not);
   6. the first included node also stores the averaged shared tensors as a blob
      (`spes/shared`), so a node joining later starts from the synced weights.
+  `transfer_dtype="bfloat16"` halves every byte of it (§1), nodes stay bit-identical.
   With static membership and no merge, all nodes end a sync bit-identical: each expert is its
   owner's pre-sync value, each shared tensor the all-reduce's fp32 mean.
 - Local training: AdamW β (0.9, 0.95), wd 0.1, clip 1.0, warm-up + cosine (`AdamWConfig`);
@@ -44,7 +45,7 @@ from typing import Any
 
 import torch
 
-from hyphae.training._config import check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training._experts import assign_experts, expert_tensors, merge_coefficient, merge_model_experts_
 from hyphae.training.comm import BlobCorrupt, Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -91,6 +92,11 @@ class SPESConfig:
     timeout_s: float = 300.0
     """How long a sync waits for stragglers (all-reduce) and for an owner's expert blob."""
 
+    transfer_dtype: str = "float32"
+    """Dtype of what a sync sends: "bfloat16" halves the bytes. The owner then rounds its own
+    copy of each published expert to bf16 too, so every node still holds the same bits; the
+    optimizer state stays fp32."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, AdamWConfig):
             raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
@@ -106,6 +112,7 @@ class SPESConfig:
         check_int("merge_until", self.merge_until, minimum=1)
         check_int("merge_top_k", self.merge_top_k, minimum=1)
         check_positive("timeout_s", self.timeout_s)
+        check_choice("transfer_dtype", self.transfer_dtype, ("float32", "bfloat16"))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -226,7 +233,11 @@ class SPES(Strategy):
         cfg, me = self.config, self.comm.peer_id
         r = done // cfg.sync_steps
         for e in self.owned:  # 1. publish
-            digest = await self.comm.put_tensors(expert_tensors(self.model, e))
+            params = expert_tensors(self.model, e)
+            wire = self._wire(params)
+            if self.config.transfer_dtype != "float32":
+                self._load(wire, params)  # the owner keeps exactly what it sends
+            digest = await self.comm.put_tensors(wire)
             await self.comm.state_set(f"{EXPERT_PREFIX}{e}", {"hash": digest, "round": r, "peer": me, "step": done})
             self.loaded[e] = digest
         included = await self._average_shared(r)  # 2. all-reduce (and barrier)
@@ -242,7 +253,7 @@ class SPES(Strategy):
         if included:
             await self._reassign(included)  # 5. ownership
             if included[0] == me:  # 6. the synced shared weights, for joiners
-                digest = await self.comm.put_tensors(self._shared)
+                digest = await self.comm.put_tensors(self._wire(self._shared))
                 await self.comm.state_set(SHARED_KEY, {"hash": digest, "round": r, "step": done})
         self.rounds = r
         return {"peers": len(included) if included else 1, "owned_experts": len(self.owned), "merge_a": a}
@@ -254,7 +265,7 @@ class SPES(Strategy):
             if group == [self.comm.peer_id]:
                 return (self.comm.peer_id,)
             result = await self.comm.all_reduce(
-                {n: p.detach() for n, p in self._shared.items()},
+                self._wire(self._shared),
                 group=group, tag=f"spes/{r}", timeout_s=self.config.timeout_s,
             )
         except CommClosed:
@@ -316,6 +327,12 @@ class SPES(Strategy):
     @staticmethod
     def _by_expert(records: Mapping[str, Any]) -> dict[int, dict[str, Any]]:
         return {int(k.rsplit("/", 1)[1]): v for k, v in records.items()}
+
+    def _wire(self, params: Mapping[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+        """What a sync sends of `params`: the tensors themselves, or bf16 copies."""
+        if self.config.transfer_dtype == "bfloat16":
+            return {n: p.detach().to(torch.bfloat16) for n, p in params.items()}
+        return {n: p.detach() for n, p in params.items()}
 
     @staticmethod
     def _load(tensors: Mapping[str, torch.Tensor], params: Mapping[str, torch.nn.Parameter]) -> None:

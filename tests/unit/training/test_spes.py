@@ -210,6 +210,18 @@ def test_sync_payload_matches_the_formula(micro_config: ModelConfig) -> None:
     assert sync_bytes(cfg, n_nodes=4, owned=1, bytes_per_value=2).server_download * 2 == formula.server_download
 
 
+def test_bf16_transfers_halve_the_sync_bytes_and_keep_nodes_bit_identical(micro_config: ModelConfig) -> None:
+    cfg = _cfg(micro_config, experts=4)
+    received = {}
+    for dtype in ("float32", "bfloat16"):
+        _, nodes = _nodes(cfg, 4, SPESConfig(optimizer=OPT, sync_steps=2, merge_interval=0, transfer_dtype=dtype))
+        _train_all(nodes, 2)
+        first = nodes[0].post[2]
+        assert all(torch.equal(first[k], n.post[2][k]) for n in nodes[1:] for k in first)
+        received[dtype] = sum(n.comm.traffic().received_bytes for n in nodes)
+    assert received["bfloat16"] / received["float32"] == pytest.approx(0.5, abs=0.02)
+
+
 def test_an_owner_leaving_mid_run_has_its_experts_adopted_without_losing_their_weights(
     micro_config: ModelConfig,
 ) -> None:
@@ -240,6 +252,26 @@ def test_an_owner_leaving_mid_run_has_its_experts_adopted_without_losing_their_w
     assert all(torch.equal(first[k], n.post[12][k]) for n in survivors[1:] for k in first)
     record = run_virtual(survivors[0].comm.state_get(f"{EXPERT_PREFIX}1"))
     assert record["peer"] == "peer-0000" and record["round"] == 3
+
+
+def test_an_adopter_with_a_stale_copy_fetches_the_latest_blob_by_hash(micro_config: ModelConfig) -> None:
+    cfg = _cfg(micro_config, experts=4)
+    net, nodes = _nodes(cfg, 4, SPESConfig(optimizer=OPT, sync_steps=4, merge_interval=0, timeout_s=5.0))
+    _train_all(nodes, 4)
+    net.kill("peer-0001")
+    adopter = nodes[0]
+    with torch.no_grad():
+        for p in expert_tensors(adopter.model, 1).values():
+            p.add_(1.0)  # as if it had missed the last sync of expert 1
+    adopter.loaded.pop(1)
+    before = adopter.comm.traffic().received_bytes
+    survivors = [nodes[0], nodes[2], nodes[3]]
+    _train_all(survivors, 8, start_step=4)
+    assert adopter.owned == (0, 1)
+    names = list(expert_tensors(adopter.model, 1))
+    assert all(torch.equal(adopter.post[8][k], nodes[1].post[4][k]) for k in names)
+    blob = len(encode_tensors({k: nodes[1].post[4][k] for k in names}))
+    assert adopter.comm.traffic().received_bytes - before >= blob
 
 
 def test_a_node_joining_mid_run_starts_from_the_synced_weights_and_owns_experts_after_the_next_sync(
