@@ -232,14 +232,7 @@ class SPES(Strategy):
     async def _sync(self, done: int) -> Metrics:
         cfg, me = self.config, self.comm.peer_id
         r = done // cfg.sync_steps
-        for e in self.owned:  # 1. publish
-            params = expert_tensors(self.model, e)
-            wire = self._wire(params)
-            if self.config.transfer_dtype != "float32":
-                self._load(wire, params)  # the owner keeps exactly what it sends
-            digest = await self.comm.put_tensors(wire)
-            await self.comm.state_set(f"{EXPERT_PREFIX}{e}", {"hash": digest, "round": r, "peer": me, "step": done})
-            self.loaded[e] = digest
+        await self._publish(r, done)  # 1. publish
         included = await self._average_shared(r)  # 2. all-reduce (and barrier)
         expected = set(included) if included is not None else set(await self.comm.members())
         others = [e for e in range(self.n_experts) if e not in self.owned]
@@ -257,6 +250,24 @@ class SPES(Strategy):
                 await self.comm.state_set(SHARED_KEY, {"hash": digest, "round": r, "step": done})
         self.rounds = r
         return {"peers": len(included) if included else 1, "owned_experts": len(self.owned), "merge_a": a}
+
+    async def _publish(self, r: int, done: int) -> None:
+        """Offer each owned expert as a blob and record its hash (a failure costs only this round)."""
+        me = self.comm.peer_id
+        for e in self.owned:
+            params = expert_tensors(self.model, e)
+            wire = self._wire(params)
+            if self.config.transfer_dtype != "float32":
+                self._load(wire, params)  # the owner keeps exactly what it sends
+            try:
+                digest = await self.comm.put_tensors(wire)
+                await self.comm.state_set(f"{EXPERT_PREFIX}{e}", {"hash": digest, "round": r, "peer": me, "step": done})
+            except CommClosed:
+                raise
+            except CommError as exc:
+                logger.warning("spes round %d: could not publish expert %d (%s); others keep its last blob", r, e, exc)
+                continue
+            self.loaded[e] = digest
 
     async def _average_shared(self, r: int) -> tuple[str, ...] | None:
         """Replace the shared tensors by their fp32 mean; returns who was included (None: failed)."""

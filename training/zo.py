@@ -83,7 +83,8 @@ class ZOConfig:
     """Names the run in every seed derivation; all peers of a run must use the same."""
 
     lr: float = 1e-4
-    """η, constant (MeZO uses a constant lr; FedKSeed's rebuild needs one)."""
+    """η, constant (MeZO uses a constant lr; FedKSeed's rebuild needs one). Smaller for bigger
+    models: 1e-3 fine-tunes the tiny presets (tests, bench); MeZO used 1e-6–1e-7 for OPT-13B+."""
 
     eps: float = 1e-3
     """ε, the perturbation scale of the two forward passes."""
