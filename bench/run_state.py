@@ -48,6 +48,7 @@ from hyphae.protocol.runstate.store import encode_file
 RUN = "bench-run"
 PROBE_TOPIC = "/hyphae/bench-probe/1"
 NODES_PER_PROC = 4
+WARMUP = 3
 
 
 # ---- worker: K nodes in one process, driven by JSON lines --------------------------------------
@@ -259,33 +260,34 @@ class Cluster:
 
 def stats_ms(samples_s: list[float]) -> dict[str, Any]:
     ordered = sorted(samples_s)
+    if not ordered:
+        return {"n": 0}
     return {"median_ms": round(statistics.median(ordered) * 1e3, 1),
             "p95_ms": round(ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))] * 1e3, 1),
             "max_ms": round(ordered[-1] * 1e3, 1), "n": len(ordered)}
 
 
-def bench_cluster(n: int, writes: int, partitions: int, rng: random.Random) -> dict[str, Any]:
+def bench_cluster(n: int, writes: int, partitions: int, settle_s: float, rng: random.Random) -> dict[str, Any]:
     cluster = Cluster(n)
     try:
         cluster.start()
         ready_s = cluster.wait_ready(90)
         owner_proc = 0
+        time.sleep(settle_s)  # let discovery and the pubsub mesh settle before timing anything
         conv, probe, sizes = [], [], []
-        for i in range(writes + 2):  # the first two are warm-up
-            time.sleep(0.4 + 0.2 * rng.random())
+        for i in range(writes + WARMUP):  # interleaved with the baseline so both see the same load
+            time.sleep(0.3 + 0.2 * rng.random())
             written = cluster.call(owner_proc, "written", cmd="config", node=0, key="k", value=i)
             seen = cluster.wait_seen(lambda e, i=i: e.get("kind") == "config" and e["key"] == "k" and e["value"] == i,
                                      n, 30)
-            if i >= 2:
+            size = written["envelope_bytes"]
+            time.sleep(0.3 + 0.2 * rng.random())
+            probed = cluster.call(owner_proc, "written", cmd="probe", node=0, id=i, size=size)
+            seen_probe = cluster.wait_seen(lambda e, i=i: e["event"] == "probe" and e["id"] == i, n - 1, 30)
+            if i >= WARMUP:
                 conv.append(max(seen) - written["t"])
-                sizes.append(written["envelope_bytes"])
-        size = sizes[0] if sizes else 0
-        for i in range(writes + 2):
-            time.sleep(0.4 + 0.2 * rng.random())
-            written = cluster.call(owner_proc, "written", cmd="probe", node=0, id=i, size=size)
-            seen = cluster.wait_seen(lambda e, i=i: e["event"] == "probe" and e["id"] == i, n - 1, 30)
-            if i >= 2:
-                probe.append(max(seen) - written["t"])
+                probe.append(max(seen_probe) - probed["t"])
+                sizes.append(size)
         heal = [bench_partition(cluster, n, round_) for round_ in range(partitions)]
         stats = cluster.broadcast("stats", cmd="stats")
         node_stats = [s for w in stats for s in w["nodes"]]
@@ -299,7 +301,8 @@ def bench_cluster(n: int, writes: int, partitions: int, rng: random.Random) -> d
             "pubsub_baseline": probe_stats,
             "ratio_vs_pubsub_median": round(conv_stats["median_ms"] / max(probe_stats["median_ms"], 1e-3), 2),
             "heal": stats_ms(heal),
-            "config_envelope_bytes": size,
+            "heal_note": "partition = every node ignores the other half (pubsub, sync, envelopes); healed = filter lifted",
+            "config_envelope_bytes": statistics.median(sizes),
             "published_bytes_per_message": round(sum(s["bytes_published"] for s in node_stats)
                                                  / max(1, sum(s["published"] for s in node_stats)), 1),
             "sync_heads_bytes_median": statistics.median(heads),
@@ -418,6 +421,7 @@ def main() -> None:
     parser.add_argument("--nodes", default="4,8,16", help="comma-separated network sizes")
     parser.add_argument("--writes", type=int, default=20, help="timed config writes per size")
     parser.add_argument("--partitions", type=int, default=3, help="partition/heal rounds per size")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds between all-live and the first write")
     parser.add_argument("--updates", type=int, default=10_000, help="updates for the document-size run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "run_state.json")
@@ -436,7 +440,7 @@ def main() -> None:
     clusters = {}
     for n in [int(x) for x in args.nodes.split(",")]:
         print(f"[{n} nodes] ...", flush=True)
-        clusters[str(n)] = bench_cluster(n, args.writes, args.partitions, rng)
+        clusters[str(n)] = bench_cluster(n, args.writes, args.partitions, args.settle, rng)
         c = clusters[str(n)]
         print(f"[{n} nodes] converge {c['convergence']['median_ms']} ms median / {c['convergence']['p95_ms']} ms p95 "
               f"(bare pubsub {c['pubsub_baseline']['median_ms']} ms, x{c['ratio_vs_pubsub_median']}); "
@@ -447,7 +451,8 @@ def main() -> None:
         "device": {"cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version(),
                    "loadavg_at_start": os.getloadavg()[0]},
         "params": {"nodes": args.nodes, "writes": args.writes, "partitions": args.partitions,
-                   "updates": args.updates, "seed": args.seed, "nodes_per_process": NODES_PER_PROC},
+                   "updates": args.updates, "seed": args.seed, "nodes_per_process": NODES_PER_PROC,
+                   "settle_s": args.settle, "warmup_writes": WARMUP},
         "clusters": clusters,
         "sizes": sizes,
         "targets": {"16_nodes_median_under_1s": biggest["convergence"]["median_ms"] < 1000,

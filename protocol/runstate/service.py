@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import weakref
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,6 +79,27 @@ class SyncConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not 0 < self.max_reply_bytes <= MAX_SYNC_FRAME_BYTES // 2:
             raise ValueError(f"max_reply_bytes must be in 1..{MAX_SYNC_FRAME_BYTES // 2}, got {self.max_reply_bytes}")
+
+
+_HOST_RUNS: weakref.WeakKeyDictionary[Host, dict[str, RunStateNode]] = weakref.WeakKeyDictionary()
+
+
+def _serving(host: Host) -> dict[str, RunStateNode]:
+    """The runs replicated on ``host``; the first registers the one ``/hyphae/runsync/1``
+    handler, which hands each request to the node of the run it names."""
+    runs = _HOST_RUNS.get(host)
+    if runs is None:
+        runs = _HOST_RUNS[host] = {}
+
+        async def dispatch(peer_id: str, message: Any) -> Any:
+            run = message.get("run") if isinstance(message, dict) else None
+            node = runs.get(run) if isinstance(run, str) else None
+            if node is None:
+                raise ProtocolViolation(f"runsync request for run {str(run)[:64]!r}, which this node does not hold")
+            return await node._on_sync(peer_id, message)
+
+        host.serve(SYNC_PROTOCOL, dispatch, max_frame_bytes=MAX_SYNC_FRAME_BYTES)
+    return runs
 
 
 def make_pubsub_validator(state: RunState) -> Callable[[Any, Any], bool]:
@@ -154,7 +176,10 @@ class RunStateNode:
         self.state.add_listener(self._on_applied)
         await self.host.subscribe(self.topic, self._on_message)
         self._install_validator()
-        self.host.serve(SYNC_PROTOCOL, self._on_sync, max_frame_bytes=MAX_SYNC_FRAME_BYTES)
+        runs = _serving(self.host)
+        if self.state.run in runs:
+            raise ValueError(f"run {self.state.run!r} is already replicated on this host")
+        runs[self.state.run] = self
         self.host.add_listener(self._on_peer_event)
         self._running = True
         try:
@@ -172,6 +197,7 @@ class RunStateNode:
                 self.ready.set()
         finally:
             self._running = False
+            _serving(self.host).pop(self.state.run, None)
             await self._stop()
 
     async def _stop(self) -> None:
@@ -185,6 +211,10 @@ class RunStateNode:
                         await self.host.publish(self.topic, env.encode())
         if self.store is not None:
             self.store.save(self.state)
+        pubsub = getattr(getattr(self.host, "_trio", None), "pubsub", None)
+        if pubsub is not None:
+            with contextlib.suppress(Exception):
+                self.host._bridge.run_sync_soon(lambda: pubsub.remove_topic_validator(self.topic))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await self.host.unsubscribe(self.topic)

@@ -10,8 +10,9 @@ import logging
 import pytest
 
 from hyphae.protocol.identity import Identity
-from hyphae.protocol.runstate import SYNC_PROTOCOL, SyncReply, SyncRequest, sign_envelope
+from hyphae.protocol.runstate import SyncReply, SyncRequest, sign_envelope
 from hyphae.protocol.runstate.doc import new_section_doc
+from hyphae.protocol.testing import wait_for
 
 from .conftest import summary
 
@@ -81,15 +82,18 @@ async def test_forged_updates_are_rejected_everywhere_and_never_spread(runnet) -
     for env in forged:
         await mallory.host.publish(mallory.node.topic, env.encode())
 
-    async def evil(peer_id: str, request: object) -> object:  # Mallory's sync serves only forgeries
-        return SyncReply("itest", [e.encode() for e in forged], False, False).to_wire()
+    # Mallory's sync now answers every request with the forgeries (pooled streams keep their
+    # handler, so the answer is swapped rather than the protocol handler).
+    mallory.state.answer = lambda request, max_bytes: SyncReply("itest", [e.encode() for e in forged], False, False)
 
-    mallory.host.serve(SYNC_PROTOCOL, evil)
-    for m in net.members[:4]:
-        await m.host.connect(mallory.host.addrs[0])
-        await m.node.sync_with(mallory.peer_id)
+    async def pulled_all_three(i: int) -> bool:
+        await net.members[i].node.sync_with(mallory.peer_id)
+        return net.members[i].state.rejected_count >= before[i] + 3
+
     for i, m in enumerate(net.members[:4]):
-        assert m.state.rejected_count >= before[i] + 3, f"node {i} did not reject all three"
+        await m.host.connect(mallory.host.addrs[0])
+        await wait_for(lambda i=i: pulled_all_three(i), 10, f"node {i} to reject all three forgeries", 0.2)
+    for i, m in enumerate(net.members[:4]):
         assert not digests & {e.digest for e in m.state.envelopes()}
         assert m.state.value("progress", alice.peer_id).get("step") != 666
         assert "lr" not in m.state.run_config()
