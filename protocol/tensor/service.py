@@ -67,6 +67,8 @@ class Reply:
     meta: dict[str, Any] = field(default_factory=dict)
     tensors: Sequence[Tensor] = ()
     codec: str | Codec = "raw"
+    sent: Callable[[], None] | None = None
+    """Called once the reply has been delivered or has failed (e.g. to free an upload slot)."""
 
 
 RouteHandler = Callable[[str, dict[str, Any], list[Tensor]], Awaitable[Reply]]
@@ -478,12 +480,15 @@ class TensorPlane:
         except Exception:  # noqa: BLE001 — a handler bug answers an error, and is logged
             log.exception("handler of %s failed on a request from %s", begin.tag, peer)
             reply = Reply({_ERROR_KEY: "internal error"})
-        out = Begin(begin.tag, _specs(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
-                    dict(reply.meta))
         try:
+            out = Begin(begin.tag, _specs(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
+                        dict(reply.meta))
             await self._transfer(peer, out, reply.tensors)
         except HyphaeError as exc:
             log.debug("reply to %s on %s failed: %s", peer, begin.tag, exc)
+        finally:
+            if reply.sent is not None:
+                reply.sent()
 
     # ---- peers and upkeep ------------------------------------------------------------------
 
