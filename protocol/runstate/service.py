@@ -210,7 +210,10 @@ class RunStateNode:
                     async with asyncio.timeout(1.0):
                         await self.host.publish(self.topic, env.encode())
         if self.store is not None:
-            self.store.save(self.state)
+            try:
+                self.store.save(self.state)
+            except OSError as exc:
+                log.warning("could not save the run state to %s: %s", self.store.path, exc)
         pubsub = getattr(getattr(self.host, "_trio", None), "pubsub", None)
         if pubsub is not None:
             with contextlib.suppress(Exception):

@@ -21,7 +21,7 @@ from .doc import (checkpoint_index, config_writers, effective_config, encode_ent
 from .log import Outcome, Replica
 from .membership import GONE, LIVE, SUSPECT, MembershipConfig, member_status
 from .rules import WRITERS_KEY, RuleContext, SectionRule, WriteRejected, default_rules
-from .wire import Envelope, SyncReply, SyncRequest, check_run_name, sign_envelope
+from .wire import Envelope, SyncReply, SyncRequest, check_peer_id, check_run_name, sign_envelope
 
 __all__ = ["RunState", "RunStateConfig", "Received"]
 
@@ -51,6 +51,8 @@ class RunStateConfig:
             raise ValueError(f"max_streams must be >= 1, got {self.max_streams}")
         if "member" not in self.rules:
             raise ValueError("the rule table needs a 'member' section (membership is built on it)")
+        if self.owner is not None:
+            check_peer_id(self.owner, "owner")
 
 
 @dataclass

@@ -39,6 +39,7 @@ __all__ = [
     "SyncReply",
     "topic_for",
     "check_run_name",
+    "check_peer_id",
     "sign_envelope",
     "decode_envelope",
     "verify_envelope",
@@ -73,6 +74,14 @@ def check_run_name(run: str) -> str:
         raise ValueError(f"run name must be 1-64 characters of A-Z a-z 0-9 . _ - (starting with a letter "
                          f"or digit), got {run!r}")
     return run
+
+
+def check_peer_id(peer_id: str, what: str = "peer id") -> str:
+    """Return ``peer_id`` if it is an Ed25519 libp2p peer id (``12D3KooW...``), else raise
+    ValueError naming ``what``: only such ids can be checked against signatures."""
+    if not isinstance(peer_id, str) or not _PEER_RE.match(peer_id) or _public_key(peer_id) is None:
+        raise ValueError(f"{what} must be an Ed25519 peer id like 12D3KooW..., got {str(peer_id)[:80]!r}")
+    return peer_id
 
 
 def topic_for(run: str) -> str:

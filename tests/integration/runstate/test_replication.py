@@ -123,3 +123,71 @@ async def test_a_killed_node_resumes_from_disk_and_catches_up(runnet) -> None:
     await net.wait(lambda s: s.run_config().get("epoch_of_test") == 2 and s.value("progress", net.members[1].peer_id)
                    == {"step": 7}, 15, "the restarted node caught up")
     await net.ready()
+
+
+_PROCESS = '''
+import asyncio, json, sys
+from pathlib import Path
+from hyphae.protocol.config import HostConfig
+from hyphae.protocol.host import open_host
+from hyphae.protocol.identity import load_or_create_identity
+from hyphae.protocol.runstate import RunState, RunStore, SyncConfig, open_run_state
+
+async def main(key, path, bootstrap, step):
+    ident = load_or_create_identity(Path(key))
+    state = RunState("itest", ident)
+    store = RunStore(Path(path))
+    loaded = store.load(state)  # what the disk held, before any peer could tell us
+    print(json.dumps({"loaded": loaded, "progress": state.value("progress", ident.peer_id)}), flush=True)
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False, bootstrap=(bootstrap,))
+    async with open_host(ident, config, agent="rs-proc/1") as host:
+        async with open_run_state(host, state, config=SyncConfig(save_interval_s=0.2), store=store):
+            state.set_member(addrs=list(host.addrs))
+            state.add_listener(lambda envs, local: any(e.section == "config" for e in envs)
+                               and print(json.dumps({"config": state.run_config()}), flush=True))
+            if step is not None:
+                state.set_progress({"step": step})
+            await asyncio.sleep(3600)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]) if sys.argv[4] != "-" else None))
+'''
+
+
+async def test_a_sigkilled_process_resumes_from_its_file_and_catches_up(runnet, tmp_path) -> None:
+    import json
+    import signal
+    import sys
+
+    net = await runnet(2)
+    await net.ready()
+    script = tmp_path / "member.py"
+    script.write_text(_PROCESS)
+    key, path = tmp_path / "member.key", tmp_path / "member" / "runstate.msgpack"
+
+    async def start(step: str) -> tuple[asyncio.subprocess.Process, dict]:
+        proc = await asyncio.create_subprocess_exec(sys.executable, str(script), str(key), str(path),
+                                                    net.members[0].host.addrs[0], step,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        return proc, json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
+
+    proc, first = await start("41")
+    try:
+        assert first == {"loaded": 0, "progress": {}}
+        await net.wait(lambda s: any(v == {"step": 41} for v in s.replica.values("progress").values()), 20,
+                       "the process's progress everywhere")
+        await asyncio.sleep(0.6)  # a periodic save has happened since
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+    net.states[0].set_config({"while_dead": True})
+    proc, second = await start("-")
+    try:
+        assert second["loaded"] >= 2 and second["progress"] == {"step": 41}  # resumed from its own file
+        while True:  # ... and caught up with what was written while it was dead
+            line = json.loads(await asyncio.wait_for(proc.stdout.readline(), 20))
+            if line.get("config", {}).get("while_dead"):
+                break
+        await net.wait(lambda s: len(s.live_members()) == 3, 20, "the restarted process live again")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()

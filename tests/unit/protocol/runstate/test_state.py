@@ -197,3 +197,12 @@ def test_a_head_with_a_foreign_tip_gets_the_whole_chain(ids, clock) -> None:
     assert len(a.answer(forked, 1 << 20).envelopes) == 3
     lagging = SyncRequest("run-1", {key: Head(stream.epoch, 1, stream.envelopes[1].digest[:8])})
     assert len(a.answer(lagging, 1 << 20).envelopes) == 1
+
+
+def test_a_pinned_owner_must_be_a_peer_id(ids, clock) -> None:
+    with pytest.raises(ValueError, match="owner must be an Ed25519 peer id"):
+        RunStateConfig(owner="alice")
+    pinned = make(ids[1], clock, owner=ids[0].peer_id)
+    assert pinned.owner() == ids[0].peer_id  # known before any genesis
+    pinned.create_run()
+    assert pinned.owner() == ids[0].peer_id  # an earlier genesis by someone else changes nothing
