@@ -19,26 +19,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._addrs import interface_ipv4s, is_dialable
-from ..errors import ClosedError, HyphaeError, PeerError, ProtocolViolation
+from ..errors import ClosedError, HyphaeError, PeerError
 from ..host import Host
 from ..stream import MessageStream
 from . import connect
+from ._listener import DataListener
 from ._mailbox import Mailbox
+from ._requests import Message, Reply, Requests, RouteHandler
 from ._util import run_all
 from .allreduce import AllReduce, AllReduceResult
 from .carrier import stream_frame_limit
 from .codecs import Codec
 from .config import TensorConfig
-from .errors import NotSent, RemoteError
+from .errors import NotSent
 from .session import Session, Traffic
 from .spec import Tensor, check_unique_names
 from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, PROTOCOL_ID, Begin
@@ -49,30 +48,6 @@ log = logging.getLogger(__name__)
 
 ENCODE_IN_THREAD_BYTES = 1 << 20
 GONE_POLL_S, GONE_POLLS = 0.2, 50
-_ERROR_KEY = "_error"
-
-
-@dataclass(frozen=True)
-class Message:
-    """A received transfer: its tensors (in the sender's order) and the sender's ``meta``."""
-
-    tensors: list[Tensor]
-    meta: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What a request handler answers: small ``meta`` plus optional tensors."""
-
-    meta: dict[str, Any] = field(default_factory=dict)
-    tensors: Sequence[Tensor] = ()
-    codec: str | Codec = "raw"
-    sent: Callable[[], None] | None = None
-    """Called once the reply has been delivered or has failed (e.g. to free an upload slot)."""
-
-
-RouteHandler = Callable[[str, dict[str, Any], list[Tensor]], Awaitable[Reply]]
-"""``reply = await handler(peer_id, meta, tensors)``; raise a HyphaeError to answer an error."""
 
 
 @dataclass
@@ -106,27 +81,19 @@ class TensorPlane:
         self._reserved: set[Session] = set()
         self._dialing: dict[str, int] = {}
         self._changed: dict[str, asyncio.Event] = {}
-        self._pending: dict[bytes, connect.Pending] = {}
-        self._routes: dict[str, RouteHandler] = {}
-        self._replies: dict[tuple[str, int], asyncio.Future[Reply]] = {}
+        self._requests = Requests()
         self._admitted: dict[int, bool] = {}
-        self._ids = itertools.count(1)
         self._stats: dict[str, _PeerStats] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._listeners: list[socket.socket] = []
+        self._listener = DataListener(config, local_id=self.peer_id, on_link=self._run_inbound, spawn=self._spawn)
         self.data_addrs: tuple[str, ...] = ()
         self._closed = False
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def _start(self) -> None:
-        bound: list[str] = []
-        for addr in self.config.listen:
-            sock, actual = _bind(addr)
-            self._listeners.append(sock)
-            bound.append(actual)
-            self._spawn(f"tensor-accept {actual}", self._accept_loop, sock)
-        self.data_addrs = self.config.announce or _advertised(bound)
+        self._listener.start()
+        self.data_addrs = self._listener.addrs
         self.host.set_stream_handler(PROTOCOL_ID, self._on_stream, max_frame_bytes=stream_frame_limit(self._limits))
         self.host.add_listener(self._on_peer_event)
         self._allreduce = AllReduce(self)
@@ -140,9 +107,7 @@ class TensorPlane:
         self._closed = True
         closed = ClosedError("the tensor plane is closed")
         self._mailbox.fail_all(closed)
-        for fut in self._replies.values():
-            if not fut.done():
-                fut.set_exception(closed)
+        self._requests.fail(None, closed)
         for sessions in list(self._sessions.values()):
             for session in list(sessions):
                 await session.aclose()
@@ -151,8 +116,7 @@ class TensorPlane:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)  # accept loops first leave their sockets alone
-        for sock in self._listeners:
-            sock.close()
+        self._listener.close()
 
     def _spawn(self, name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> asyncio.Task[Any] | None:
         """Run ``fn(*args)`` as a plane task (the coroutine is made inside the task, so a task
@@ -237,7 +201,7 @@ class TensorPlane:
 
     def serve(self, route: str, handler: RouteHandler) -> None:
         """Answer :meth:`request` calls for ``route`` with ``handler`` (one task per request)."""
-        self._routes[route] = handler
+        self._requests.serve(route, handler)
 
     async def request(self, peer_id: str, route: str, meta: dict[str, Any] | None = None,
                       tensors: Sequence[Tensor] = (), *, codec: str | Codec = "raw") -> Reply:
@@ -247,18 +211,10 @@ class TensorPlane:
             RemoteError: the handler answered with an error.
             Refused / PeerError / ClosedError: as :meth:`send`.
         """
-        key = (peer_id, next(self._ids))
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._replies[key] = fut
-        try:
-            begin = Begin(route, _specs(tensors), Codec.named(codec), KIND_REQUEST, key[1], dict(meta or {}))
+        with self._requests.expect(peer_id) as (request_id, fut):
+            begin = Begin(route, _specs(tensors), Codec.named(codec), KIND_REQUEST, request_id, dict(meta or {}))
             await self._transfer(peer_id, begin, tensors)
-            reply = await fut
-        finally:
-            self._replies.pop(key, None)
-        if _ERROR_KEY in reply.meta:
-            raise RemoteError(f"{peer_id} answered {route!r}: {reply.meta[_ERROR_KEY]}")
-        return reply
+            return Requests.check(await fut, peer_id, route)
 
     def stats(self) -> dict[str, Any]:
         """Per-peer path, connections and bytes by path, for the dashboard and /metrics."""
@@ -375,6 +331,9 @@ class TensorPlane:
         self._notify(peer_id)
         return session
 
+    async def _run_inbound(self, peer_id: str, link: connect.Link) -> None:
+        await self._run_session(self._adopt(peer_id, link))
+
     async def _run_session(self, session: Session) -> None:
         try:
             await session.run()
@@ -391,46 +350,13 @@ class TensorPlane:
                     self._spawn("tensor-peer-gone", self._check_gone, session.peer_id)
             self._notify(session.peer_id)
 
-    async def _accept_loop(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(sock)
-            except OSError as exc:
-                log.warning("tensor data listener error (continuing): %s", exc)
-                await asyncio.sleep(0.5)
-                continue
-            self._spawn("tensor-inbound", self._accept_one, conn)
-
-    async def _accept_one(self, sock: socket.socket) -> None:
-        try:
-            pending, link = await connect.accept_direct(
-                sock, self._lookup_pending, self._claim_pending, local_id=self.peer_id, limits=self._limits,
-                timeout_s=self.config.handshake_timeout_s)
-        except ProtocolViolation as exc:
-            log.warning("refused a data connection: %s", exc)
-            return
-        except PeerError as exc:
-            log.info("inbound data connection failed: %s", exc)
-            return
-        await self._run_session(self._adopt(pending.peer_id, link))
-
-    def _lookup_pending(self, session_id: bytes) -> connect.Pending | None:
-        pending = self._pending.get(session_id)
-        return pending if pending is not None and pending.expires_at > time.monotonic() else None
-
-    def _claim_pending(self, session_id: bytes) -> connect.Pending | None:
-        pending = self._lookup_pending(session_id)
-        self._pending.pop(session_id, None)
-        return pending
-
     async def _on_stream(self, stream: MessageStream) -> None:
         self._check_open()
         wait_s = self.config.handshake_timeout_s + 8 * self.config.dial_timeout_s
         link = await connect.answer(
-            stream, local_id=self.peer_id, data_addrs=self.data_addrs if self._listeners else (),
-            limits=self._limits, handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
-            add_pending=self._pending.__setitem__, drop_pending=lambda sid: self._pending.pop(sid, None),
+            stream, local_id=self.peer_id, data_addrs=self.data_addrs, limits=self._limits,
+            handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
+            add_pending=self._listener.add_pending, drop_pending=self._listener.drop_pending,
             is_relayed=lambda: self._is_relayed(stream.peer_id))
         if link is None:
             return
@@ -443,9 +369,9 @@ class TensorPlane:
     def admit(self, session: Session, begin: Begin) -> None:
         self._check_open()
         peer = session.peer_id
-        if begin.kind == KIND_REQUEST and begin.tag not in self._routes:
+        if begin.kind == KIND_REQUEST and not self._requests.serves(begin.tag):
             raise PeerError(f"no handler for route {begin.tag!r:.60} here")
-        if begin.kind == KIND_REPLY and (peer, begin.request_id) in self._replies:
+        if begin.kind == KIND_REPLY and self._requests.awaits(peer, begin.request_id):
             counted = False  # awaited: costs no budget
         else:
             key = begin.tag if begin.kind == KIND_MESSAGE else f"\x00{begin.kind}"
@@ -464,22 +390,13 @@ class TensorPlane:
             return
         self._mailbox.unreserve(begin.nbytes, counted)
         if begin.kind == KIND_REPLY:
-            fut = self._replies.get((peer, begin.request_id))
-            if fut is not None and not fut.done():
-                fut.set_result(Reply(begin.meta, tensors))
-            else:
+            if not self._requests.resolve(peer, begin.request_id, Reply(begin.meta, tensors)):
                 log.debug("late reply %d from %s dropped", begin.request_id, peer)
         elif not self._closed:
             self._spawn(f"tensor-request {begin.tag[:40]}", self._answer, peer, begin, tensors)
 
     async def _answer(self, peer: str, begin: Begin, tensors: list[Tensor]) -> None:
-        try:
-            reply = await self._routes[begin.tag](peer, begin.meta, tensors)
-        except HyphaeError as exc:
-            reply = Reply({_ERROR_KEY: str(exc)[:1000]})
-        except Exception:  # noqa: BLE001 — a handler bug answers an error, and is logged
-            log.exception("handler of %s failed on a request from %s", begin.tag, peer)
-            reply = Reply({_ERROR_KEY: "internal error"})
+        reply = await self._requests.handle(peer, begin.tag, begin.meta, tensors)
         try:
             out = Begin(begin.tag, _specs(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
                         dict(reply.meta))
@@ -515,9 +432,7 @@ class TensorPlane:
         log.debug("%s is gone: failing what waits on it", peer_id)
         gone = PeerError(f"{peer_id} disconnected")
         self._mailbox.fail(peer_id, gone)
-        for (peer, _), fut in list(self._replies.items()):
-            if peer == peer_id and not fut.done():
-                fut.set_exception(gone)
+        self._requests.fail(peer_id, gone)
 
     async def _upkeep(self) -> None:
         period = min(5.0, self.config.idle_timeout_s / 4)
@@ -525,8 +440,7 @@ class TensorPlane:
             await asyncio.sleep(period)
             now = time.monotonic()
             self._mailbox.expire(now)
-            for sid in [s for s, p in self._pending.items() if p.expires_at <= now]:
-                del self._pending[sid]
+            self._listener.expire(now)
             for sessions in list(self._sessions.values()):
                 for session in list(sessions):
                     idle = now - session.last_used > self.config.idle_timeout_s
@@ -548,33 +462,6 @@ def _specs(tensors: Sequence[Tensor]) -> tuple:
     specs = tuple(t.spec for t in tensors)
     check_unique_names(specs)
     return specs
-
-
-def _bind(addr: str) -> tuple[socket.socket, str]:
-    parts = addr.split("/")
-    family = socket.AF_INET if parts[1] == "ip4" else socket.AF_INET6
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((parts[2], int(parts[4])))
-        sock.listen(128)
-        sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    port = sock.getsockname()[1]
-    return sock, f"/{parts[1]}/{parts[2]}/tcp/{port}"
-
-
-def _advertised(bound: list[str]) -> tuple[str, ...]:
-    out: list[str] = []
-    for addr in bound:
-        parts = addr.split("/")
-        if parts[2] == "0.0.0.0":
-            out += [f"/ip4/{ip}/tcp/{parts[4]}" for ip in interface_ipv4s()]
-        elif parts[2] != "::" and is_dialable(addr):
-            out.append(addr)
-    return tuple(dict.fromkeys(out))[:8]
 
 
 @contextlib.asynccontextmanager

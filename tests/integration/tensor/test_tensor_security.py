@@ -138,7 +138,7 @@ async def _through_proxy(make_group, make_plane, proxy: Proxy):
     port = await proxy.start()
     a = await make_plane(hosts[0], frame_bytes=FRAME)
     b = await make_plane(hosts[1], frame_bytes=FRAME, announce=(f"/ip4/127.0.0.1/tcp/{port}",))
-    real = b._listeners[0].getsockname()
+    real = b._listener.sockets[0].getsockname()
     proxy.target = (real[0], real[1])
     return a, b
 
@@ -166,7 +166,7 @@ async def test_eavesdropper_with_the_session_id_can_neither_read_nor_join(make_g
 
 async def test_stranger_on_the_data_port_is_refused_and_the_listener_keeps_serving(make_group) -> None:
     _, (a, b) = await make_group(2)
-    host, port = b._listeners[0].getsockname()
+    host, port = b._listener.sockets[0].getsockname()
     for junk in (b"GET / HTTP/1.1\r\nHost: hyphae\r\n\r\n", PREAMBLE + os.urandom(16) + os.urandom(64), os.urandom(5000)):
         assert await _answer_to((host, port), junk) == b""
     ts = secret_tensors()
