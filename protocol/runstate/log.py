@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from .doc import materialize
+from .doc import Materialized, materialize
 from .rules import RuleContext, SectionRule, WriteRejected
 from .wire import TIP_BYTES, Envelope, Head, verify_envelope
 
@@ -48,9 +48,16 @@ class Stream:
     section: str
     epoch: int
     envelopes: list[Envelope]
-    state: bytes
-    value: dict[str, Any]
+    section_doc: Materialized
     log_bytes: int = 0
+
+    @property
+    def state(self) -> bytes:
+        return self.section_doc.state
+
+    @property
+    def value(self) -> dict[str, Any]:
+        return self.section_doc.value
 
     @property
     def seq(self) -> int:
@@ -152,9 +159,9 @@ class Replica:
     def _apply(self, env: Envelope, rule: SectionRule, ctx: RuleContext) -> None:
         stream = self.streams.get(env.key)
         if env.is_snapshot:
-            state, value = materialize([env.update], rule)
-            rule.check(env.author, stream.value if stream else {}, value, ctx)
-            self.streams[env.key] = Stream(env.author, env.section, env.epoch, [env], state, value)
+            section = materialize([env.update], rule, stream.section_doc if stream else None)
+            rule.check(env.author, stream.value if stream else {}, section.value, ctx)
+            self.streams[env.key] = Stream(env.author, env.section, env.epoch, [env], section)
             self._purge_pending(env.key)
             return
         assert stream is not None  # offer() applies a delta only on top of its epoch's chain
@@ -163,10 +170,10 @@ class Replica:
             raise WriteRejected(f"{env.section} of {env.author} has {env.seq} deltas / "
                                 f"{stream.log_bytes + len(env.update)} bytes since its snapshot, limit {max_deltas} / "
                                 f"{2 * rule.max_state_bytes}; the author must start a new epoch (compact)")
-        state, value = materialize([stream.state, env.update], rule)
-        rule.check(env.author, stream.value, value, ctx)
+        section = materialize([stream.state, env.update], rule, stream.section_doc)
+        rule.check(env.author, stream.value, section.value, ctx)
         stream.envelopes.append(env)
-        stream.state, stream.value = state, value
+        stream.section_doc = section
         stream.log_bytes += len(env.update)
 
     def _drain(self, key: Key, ctx: RuleContext) -> list[Envelope]:

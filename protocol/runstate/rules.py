@@ -6,7 +6,7 @@ another member's stream. What is left for the rules is (a) whether ``author`` ma
 ``section`` at all (``config`` only by the run owner or peers it delegated keys to) and (b) whether
 the new content is well-formed and bounded. A rule sees the section's value before and after the
 envelope (plain JSON-like dicts) plus a :class:`RuleContext` (the run, its owner, delegations) and
-raises :class:`WriteRejected` with a reason. Receivers drop rejected envelopes: they are not
+raises :class:`WriteRejected` with a reason; per-entry rules check only the entries that changed. Receivers drop rejected envelopes: they are not
 stored, not re-published and not served in sync.
 
 Default rules (the table is pluggable: pass your own ``rules`` to the RunState):
@@ -142,6 +142,12 @@ def _changed(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return [k for k, v in new.items() if k not in old or old[k] != v]
 
 
+def _changed_items(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Entries that are new or changed: unchanged ones passed the rule when they were written
+    (the same rule on every replica), so a large section costs only what changed."""
+    return [(k, v) for k, v in new.items() if k not in old or old[k] != v]
+
+
 # ---- the default rules -----------------------------------------------------------------------
 
 
@@ -155,7 +161,7 @@ def check_genesis(author: str, old: Mapping[str, Any], new: Mapping[str, Any], c
 
 
 def check_config(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, entry in new.items():
+    for key, entry in _changed_items(old, new):
         if key != WRITERS_KEY and not CONFIG_KEY_RE.match(key):
             raise WriteRejected(f"config key {key[:80]!r} must match {CONFIG_KEY_RE.pattern}")
         if not isinstance(entry, dict) or set(entry) != {"v", "ts"}:
@@ -206,13 +212,13 @@ def check_member(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ct
 
 
 def check_progress(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, value in new.items():
+    for key, value in _changed_items(old, new):
         if not isinstance(value, (int, float, str, bool)) and value is not None:
             raise WriteRejected(f"progress {key[:60]!r} must be a number, string, bool or null")
 
 
 def check_experts(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, claim in new.items():
+    for key, claim in _changed_items(old, new):
         if not key.isdigit() or int(key) > MAX_EXPERT_ID or str(int(key)) != key:
             raise WriteRejected(f"expert claim key must be an expert number 0..{MAX_EXPERT_ID}, got {key[:20]!r}")
         if not isinstance(claim, dict) or set(claim) != {"since"}:
@@ -221,7 +227,7 @@ def check_experts(author: str, old: Mapping[str, Any], new: Mapping[str, Any], c
 
 
 def check_checkpoints(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, manifest in new.items():
+    for key, manifest in _changed_items(old, new):
         if not _ID_RE.match(key):
             raise WriteRejected(f"checkpoint id {key[:80]!r} must match {_ID_RE.pattern}")
         if not isinstance(manifest, dict):
@@ -236,14 +242,14 @@ def check_checkpoints(author: str, old: Mapping[str, Any], new: Mapping[str, Any
 
 
 def check_blobs(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, size in new.items():
+    for key, size in _changed_items(old, new):
         if not key or not _HEX_RE.match(key):
             raise WriteRejected(f"blob key must be a lowercase hex hash, got {key[:80]!r}")
         _int(size, f"blob {key[:16]} size")
 
 
 def check_zo_log(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
-    for key, scalars in new.items():
+    for key, scalars in _changed_items(old, new):
         if not key.isdigit() or str(int(key)) != key:
             raise WriteRejected(f"zo_log key must be a step number, got {key[:20]!r}")
         if not isinstance(scalars, str) or len(scalars) % 2 or not _HEX_RE.match(scalars):

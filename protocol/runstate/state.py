@@ -7,6 +7,7 @@ are applied in the order their rules need, and views are computed from the repli
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -66,8 +67,9 @@ class Received:
 class _Writer:
     """This node's open epoch of one of its sections: a live pycrdt doc that produces deltas."""
 
-    def __init__(self, identity: Identity, run: str, section: str, epoch: int, value: Mapping[str, Any]) -> None:
-        self.identity, self.run, self.section, self.epoch = identity, run, section, epoch
+    def __init__(self, identity: Identity, author: str, run: str, section: str, epoch: int,
+                 value: Mapping[str, Any]) -> None:
+        self.identity, self.author, self.run, self.section, self.epoch = identity, author, run, section, epoch
         self.doc = new_section_doc(value)
         self.seq = 0
         self.log_bytes = 0
@@ -75,7 +77,7 @@ class _Writer:
     def snapshot(self) -> Envelope:
         update = self.doc.get_update()
         self.log_bytes = len(update)
-        return sign_envelope(self.identity, self.run, self.section, self.epoch, 0, update)
+        return sign_envelope(self.identity, self.run, self.section, self.epoch, 0, update, author=self.author)
 
     def delta(self, encoded: Mapping[str, str], delete: Iterable[str]) -> Envelope:
         before = self.doc.get_state()
@@ -89,7 +91,8 @@ class _Writer:
         update = self.doc.get_update(before)
         self.seq += 1
         self.log_bytes += len(update)
-        return sign_envelope(self.identity, self.run, self.section, self.epoch, self.seq, update)
+        return sign_envelope(self.identity, self.run, self.section, self.epoch, self.seq, update,
+                             author=self.author)
 
     def due_for_compaction(self, rule: SectionRule) -> bool:
         return self.seq >= rule.compact_after_deltas or self.log_bytes >= rule.max_state_bytes // 2
@@ -183,7 +186,7 @@ class RunState:
         rule.check(self.peer_id, old, new, ctx)
         writer = self._writers.get(section)
         if writer is None or stream is None or writer.epoch != stream.epoch or writer.due_for_compaction(rule):
-            writer = _Writer(self.identity, self.run, section, self._next_epoch(stream), new)
+            writer = _Writer(self.identity, self.peer_id, self.run, section, self._next_epoch(stream), new)
             env = writer.snapshot()
         else:
             env = writer.delta(encoded, deleted)
@@ -333,7 +336,7 @@ class RunState:
 
     def value(self, section: str, author: str) -> dict[str, Any]:
         stream = self.replica.streams.get((author, section))
-        return dict(stream.value) if stream else {}
+        return copy.deepcopy(stream.value) if stream else {}
 
     def owner(self) -> str | None:
         return self.context().owner
@@ -366,7 +369,7 @@ class RunState:
                                 self.live_members())
 
     def progress(self) -> dict[str, dict[str, Any]]:
-        return dict(sorted(self.replica.values("progress").items()))
+        return copy.deepcopy(dict(sorted(self.replica.values("progress").items())))
 
     def zo_log(self, peer: str) -> dict[int, bytes]:
         return {int(k): bytes.fromhex(v) for k, v in sorted(self.value("zo_log", peer).items(), key=lambda kv: int(kv[0]))}

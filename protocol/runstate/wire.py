@@ -153,15 +153,21 @@ def _signed_bytes(run: str, author: str, section: str, epoch: int, seq: int, upd
     return msgpack.packb([_DOMAIN, run, author, section, epoch, seq, update], use_bin_type=True)
 
 
-def sign_envelope(identity: Identity, run: str, section: str, epoch: int, seq: int, update: bytes) -> Envelope:
+def sign_envelope(identity: Identity, run: str, section: str, epoch: int, seq: int, update: bytes, *,
+                  author: str | None = None) -> Envelope:
     """Build and sign an envelope authored by ``identity``.
+
+    Args:
+        author: ``identity.peer_id`` if the caller has it at hand (deriving it costs more than
+            signing).
 
     Raises:
         ValueError: a field is out of range (the message names it and the limit).
     """
-    _check_fields(run, identity.peer_id, section, epoch, seq, update, exc=ValueError)
-    sig = identity.sign(_signed_bytes(run, identity.peer_id, section, epoch, seq, update))
-    return Envelope(run, identity.peer_id, section, epoch, seq, bytes(update), sig)
+    author = author or identity.peer_id
+    _check_fields(run, author, section, epoch, seq, update, exc=ValueError)
+    sig = identity.sign(_signed_bytes(run, author, section, epoch, seq, update))
+    return Envelope(run, author, section, epoch, seq, bytes(update), sig)
 
 
 def verify_envelope(envelope: Envelope) -> bool:

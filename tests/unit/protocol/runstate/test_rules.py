@@ -99,9 +99,9 @@ def test_section_rule_validates_its_own_config() -> None:
 
 def test_materialize_reads_back_exact_json_types() -> None:
     value = {"step": 3, "loss": 1.0, "name": "x", "flags": [1, "a", None], "nested": {"k": True}}
-    state, back = materialize([new_section_doc(value).get_update()], RULES["progress"])
+    state, back, _ = materialize([new_section_doc(value).get_update()], RULES["progress"])
     assert back == value and isinstance(back["step"], int) and isinstance(back["loss"], float)
-    assert materialize([state], RULES["progress"])[1] == value
+    assert materialize([state], RULES["progress"]).value == value
 
 
 def _doc_update(fill) -> bytes:
@@ -115,7 +115,7 @@ def _doc_update(fill) -> bytes:
     (_doc_update(lambda d: d.get("other", type=Map).__setitem__("k", "1")), "only the root"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", 5)), "JSON string"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", Map({"a": "1"}))), "JSON string"),
-    (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", Text("zz"))), "JSON string"),
+    (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", Text("zz"))), "not JSON"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", "{not json")), "not JSON"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", "[" * 5000 + "]" * 5000)), "bytes, limit"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k" * 200, "1")), "characters"),
