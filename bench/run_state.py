@@ -369,8 +369,9 @@ def bench_sizes(updates: int, authors: int) -> dict[str, Any]:
                         reader.receive([env])
                         kinds[kind].append(len(env.encode()))
                         done += 1
-                if step % 100 == 0:
-                    reader.receive([w.truncate_zo(step - 100)])
+                truncated = w.truncate_zo(step - 100) if step % 100 == 0 else None
+                if truncated is not None:
+                    reader.receive([truncated])
                     done += 1
         file_bytes = len(encode_file(RUN, reader.envelopes()))
         full_sync = reader.answer(SyncRequest(RUN, {}), 1 << 30)

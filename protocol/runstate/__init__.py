@@ -34,7 +34,10 @@ still show the same view.
 connection, and when a peer's heads show it has more, a node sends its *heads* (per stream:
 epoch, seq, 8 bytes of the tip's digest) and gets back the **signed envelopes** it lacks — never
 raw state — and verifies each exactly as if it came by pubsub. Sync cannot smuggle anything
-that its author did not sign and the rules did not pass.
+that its author did not sign and the rules did not pass. Envelopes a pull brings are re-published
+(a few at most), so a repair reaches the puller's pubsub neighbours at once. Heartbeats are not
+pushed at all: in py-libp2p 0.8.1 a pubsub delivery costs milliseconds of CPU, so N members
+pushing heartbeats cost O(N^2) deliveries a second; pulled, they ride on the anti-entropy rounds.
 
 **Compaction.** Within an epoch an author's stream is a snapshot (seq 0) plus deltas. After
 ``compact_after_deltas`` deltas (or when the log outgrows the section) the author starts a new
@@ -60,8 +63,8 @@ from .rules import RuleContext, SectionRule, WriteRejected, default_rules
 from .service import RunStateNode, SyncConfig, make_pubsub_validator, open_run_state
 from .state import Received, RunState, RunStateConfig
 from .store import RunStore
-from .wire import (SYNC_PROTOCOL, Envelope, Head, SyncReply, SyncRequest, decode_envelope, parse_sync_reply,
-                   parse_sync_request, sign_envelope, topic_for, verify_envelope)
+from .wire import (SYNC_PROTOCOL, Envelope, Head, SyncReply, SyncRequest, check_peer_id, check_run_name,
+                   decode_envelope, parse_sync_reply, parse_sync_request, sign_envelope, topic_for, verify_envelope)
 
 __all__ = [
     "RunState",
@@ -91,6 +94,8 @@ __all__ = [
     "SyncReply",
     "SYNC_PROTOCOL",
     "topic_for",
+    "check_run_name",
+    "check_peer_id",
     "sign_envelope",
     "verify_envelope",
     "decode_envelope",
