@@ -19,6 +19,7 @@ from typing import Any
 from .._addrs import interface_ipv4s, is_dialable
 from ..errors import PeerError, ProtocolViolation
 from . import connect
+from .carrier import PATH_DIRECT, PATH_PUNCHED
 from .config import TensorConfig
 
 __all__ = ["DataListener"]
@@ -103,11 +104,15 @@ class DataListener:
                 continue
             self._spawn("tensor-inbound", self._accept_one, conn)
 
-    async def _accept_one(self, sock: socket.socket) -> None:
+    def adopt_socket(self, sock: socket.socket) -> None:
+        """Treat a socket connected some other way (hole punching) as an inbound connection."""
+        self._spawn("tensor-punched", self._accept_one, sock, PATH_PUNCHED)
+
+    async def _accept_one(self, sock: socket.socket, path: str = PATH_DIRECT) -> None:
         try:
             pending, link = await connect.accept_direct(
                 sock, self.lookup, self.claim, local_id=self.local_id, limits=self.config.limits,
-                timeout_s=self.config.handshake_timeout_s)
+                timeout_s=self.config.handshake_timeout_s, path=path)
         except ProtocolViolation as exc:
             log.warning("refused a data connection: %s", exc)
             return

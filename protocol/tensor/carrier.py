@@ -19,12 +19,13 @@ from ..errors import EndOfStream, PeerError, ProtocolViolation
 from ..stream import MessageStream
 from .wire import HEADER_BYTES, TAG_BYTES, FrameType, Limits, parse_header
 
-__all__ = ["Carrier", "SocketCarrier", "StreamCarrier", "PATH_DIRECT", "PATH_LIBP2P", "PATH_RELAYED",
-           "stream_frame_limit"]
+__all__ = ["Carrier", "SocketCarrier", "StreamCarrier", "PATH_DIRECT", "PATH_PUNCHED", "PATH_LIBP2P",
+           "PATH_RELAYED", "stream_frame_limit"]
 
 log = logging.getLogger(__name__)
 
 PATH_DIRECT = "direct"
+PATH_PUNCHED = "punched"
 PATH_LIBP2P = "libp2p"
 PATH_RELAYED = "libp2p-relayed"
 
@@ -84,9 +85,8 @@ class SocketCarrier(Carrier):
     pending asyncio call still watches could hit a reused descriptor).
     """
 
-    path = PATH_DIRECT
-
-    def __init__(self, sock: socket.socket, limits: Limits) -> None:
+    def __init__(self, sock: socket.socket, limits: Limits, *, path: str = PATH_DIRECT) -> None:
+        self.path = path
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock

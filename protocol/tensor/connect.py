@@ -7,8 +7,9 @@ Dialer side (:func:`dial`):
    listener's advertised data addresses;
 2. **direct**: dial each advertised data address over TCP, send the preamble and a sealed HELLO;
    the listener's sealed HELLO_OK proves it holds the keys;
-3. **hole punching** (hook, :data:`Puncher`): the NAT issue adds TCP simultaneous open here,
-   coordinated over the same libp2p stream; by default there is none;
+3. **hole punching** (hook, :class:`Puncher`): the NAT issue adds TCP simultaneous open here,
+   coordinated over the same libp2p stream; the punched socket then authenticates with the
+   same HELLO exchange as a direct dial. By default there is none;
 4. **libp2p fallback**: send :class:`~.wire.Fallback` and keep the libp2p stream itself (direct
    or relayed connection) as the carrier of the same sealed frames.
 
@@ -28,15 +29,17 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from ..errors import EndOfStream, HyphaeError, PeerError, ProtocolViolation
 from ..stream import MessageStream
-from .carrier import Carrier, SocketCarrier, StreamCarrier
+from .carrier import PATH_DIRECT, PATH_PUNCHED, Carrier, SocketCarrier, StreamCarrier
 from .keys import Ephemeral, FrameOpener, FrameSealer, SessionKeys, derive_keys
 from .wire import (PREAMBLE, PREAMBLE_BYTES, SESSION_ID_BYTES, Accept, Fallback, FrameType, Hello,
                    Limits, Open, parse_preamble)
 
-__all__ = ["Link", "Pending", "Puncher", "dial", "answer", "accept_direct", "dial_direct", "parse_data_addr"]
+__all__ = ["Link", "Pending", "Puncher", "dial", "answer", "accept_direct", "dial_direct", "prove_as_dialer",
+           "parse_data_addr"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,20 @@ class Pending:
     expires_at: float
 
 
-Puncher = Callable[[str, MessageStream, SessionKeys], Awaitable[Carrier | None]]
-"""Hook for TCP simultaneous open: ``(peer_id, handshake stream, keys) -> carrier or None``."""
+class Puncher(Protocol):
+    """Hook for TCP simultaneous open, coordinated over the handshake's libp2p stream.
+
+    The NAT issue implements it; the tensor plane runs without one. It only has to produce a
+    connected TCP socket: the session's HELLO exchange then runs over it exactly as over a
+    direct dial, so a punched connection is authenticated the same way.
+    """
+
+    async def dial(self, peer_id: str, stream: MessageStream) -> socket.socket | None:
+        """Dialer side, after direct dials failed: send ``{"v": 1, "t": "punch", ...}`` messages
+        on ``stream``, try the simultaneous open, return the socket or None (then: fallback)."""
+
+    async def answer(self, peer_id: str, stream: MessageStream, message: dict[str, Any]) -> socket.socket | None:
+        """Listener side, given the dialer's first ``punch`` message: the socket or None."""
 
 
 def parse_data_addr(addr: str) -> tuple[int, str, int]:
@@ -101,40 +116,54 @@ async def dial_direct(addr: str, session_id: bytes, keys: SessionKeys, *, local_
     family, host, port = parse_data_addr(addr)
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
-    carrier: SocketCarrier | None = None
-    ok = False
     try:
         async with asyncio.timeout(timeout_s):
             await asyncio.get_running_loop().sock_connect(sock, (host, port))
-            carrier = SocketCarrier(sock, limits)
+    except TimeoutError as exc:
+        sock.close()
+        raise PeerError(f"direct dial of {addr} timed out after {timeout_s} s") from exc
+    except OSError as exc:
+        sock.close()
+        raise PeerError(f"direct dial of {addr} failed: {exc}") from exc
+    return await prove_as_dialer(sock, session_id, keys, local_id=local_id, remote_id=remote_id, limits=limits,
+                                 timeout_s=timeout_s, what=addr)
+
+
+async def prove_as_dialer(sock: socket.socket, session_id: bytes, keys: SessionKeys, *, local_id: str,
+                          remote_id: str, limits: Limits, timeout_s: float, what: str,
+                          path: str = PATH_DIRECT) -> Link:
+    """On a connected socket: send the preamble and a sealed HELLO, check the sealed HELLO_OK.
+
+    Raises:
+        PeerError: the answer did not come, or did not authenticate (the socket is closed).
+    """
+    carrier = SocketCarrier(sock, limits, path=path)
+    ok = False
+    try:
+        async with asyncio.timeout(timeout_s):
             sealer, opener = keys.sealer(dialer=True), keys.opener(dialer=True)
             hello = sealer.seal(FrameType.HELLO, Hello(session_id, local_id).to_bytes())
             await carrier.write(PREAMBLE + session_id + hello)
             ftype, header, body = await carrier.read_frame(limits)
             if ftype is not FrameType.HELLO_OK:
-                raise ProtocolViolation(f"expected HELLO_OK from {addr}, got {ftype.name}")
+                raise ProtocolViolation(f"expected HELLO_OK from {what}, got {ftype.name}")
             answer_ = Hello.from_bytes(opener.open(header, body))
             if answer_.session_id != session_id or answer_.peer_id != remote_id:
-                raise ProtocolViolation(f"HELLO_OK from {addr} names another session or peer")
+                raise ProtocolViolation(f"HELLO_OK from {what} names another session or peer")
         ok = True
         return Link(carrier, sealer, opener)
     except TimeoutError as exc:
-        raise PeerError(f"direct dial of {addr} timed out after {timeout_s} s") from exc
-    except OSError as exc:
-        raise PeerError(f"direct dial of {addr} failed: {exc}") from exc
+        raise PeerError(f"no HELLO_OK from {what} within {timeout_s} s") from exc
     except ProtocolViolation as exc:
-        raise PeerError(f"direct dial of {addr}: {exc}") from exc
+        raise PeerError(f"data connection to {what}: {exc}") from exc
     finally:
         if not ok:
-            if carrier is not None:
-                carrier.abort()
-            else:
-                sock.close()
+            carrier.abort()
 
 
 async def accept_direct(sock: socket.socket, lookup: Callable[[bytes], Pending | None],
                         claim: Callable[[bytes], Pending | None], *, local_id: str, limits: Limits,
-                        timeout_s: float) -> tuple[Pending, Link]:
+                        timeout_s: float, path: str = PATH_DIRECT) -> tuple[Pending, Link]:
     """Authenticate an inbound TCP data connection against the pending sessions.
 
     ``lookup`` finds a pending session by id without consuming it; ``claim`` consumes it once
@@ -146,7 +175,7 @@ async def accept_direct(sock: socket.socket, lookup: Callable[[bytes], Pending |
             the pending session stays available to its rightful owner.
         PeerError: the connection broke or was too slow.
     """
-    carrier = SocketCarrier(sock, limits)
+    carrier = SocketCarrier(sock, limits, path=path)
     ok = False
     try:
         async with asyncio.timeout(timeout_s):
@@ -204,10 +233,15 @@ async def dial(open_stream: Callable[[], Awaitable[MessageStream]], *, local_id:
                                              limits=limits, timeout_s=dial_timeout_s)
                 except (PeerError, ValueError) as exc:
                     log.debug("direct data path to %s unavailable: %s", remote_id, exc)
-        if puncher is not None:
-            carrier = await puncher(remote_id, stream, keys)
-            if carrier is not None:
-                return Link(carrier, keys.sealer(dialer=True), keys.opener(dialer=True))
+        if puncher is not None:  # hole punching: the NAT issue's TCP simultaneous open
+            sock = await puncher.dial(remote_id, stream)
+            if sock is not None:
+                try:
+                    return await prove_as_dialer(sock, session_id, keys, local_id=local_id, remote_id=remote_id,
+                                                 limits=limits, timeout_s=dial_timeout_s, what="punched socket",
+                                                 path=PATH_PUNCHED)
+                except PeerError as exc:
+                    log.debug("punched data path to %s failed: %s", remote_id, exc)
         await stream.send(Fallback().to_wire())
         carrier = StreamCarrier(stream, relayed=await is_relayed())
         keep = True
@@ -222,11 +256,14 @@ async def dial(open_stream: Callable[[], Awaitable[MessageStream]], *, local_id:
 async def answer(stream: MessageStream, *, local_id: str, data_addrs: tuple[str, ...], limits: Limits,
                  handshake_timeout_s: float, wait_fallback_s: float,
                  add_pending: Callable[[bytes, Pending], None], drop_pending: Callable[[bytes], None],
-                 is_relayed: Callable[[], Awaitable[bool]]) -> Link | None:
+                 is_relayed: Callable[[], Awaitable[bool]], puncher: Puncher | None = None,
+                 on_punched: Callable[[socket.socket], None] | None = None) -> Link | None:
     """Listener half of the handshake on an inbound ``/hyphae/tensor/1`` stream.
 
     Returns a stream-carried link when the dialer falls back, or None when it went direct (or
-    gave up): then the stream is done and the TCP half, if any, arrives via the listener.
+    punched through, or gave up): the stream is then done, and the TCP connection, if any,
+    authenticates through the data listener against the pending session recorded here.
+    A punched socket is handed to ``on_punched`` for exactly that.
 
     Raises:
         ProtocolViolation: malformed handshake (the host resets the stream and logs it).
@@ -236,13 +273,19 @@ async def answer(stream: MessageStream, *, local_id: str, data_addrs: tuple[str,
         ephemeral = Ephemeral()
         keys = derive_keys(ephemeral.shared(opened.public_key), opened.session_id, stream.peer_id, local_id,
                            opened.public_key, ephemeral.public)
+        add_pending(opened.session_id, Pending(stream.peer_id, keys, time.monotonic() + wait_fallback_s))
         offered = data_addrs if opened.direct else ()
-        if offered:
-            add_pending(opened.session_id, Pending(stream.peer_id, keys, time.monotonic() + wait_fallback_s))
         await stream.send(Accept(ephemeral.public, offered).to_wire())
     try:
         async with asyncio.timeout(wait_fallback_s):
-            Fallback.from_wire(await stream.recv())
+            while True:
+                message = await stream.recv()
+                if puncher is None or not isinstance(message, dict) or message.get("t") != "punch":
+                    Fallback.from_wire(message)
+                    break
+                sock = await puncher.answer(stream.peer_id, stream, message)
+                if sock is not None and on_punched is not None:
+                    on_punched(sock)  # authenticated like any inbound data connection
     except (EndOfStream, TimeoutError):
         return None  # went direct (the pending session is claimed) or gave up (it expires)
     drop_pending(opened.session_id)  # the TCP half must not bind as well

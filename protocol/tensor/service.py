@@ -357,7 +357,8 @@ class TensorPlane:
             stream, local_id=self.peer_id, data_addrs=self.data_addrs, limits=self._limits,
             handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
             add_pending=self._listener.add_pending, drop_pending=self._listener.drop_pending,
-            is_relayed=lambda: self._is_relayed(stream.peer_id))
+            is_relayed=lambda: self._is_relayed(stream.peer_id), puncher=self._puncher,
+            on_punched=self._listener.adopt_socket)
         if link is None:
             return
         session = self._adopt(stream.peer_id, link)

@@ -168,3 +168,42 @@ async def test_bf16_tensors_travel_as_bits(make_group) -> None:
                                   a.send(b.peer_id, "b", [Tensor.from_numpy("w", bits, dtype="bfloat16")]))
     assert got[0].spec.dtype == "bfloat16" and np.array_equal(got[0].numpy(), bits)
     assert np.array_equal(bf16_to_f32(got[0].numpy()), bf16_to_f32(bits), equal_nan=True)
+
+
+class LoopbackPuncher:
+    """Stands in for the NAT issue's TCP simultaneous open: both ends end up holding one
+    connected socket, coordinated over the handshake stream (here: one side listens)."""
+
+    async def dial(self, peer_id, stream):
+        await stream.send({"v": 1, "t": "punch"})
+        port = (await stream.recv())["port"]
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return sock
+
+    async def answer(self, peer_id, stream, message):
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(1)
+            listener.setblocking(False)
+            await stream.send({"port": listener.getsockname()[1]})
+            conn, _ = await asyncio.get_running_loop().sock_accept(listener)
+        return conn
+
+
+async def test_hole_punching_hook_is_tried_after_direct_and_authenticated_like_it(make_group) -> None:
+    from hyphae.protocol.tensor import TensorConfig, open_tensor_plane
+
+    hosts, planes = await make_group(2)
+    for p in planes:
+        await p.aclose()
+    blocked = (f"/ip4/127.0.0.1/tcp/{closed_port()}",)
+    config = TensorConfig(listen=("/ip4/127.0.0.1/tcp/0",), announce=blocked)
+    async with open_tensor_plane(hosts[0], config, puncher=LoopbackPuncher()) as a, \
+            open_tensor_plane(hosts[1], config, puncher=LoopbackPuncher()) as b:
+        ts = tensor_set(1 << 20)
+        got, back = await _round_trip(a, b, ts)
+        assert same(got, ts) and same(back, ts)
+        assert a.stats()["peers"][b.peer_id]["path"] == "punched"
+        assert b.stats()["peers"][a.peer_id]["path"] == "punched"
