@@ -41,7 +41,7 @@ import msgpack
 from hyphae.protocol.config import HostConfig
 from hyphae.protocol.host import open_host
 from hyphae.protocol.identity import Identity
-from hyphae.protocol.runstate import (MembershipConfig, RunState, RunStateConfig, RunStore, SyncConfig, SyncRequest,
+from hyphae.protocol.runstate import (MembershipConfig, RunState, RunStateConfig, SyncConfig, SyncRequest,
                                       default_rules, open_run_state)
 from hyphae.protocol.runstate.store import encode_file
 

@@ -254,7 +254,7 @@ class RunStateNode:
             data = env.encode()
             try:
                 await self.host.publish(self.topic, data)
-            except (PeerError, ClosedError) as exc:
+            except Exception as exc:  # noqa: BLE001 — py-libp2p raises its own types; sync repairs it
                 log.info("publishing a %s envelope failed (%s); anti-entropy will carry it", env.section, exc)
                 continue
             self.stats["published"] += 1
@@ -298,7 +298,11 @@ class RunStateNode:
             self._kick.clear()
             targets, self._kicked = self._kicked, set()
             if not targets:
-                peers = [p for p in await self.host.topic_peers(self.topic) if self._allowed(p)]
+                try:
+                    peers = [p for p in await self.host.topic_peers(self.topic) if self._allowed(p)]
+                except (PeerError, ClosedError) as exc:
+                    log.debug("no topic peers this round: %s", exc)
+                    peers = []
                 targets = {random.choice(peers)} if peers else set()
             for peer in targets - self._syncing:
                 self._syncing.add(peer)

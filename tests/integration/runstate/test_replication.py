@@ -9,7 +9,6 @@ import logging
 
 import pytest
 
-from hyphae.protocol.identity import Identity
 from hyphae.protocol.runstate import SyncReply, SyncRequest, sign_envelope
 from hyphae.protocol.runstate.doc import new_section_doc
 from hyphae.protocol.testing import wait_for
