@@ -56,8 +56,11 @@ TOPIC = "zo"
 LOG_PREFIX = "zo/log/"
 SNAPSHOT_PREFIX = "zo/snapshot/"
 
-MAX_SEEDS_PER_CALL = 4096
-"""Seeds per `zo_apply_` call in a replay (a batch is bit-identical to applying one by one)."""
+MAX_SEEDS_PER_CALL = 32
+"""Seeds per `zo_apply_` call in a replay (a batch is bit-identical to applying one by one).
+Measured on the CPU reference path, 10.8M parameters, one thread: 18 ms per update one at a
+time, ~10 ms in batches of 8-32, 12 ms at 128 and 35 ms at 4096 (the kernel's hash budget
+shrinks its span as the batch grows, so per-op overheads take over)."""
 
 SeedFn = Callable[[int, str, int], int]
 """(step, peer id, j) -> the 64-bit seed of that perturbation."""
