@@ -3,7 +3,7 @@
 Anything big (weights, pseudo-gradients, experts, checkpoints) travels here instead of over
 libp2p streams (CPU-bound near 120 MB/s). Keys are agreed over ``/hyphae/tensor/1`` on the
 authenticated libp2p connection; frames then move over a direct TCP connection (AES-256-GCM,
-counter nonces, large frames, no extra copies of tensor memory), or, when no direct path
+counter nonces, 1 MiB frames, no extra copies of tensor memory), or, when no direct path
 exists, over the libp2p stream itself. Layout (STYLE.md §3):
 
 * :mod:`.spec` / :mod:`.codecs`: tensors as spec + bytes; raw, fp16, bf16, int8, int4 codecs.

@@ -28,6 +28,10 @@ dying mid-vote) can end with different ``I`` or a timeout; the result always rep
 its numbers are the reduction over. A member not in ``I`` (alive, but its part was lost)
 still receives the result. Reduction is in float64 in member order, by the chunk's owner
 only, so every member gets the same bits.
+
+Deadlines: reduce-scatter ends at 50 % of ``timeout_s``, the vote at 65 %, gather and repair
+at 100 %. Waiting on a member stops at once when it is found dead (its libp2p connection and
+data connections gone, or a send to it failed), so a crash costs seconds, not the deadline.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ import numpy as np
 
 from ..errors import PeerError, ProtocolViolation
 from ..wire import expect_map
-from ._util import run_all
 from ._layout import Layout, flat_tensor, from_f64, to_f64
+from ._util import run_all
 from .codecs import Codec
 from .errors import Refused, RemoteError
 from .spec import Tensor, numpy_dtype
+from .wire import MAX_TAG_CHARS
 
 if TYPE_CHECKING:
     from .service import Reply, TensorPlane
@@ -136,6 +141,8 @@ class AllReduce:
             raise ValueError(f"op must be 'mean' or 'sum', got {op!r}")
         if me not in members:
             raise ValueError(f"this node ({me}) must be one of the members")
+        if not 0 < len(tag) <= MAX_TAG_CHARS // 2:
+            raise ValueError(f"all-reduce tag must be 1-{MAX_TAG_CHARS // 2} characters, got {len(tag)}")
         if tag in self._ops:
             raise ValueError(f"all-reduce tag {tag!r} is in use; give every round its own tag")
         if timeout_s <= 0:

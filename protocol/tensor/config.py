@@ -23,8 +23,10 @@ class TensorConfig:
     """Data addresses to advertise instead of the bound ones (e.g. a forwarded public port)."""
     direct_dial: bool = True
     """Try peers' data addresses before falling back to a libp2p stream. Off: always libp2p."""
-    frame_bytes: int = 4 << 20
-    """Plaintext bytes per DATA frame (and the largest frame accepted). 16 KiB - 16 MiB."""
+    frame_bytes: int = 1 << 20
+    """Plaintext bytes per DATA frame (and the largest frame accepted). 16 KiB - 16 MiB. 1 MiB
+    keeps each frame's ciphertext in cache while it is decrypted into place; measured here, it
+    beat 4 MiB frames against plain TCP (0.85 vs 0.75 of its throughput, interleaved runs)."""
     max_transfer_bytes: int = 4 << 30
     """Largest transfer accepted from a peer (decoded bytes of all its tensors)."""
     max_tensors: int = 4096

@@ -40,7 +40,7 @@ from .config import TensorConfig
 from .errors import NotSent
 from .session import Session, Traffic
 from .spec import Tensor, check_unique_names
-from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, PROTOCOL_ID, Begin
+from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, MAX_TAG_CHARS, PROTOCOL_ID, Begin
 
 __all__ = ["TensorPlane", "Message", "Reply", "RouteHandler", "open_tensor_plane"]
 
@@ -242,6 +242,8 @@ class TensorPlane:
         self._check_open()
         if peer_id == self.peer_id:
             raise ValueError("cannot send tensors to this node itself")
+        if not 0 < len(begin.tag) <= MAX_TAG_CHARS:
+            raise ValueError(f"tag must be 1-{MAX_TAG_CHARS} characters, got {len(begin.tag)}")
         if begin.codec.name != "raw" and begin.nbytes > ENCODE_IN_THREAD_BYTES:
             pieces = await asyncio.to_thread(lambda: [begin.codec.encode(t) for t in tensors])
         else:
@@ -472,7 +474,7 @@ async def open_tensor_plane(host: Host, config: TensorConfig | None = None, *,
 
     Args:
         host: the daemon's libp2p host (the plane registers ``/hyphae/tensor/1`` on it).
-        config: listen addresses and limits (defaults: all interfaces, 4 MiB frames).
+        config: listen addresses and limits (defaults: all interfaces, 1 MiB frames).
         puncher: the hole-punching hook of :mod:`.connect` (the NAT issue provides one).
 
     On exit every data connection is closed and every plane task has ended.

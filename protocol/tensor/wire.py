@@ -78,7 +78,7 @@ _FRAME_TYPES = frozenset(int(t) for t in FrameType)
 class Limits:
     """What a receiver accepts from a peer; everything a peer announces is checked against it."""
 
-    max_frame_bytes: int = 4 << 20
+    max_frame_bytes: int = 1 << 20
     """Plaintext bytes per DATA frame."""
     max_transfer_bytes: int = 4 << 30
     """Decoded bytes of one transfer (all its tensors)."""
