@@ -17,7 +17,6 @@ from hyphae.training import (
     DataConfig,
     DiLoCo,
     DiLoCoConfig,
-    SimComm,
     SimNetwork,
     build_model,
     evaluate,
@@ -52,7 +51,7 @@ def _final_losses(corpus, algorithm: str, peers: int, steps: int, h: int) -> tup
             return await _inner(*a, **kw)
 
         comm.all_reduce = counted
-    lr = dict(lr=3e-3, warmup_steps=10)
+    lr = dict(lr=3e-3, warmup_steps=10, decay_steps=steps)  # warm-up then cosine, as the papers
     if algorithm == "diloco":
         strategies = [DiLoCo(build_model(cfg, seed=0), c, DiLoCoConfig(inner=AdamWConfig(**lr), inner_steps=h),
                              precision="fp32") for c in comms]
@@ -97,7 +96,3 @@ def test_noloco_matches_diloco_on_8_simulated_peers_longer(corpus) -> None:
 @pytest.mark.slow
 def test_noloco_matches_diloco_on_32_simulated_peers_without_all_reduce(corpus) -> None:
     _compare(corpus, peers=32, steps=80, h=20)
-
-
-def test_all_reduce_counter_sees_sim_comm_calls() -> None:
-    assert hasattr(SimComm, "all_reduce")  # the counter above wraps this method per peer
