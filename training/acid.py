@@ -38,9 +38,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -144,17 +145,16 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def tick_times(run_id: str, interval_s: float, start_index: int = 0):  # type: ignore[no-untyped-def]
-    """Yield (k, t_k) of the run's gossip clock: a Poisson process of mean spacing interval_s
-    from t = 0, a pure function of (run_id, interval_s)."""
-    t, k = 0.0, 0
-    while True:
+def tick_times(run_id: str, interval_s: float) -> Iterator[tuple[int, float]]:
+    """(k, t_k) of the run's gossip clock, forever: a Poisson process of mean spacing
+    `interval_s` from t = 0 on the run clock, a pure function of (run_id, interval_s), so every
+    peer draws the same ticks without a message."""
+    t = 0.0
+    for k in itertools.count():
         digest = hashlib.blake2b(f"hyphae-gossip-clock\0{run_id}\0{k}".encode(), digest_size=8).digest()
         u = (int.from_bytes(digest, "little") >> 11) * 2.0**-53  # uniform in [0, 1)
         t += -math.log1p(-u) * interval_s
-        if k >= start_index:
-            yield k, t
-        k += 1
+        yield k, t
 
 
 class ACiD2(Strategy):

@@ -202,7 +202,8 @@ class NoLoCo(Strategy):
         Raises:
             CommClosed: this peer left the run.
 
-        Cancellation leaves φ, δ and θ untouched (the update is applied after all awaits).
+        Cancellation leaves φ, δ and θ untouched (the update is applied after all awaits); with
+        int8 error feedback the residuals count the cancelled message as sent.
         """
         t, me = self.outer_steps, self.comm.peer_id
         with torch.no_grad():
@@ -245,8 +246,8 @@ class NoLoCo(Strategy):
         try:
             async with asyncio.TaskGroup() as tasks:  # n > 2: every partner at once
                 swaps = [tasks.create_task(self._swap(p, payload, tag)) for p in partners]
-        except* CommClosed as group:  # this peer left: say so plainly, not as a group
-            raise group.exceptions[0] from None
+        except* CommClosed as errors:  # this peer left: say so plainly, not as a group
+            raise errors.exceptions[0] from None
         replies = [s.result() for s in swaps]
         return {p: r for p, r in zip(partners, replies) if r is not None}
 
