@@ -220,8 +220,9 @@ class Cluster:
             proc.stdin.flush()
         return [self._wait_reply(p, reply, 30) for p in range(len(self.procs))]
 
-    def wait_seen(self, match: Any, count: int, timeout_s: float) -> list[float]:
-        """Times of the first ``match``ing event from each of ``count`` distinct nodes."""
+    def wait_seen(self, match: Any, count: int, timeout_s: float, *, partial: bool = False) -> list[float]:
+        """Times of the first ``match``ing event from each of ``count`` distinct nodes (with
+        ``partial``, whatever arrived by the deadline instead of an error)."""
         deadline = time.monotonic() + timeout_s
         with self._cv:
             while True:
@@ -232,6 +233,8 @@ class Cluster:
                 if len(first) >= count:
                     return sorted(first.values())
                 if not self._cv.wait(max(0.0, deadline - time.monotonic())):
+                    if partial:
+                        return sorted(first.values())
                     raise TimeoutError(f"only {len(first)}/{count} nodes saw it within {timeout_s} s")
 
     def wait_ready(self, timeout_s: float) -> float:
@@ -275,6 +278,7 @@ def bench_cluster(n: int, writes: int, partitions: int, settle_s: float, rng: ra
         owner_proc = 0
         time.sleep(settle_s)  # let discovery and the pubsub mesh settle before timing anything
         conv, probe, sizes = [], [], []
+        probes_lost = deliveries_lost = 0
         for i in range(writes + WARMUP):  # interleaved with the baseline so both see the same load
             time.sleep(0.3 + 0.2 * rng.random())
             written = cluster.call(owner_proc, "written", cmd="config", node=0, key="k", value=i)
@@ -283,11 +287,17 @@ def bench_cluster(n: int, writes: int, partitions: int, settle_s: float, rng: ra
             size = written["envelope_bytes"]
             time.sleep(0.3 + 0.2 * rng.random())
             probed = cluster.call(owner_proc, "written", cmd="probe", node=0, id=i, size=size)
-            seen_probe = cluster.wait_seen(lambda e, i=i: e["event"] == "probe" and e["id"] == i, n - 1, 30)
+            # Bare pubsub has no repair: a probe some node never gets is counted, not waited for.
+            seen_probe = cluster.wait_seen(lambda e, i=i: e["event"] == "probe" and e["id"] == i, n - 1, 5,
+                                           partial=True)
             if i >= WARMUP:
                 conv.append(max(seen) - written["t"])
-                probe.append(max(seen_probe) - probed["t"])
                 sizes.append(size)
+                if len(seen_probe) == n - 1:
+                    probe.append(max(seen_probe) - probed["t"])
+                else:
+                    probes_lost += 1
+                    deliveries_lost += n - 1 - len(seen_probe)
         heal = [bench_partition(cluster, n, round_) for round_ in range(partitions)]
         stats = cluster.broadcast("stats", cmd="stats")
         node_stats = [s for w in stats for s in w["nodes"]]
@@ -299,7 +309,11 @@ def bench_cluster(n: int, writes: int, partitions: int, settle_s: float, rng: ra
             "seconds_to_all_live": round(ready_s, 2),
             "convergence": conv_stats,
             "pubsub_baseline": probe_stats,
-            "ratio_vs_pubsub_median": round(conv_stats["median_ms"] / max(probe_stats["median_ms"], 1e-3), 2),
+            "pubsub_baseline_incomplete": {"messages": probes_lost, "deliveries_missing": deliveries_lost,
+                                           "note": "bare pubsub messages some node never got (run state writes "
+                                                   "always reached every node)"},
+            "ratio_vs_pubsub_median": (round(conv_stats["median_ms"] / max(probe_stats["median_ms"], 1e-3), 2)
+                                       if probe else None),
             "heal": stats_ms(heal),
             "heal_note": "partition = every node ignores the other half (pubsub, sync, envelopes); healed = filter lifted",
             "config_envelope_bytes": statistics.median(sizes),
@@ -444,7 +458,8 @@ def main() -> None:
         clusters[str(n)] = bench_cluster(n, args.writes, args.partitions, args.settle, rng)
         c = clusters[str(n)]
         print(f"[{n} nodes] converge {c['convergence']['median_ms']} ms median / {c['convergence']['p95_ms']} ms p95 "
-              f"(bare pubsub {c['pubsub_baseline']['median_ms']} ms, x{c['ratio_vs_pubsub_median']}); "
+              f"(bare pubsub {c['pubsub_baseline'].get('median_ms')} ms, x{c['ratio_vs_pubsub_median']}, "
+              f"{c['pubsub_baseline_incomplete']['messages']} bare messages incomplete); "
               f"heal {c['heal']['median_ms']} ms median", flush=True)
     biggest = clusters[max(clusters, key=int)]
     result = {
