@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "threads": args.threads,
-        "args": {k: v for k, v in vars(args).items()},
+        "args": dict(vars(args)),
         "spes_vs_diloco": spes,
         "zo_bytes": zo_bytes,
         "zo_finetune": zo_finetune,
@@ -357,7 +357,8 @@ def summary(result: dict[str, Any]) -> None:
     for a, b in zip(s["spes"]["curve"], s["diloco"]["curve"]):
         print(f"{a['step']:>6} {a['tokens']:>9} {a['val_loss']:>8.4f} {b['val_loss']:>8.4f}")
     mib = 2**20
-    print(f"optimizer state per node: spes {statistics.mean(s['spes']['optimizer_state_bytes_per_node']) / mib:.2f} MiB, "
+    spes_mib = statistics.mean(s["spes"]["optimizer_state_bytes_per_node"]) / mib
+    print(f"optimizer state per node: spes {spes_mib:.2f} MiB, "
           f"diloco {statistics.mean(s['diloco']['optimizer_state_bytes_per_node']) / mib:.2f} MiB (+ outer "
           f"{statistics.mean(s['diloco']['outer_state_bytes_per_node']) / mib:.2f} MiB); ratio "
           f"{s['optimizer_memory_ratio_spes_over_diloco']:.3f} (expected {s['optimizer_memory_ratio_expected']:.3f})")
@@ -369,8 +370,8 @@ def summary(result: dict[str, Any]) -> None:
           f"{z['payload_bytes_per_projected_gradient']:.2f} per projected gradient (target <= 2), "
           f"hashes agree: {z['hashes_agree_at_last_boundary']}")
     f = result["zo_finetune"]
-    print(f"ZO fine-tuning ({f['preset']}, {result['args']['zo_peers']} peers, {f['zo_steps']} steps, lr {f['zo_lr']}): "
-          f"val {f['val_loss_before']:.4f} -> {f['val_loss_after']:.4f}")
+    print(f"ZO fine-tuning ({f['preset']}, {result['args']['zo_peers']} peers, {f['zo_steps']} steps, "
+          f"lr {f['zo_lr']}): val {f['val_loss_before']:.4f} -> {f['val_loss_after']:.4f}")
     r = result["replay"]
     print(f"replay of {r['updates']} updates on {r['params'] / 1e6:.1f}M params: {r['replay_s']:.1f} s "
           f"({r['updates_per_s']:.0f} updates/s); copy {r['copy_median_s'] * 1e3:.2f} ms "
