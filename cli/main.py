@@ -23,6 +23,7 @@ from hyphae.node.testnet import testnet_down, testnet_status, testnet_up
 from hyphae.node.version import __version__
 
 from .render import print_ready, print_status, print_testnet
+from .run_cmd import add_run_parser, run_command
 
 __all__ = ["main", "build_parser"]
 
@@ -44,6 +45,8 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
                    help="peer to join through, ending in /p2p/<peer id>; repeatable")
     p.add_argument("--network", metavar="NAME", help="network name (default hyphae)")
     p.add_argument("--api", metavar="HOST:PORT", help="local HTTP API (default 127.0.0.1:7700; port 0 picks one)")
+    p.add_argument("--run", metavar="NAME", help="join (or create) this run (default: default)")
+    p.add_argument("--run-owner", metavar="PEER_ID", help="pin the run owner (only it may change the run config)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by mDNS")
     p.add_argument("--no-train", action="store_true",
                    help="network-only member (bootstrap, relay, DHT) for machines that should not train")
@@ -88,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--dir", type=Path, required=True)
         if name == "status":
             sp.add_argument("--json", action="store_true")
+    add_run_parser(top)
     return parser
 
 
@@ -102,6 +106,8 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
         "net.bootstrap": args.bootstrap,
         "net.mdns": False if args.no_mdns else None,
         "net.name": args.network,
+        "run": args.run,
+        "run_owner": args.run_owner,
         "training.preset": args.preset,
         "training.algorithm": args.algorithm,
         "training.max_steps": args.max_steps,
@@ -140,6 +146,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "testnet":
         return _testnet(args)
+    if args.command == "run":
+        return run_command(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a command
 
 

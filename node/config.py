@@ -6,6 +6,7 @@ Unknown keys in the file are errors (a typo must not be silently ignored).
 File layout (all keys optional)::
 
     data_dir = "~/.local/share/hyphae"
+    run = "default"             # the run to join (or create)
     log_level = "info"          # debug | info | warning | error
     log_json = false
     train = true
@@ -21,7 +22,7 @@ File layout (all keys optional)::
 
 Environment: ``HYPHAE_DATA_DIR``, ``HYPHAE_API``, ``HYPHAE_LISTEN`` and ``HYPHAE_BOOTSTRAP``
 (comma-separated), ``HYPHAE_MDNS``, ``HYPHAE_TRAIN``, ``HYPHAE_LOG_LEVEL``, ``HYPHAE_LOG_JSON``,
-``HYPHAE_NETWORK``.
+``HYPHAE_NETWORK``, ``HYPHAE_RUN``, ``HYPHAE_RUN_OWNER``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from typing import Any
 
 from hyphae.protocol.config import HostConfig
 from hyphae.protocol.errors import ConfigError, HyphaeError
+from hyphae.protocol.runstate import check_peer_id, check_run_name
 
 from .training_config import TrainConfig
 
@@ -103,15 +105,26 @@ class NodeConfig:
     """The libp2p control plane."""
     training: TrainConfig = field(default_factory=TrainConfig)
     """What and how to train (ignored with train = false)."""
+    run: str = "default"
+    """The run this node joins, or creates if nobody has (state in DATA_DIR/runs/<run>/)."""
+    run_owner: str | None = None
+    """Pin the run owner's peer id (only it may change the run config); unpinned, the earliest
+    creator owns the run."""
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        try:
+            check_run_name(self.run)
+            if self.run_owner is not None:
+                check_peer_id(self.run_owner, "run_owner")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # ---- loading -------------------------------------------------------------------------------
 
-_TOP_KEYS = {"data_dir", "log_level", "log_json", "train", "api", "network", "training"}
+_TOP_KEYS = {"data_dir", "log_level", "log_json", "train", "api", "network", "training", "run", "run_owner"}
 _NETWORK_KEYS = {"listen", "announce", "bootstrap", "mdns", "dht_mode", "name", "target_peers",
                  "max_connections", "ping_interval_s", "discovery_interval_s", "dial_timeout_s"}
 
@@ -159,7 +172,7 @@ def _from_file(path: Path) -> dict[str, Any]:
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     simple = {"HYPHAE_DATA_DIR": "data_dir", "HYPHAE_API": "api", "HYPHAE_LOG_LEVEL": "log_level",
-              "HYPHAE_NETWORK": "net.name"}
+              "HYPHAE_NETWORK": "net.name", "HYPHAE_RUN": "run", "HYPHAE_RUN_OWNER": "run_owner"}
     for var, key in simple.items():
         if env.get(var):
             out[key] = env[var]
@@ -226,7 +239,7 @@ def _build(merged: dict[str, Any], training_overrides: dict[str, Any]) -> NodeCo
         kwargs["data_dir"] = Path(str(merged["data_dir"])).expanduser()
     if "api" in merged:
         kwargs["api"] = ApiAddress.parse(str(merged["api"]))
-    for key, kind in (("log_level", str), ("log_json", bool), ("train", bool)):
+    for key, kind in (("log_level", str), ("log_json", bool), ("train", bool), ("run", str), ("run_owner", str)):
         if key in merged:
             value = merged[key]
             if not isinstance(value, kind):

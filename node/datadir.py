@@ -7,6 +7,8 @@ Layout::
     node.json       written once the daemon is ready: peer_id, multiaddrs, api_url, pid
     api.token       bearer token for the HTTP API when it binds beyond loopback (0600)
     daemon.lock     held (flock) while a daemon runs on this dir
+    runs/<run>/runstate.msgpack   the replicated run state (signed envelopes, re-verified on load)
+    checkpoints/    the training worker's checkpoints
 """
 
 from __future__ import annotations

@@ -75,8 +75,10 @@ def _arm_watchdog() -> None:
 
 
 def _default_services(config: NodeConfig) -> list[Callable[[Daemon], Service]]:
+    from .runstate_service import runstate_service
+
     if not config.train:
-        return []
+        return [runstate_service]
     from .training_service import TrainingService  # only training daemons pay for it
 
-    return [TrainingService]
+    return [runstate_service, TrainingService]

@@ -119,6 +119,20 @@ def mdns_fingerprint(network: str) -> str:
     return "h" + hashlib.sha256(network.encode()).hexdigest()[:10]
 
 
+def _gossip_validator(check: Callable[[str, bytes], bool]) -> Callable[[Any, Any], bool]:
+    """Adapt ``check(author, data)`` to gossipsub's ``validator(forwarder, message)``."""
+
+    def validate(_forwarder: Any, message: Any) -> bool:
+        try:
+            author = ID(message.from_id).to_base58()
+            return bool(check(author, bytes(message.data)))
+        except Exception:  # noqa: BLE001 — a validator that fails refuses the message
+            log.debug("pubsub validator raised; message refused", exc_info=True)
+            return False
+
+    return validate
+
+
 class _BoundedValidator(Validator):
     """Accept ``/hyphae/...`` DHT records up to a size; newest-first selection is the caller's."""
 
@@ -585,13 +599,18 @@ class TrioHost:
 
     # ---- pubsub ----------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, deliver: Callable[[str, bytes], None]) -> None:
+    async def subscribe(self, topic: str, deliver: Callable[[str, bytes], None],
+                        validator: Callable[[str, bytes], bool] | None = None) -> None:
         """Join ``topic``; call ``deliver(author_peer_id, data)`` for each message from others.
 
         ``deliver`` runs in the trio thread and must not block (the facade hands it to asyncio).
+        ``validator(author, data)``, if given, also runs here for every message before it is
+        delivered *or forwarded*: gossipsub drops what it refuses, so it does not spread.
         """
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r}")
+        if validator is not None:
+            self.pubsub.set_topic_validator(topic, _gossip_validator(validator), False)
         subscription = await self.pubsub.subscribe(topic)
         scope = trio.CancelScope()
         self._subscriptions[topic] = scope
@@ -611,6 +630,7 @@ class TrioHost:
         scope = self._subscriptions.pop(topic, None)
         if scope is not None:
             scope.cancel()
+            self.pubsub.remove_topic_validator(topic)
             await self.pubsub.unsubscribe(topic)
 
     async def publish(self, topic: str, data: bytes) -> None:

@@ -133,6 +133,11 @@ class Host:
         ``"connected"`` (hello passed) or ``"disconnected"``."""
         self._listeners.append(listener)
 
+    def remove_listener(self, listener: EventListener) -> None:
+        """Stop calling ``listener`` (no error if it was not registered)."""
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _from_trio_event(self, kind: str, peer_id: str) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._dispatch, kind, peer_id)
@@ -254,20 +259,25 @@ class Host:
 
     # ---- pubsub ----------------------------------------------------------------------------
 
-    async def subscribe(self, topic: str, handler: Callable[[str, bytes], None]) -> None:
+    async def subscribe(self, topic: str, handler: Callable[[str, bytes], None], *,
+                        validator: Callable[[str, bytes], bool] | None = None) -> None:
         """Receive messages published on ``topic`` by other peers.
 
         ``handler(author_peer_id, data)`` is called in the asyncio loop. Gossipsub checks each
         message's signature against its author; the payload itself is untrusted bytes. Delivery
         is best-effort (messages can be lost); callers that need every message repair gaps
         themselves.
+
+        ``validator(author, data) -> bool`` runs in the libp2p thread for every message before
+        it is delivered or forwarded; a refused message goes no further. It must be fast and
+        must only read state that tolerates being read from another thread.
         """
 
         def deliver(author: str, data: bytes) -> None:
             if self._loop is not None and not self._loop.is_closed():
                 self._loop.call_soon_threadsafe(_call_quietly, handler, author, data)
 
-        await self._bridge.run(self._trio.subscribe, topic, deliver)
+        await self._bridge.run(self._trio.subscribe, topic, deliver, validator)
 
     async def unsubscribe(self, topic: str) -> None:
         await self._bridge.run(self._trio.unsubscribe, topic)

@@ -102,6 +102,15 @@ def _serving(host: Host) -> dict[str, RunStateNode]:
     return runs
 
 
+class _Raw:
+    """The one attribute :func:`make_pubsub_validator` reads from a gossipsub message."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
 def make_pubsub_validator(state: RunState) -> Callable[[Any, Any], bool]:
     """A gossipsub topic validator: True only for envelopes worth forwarding.
 
@@ -174,8 +183,9 @@ class RunStateNode:
             applied = self.store.load(self.state)
             log.info("run %s: loaded %d envelopes from %s", self.state.run, applied, self.store.path)
         self.state.add_listener(self._on_applied)
-        await self.host.subscribe(self.topic, self._on_message)
-        self._install_validator()
+        gossip_check = make_pubsub_validator(self.state)
+        await self.host.subscribe(self.topic, self._on_message,
+                                  validator=lambda author, data: gossip_check(None, _Raw(data)))
         runs = _serving(self.host)
         if self.state.run in runs:
             raise ValueError(f"run {self.state.run!r} is already replicated on this host")
@@ -197,6 +207,7 @@ class RunStateNode:
                 self.ready.set()
         finally:
             self._running = False
+            self.host.remove_listener(self._on_peer_event)
             _serving(self.host).pop(self.state.run, None)
             await self._stop()
 
@@ -214,25 +225,9 @@ class RunStateNode:
                 self.store.save(self.state)
             except OSError as exc:
                 log.warning("could not save the run state to %s: %s", self.store.path, exc)
-        pubsub = getattr(getattr(self.host, "_trio", None), "pubsub", None)
-        if pubsub is not None:
-            with contextlib.suppress(Exception):
-                self.host._bridge.run_sync_soon(lambda: pubsub.remove_topic_validator(self.topic))
         with contextlib.suppress(Exception):
             async with asyncio.timeout(1.0):
                 await self.host.unsubscribe(self.topic)
-
-    def _install_validator(self) -> None:
-        # Stopgap on a private attribute until Host.subscribe takes a validator: gossipsub then
-        # neither delivers nor forwards what fails it.
-        pubsub = getattr(getattr(self.host, "_trio", None), "pubsub", None)
-        bridge = getattr(self.host, "_bridge", None)
-        if pubsub is None or bridge is None:
-            log.warning("no pubsub validator hook on this host; invalid envelopes are still dropped on "
-                        "receipt but gossipsub forwards them")
-            return
-        validator = make_pubsub_validator(self.state)
-        bridge.run_sync_soon(lambda: pubsub.set_topic_validator(self.topic, validator, False))
 
     # ---- publishing --------------------------------------------------------------------------
 
