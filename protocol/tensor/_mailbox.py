@@ -103,6 +103,10 @@ class Mailbox:
                 if not waiters:
                     del self._waiters[key]
 
+    def holds(self, peer: str, tag: str) -> bool:
+        """Whether a value for (peer, tag) is already here."""
+        return bool(self._items.get((peer, tag)))
+
     def waiting_on(self, peer: str) -> bool:
         return any(k[0] == peer and self._has_waiter(k) for k in self._waiters)
 

@@ -149,7 +149,8 @@ class BlobService:
             TimeoutError: providers were found but the fetch did not finish in ``timeout_s``.
             ValueError: a malformed id.
 
-        Cancellation leaves the verified chunks already fetched on disk (a later get resumes).
+        Cancellation leaves the verified chunks already fetched on disk (a later get resumes
+        from them; one being written at that moment may land just after).
         """
         check_blob_id(blob_id)
         lock = self._locks.setdefault(blob_id, asyncio.Lock())

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from .connect import parse_data_addr
-from .wire import Limits
+from .wire import MAX_FRAME_BYTES, MIN_FRAME_BYTES, Limits
 
 __all__ = ["TensorConfig"]
 
-_MIN_FRAME, _MAX_FRAME = 16 * 1024, 16 << 20
+_MIN_FRAME, _MAX_FRAME = MIN_FRAME_BYTES, MAX_FRAME_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -51,6 +51,8 @@ class Link:
     carrier: Carrier
     sealer: FrameSealer
     opener: FrameOpener
+    send_frame_bytes: int = 1 << 20
+    """DATA frames this side sends: the smaller of the two sides' limits."""
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Pending:
     peer_id: str
     keys: SessionKeys
     expires_at: float
+    send_frame_bytes: int = 1 << 20
 
 
 class Puncher(Protocol):
@@ -197,7 +200,7 @@ async def accept_direct(sock: socket.socket, lookup: Callable[[bytes], Pending |
             sealer = pending.keys.sealer(dialer=False)
             await carrier.write(sealer.seal(FrameType.HELLO_OK, Hello(session_id, local_id).to_bytes()))
         ok = True
-        return pending, Link(carrier, sealer, opener)
+        return pending, Link(carrier, sealer, opener, pending.send_frame_bytes)
     except TimeoutError as exc:
         raise PeerError(f"data connection from {carrier.remote} sent no valid HELLO within {timeout_s} s") from exc
     finally:
@@ -222,30 +225,31 @@ async def dial(open_stream: Callable[[], Awaitable[MessageStream]], *, local_id:
     try:
         async with asyncio.timeout(handshake_timeout_s):
             ephemeral, session_id = Ephemeral(), os.urandom(SESSION_ID_BYTES)
-            reply = await stream.request(Open(session_id, ephemeral.public, direct, local_addrs).to_wire())
-            accept = Accept.from_wire(reply)
+            opened = Open(session_id, ephemeral.public, direct, local_addrs, limits.max_frame_bytes)
+            accept = Accept.from_wire(await stream.request(opened.to_wire()))
+            frame = min(limits.max_frame_bytes, accept.frame_bytes)
             keys = derive_keys(ephemeral.shared(accept.public_key), session_id, local_id, remote_id,
                                ephemeral.public, accept.public_key)
         if direct:
             for addr in _dial_order(accept.data_addrs):
                 try:
-                    return await dial_direct(addr, session_id, keys, local_id=local_id, remote_id=remote_id,
-                                             limits=limits, timeout_s=dial_timeout_s)
+                    return _framed(await dial_direct(addr, session_id, keys, local_id=local_id, remote_id=remote_id,
+                                                     limits=limits, timeout_s=dial_timeout_s), frame)
                 except (PeerError, ValueError) as exc:
                     log.debug("direct data path to %s unavailable: %s", remote_id, exc)
         if puncher is not None:  # hole punching: the NAT issue's TCP simultaneous open
             sock = await puncher.dial(remote_id, stream)
             if sock is not None:
                 try:
-                    return await prove_as_dialer(sock, session_id, keys, local_id=local_id, remote_id=remote_id,
-                                                 limits=limits, timeout_s=dial_timeout_s, what="punched socket",
-                                                 path=PATH_PUNCHED)
+                    return _framed(await prove_as_dialer(
+                        sock, session_id, keys, local_id=local_id, remote_id=remote_id, limits=limits,
+                        timeout_s=dial_timeout_s, what="punched socket", path=PATH_PUNCHED), frame)
                 except PeerError as exc:
                     log.debug("punched data path to %s failed: %s", remote_id, exc)
         await stream.send(Fallback().to_wire())
         carrier = StreamCarrier(stream, relayed=await is_relayed())
         keep = True
-        return Link(carrier, keys.sealer(dialer=True), keys.opener(dialer=True))
+        return Link(carrier, keys.sealer(dialer=True), keys.opener(dialer=True), frame)
     except TimeoutError as exc:
         raise PeerError(f"tensor handshake with {remote_id} timed out after {handshake_timeout_s} s") from exc
     finally:
@@ -273,9 +277,10 @@ async def answer(stream: MessageStream, *, local_id: str, data_addrs: tuple[str,
         ephemeral = Ephemeral()
         keys = derive_keys(ephemeral.shared(opened.public_key), opened.session_id, stream.peer_id, local_id,
                            opened.public_key, ephemeral.public)
-        add_pending(opened.session_id, Pending(stream.peer_id, keys, time.monotonic() + wait_fallback_s))
+        frame = min(limits.max_frame_bytes, opened.frame_bytes)
+        add_pending(opened.session_id, Pending(stream.peer_id, keys, time.monotonic() + wait_fallback_s, frame))
         offered = data_addrs if opened.direct else ()
-        await stream.send(Accept(ephemeral.public, offered).to_wire())
+        await stream.send(Accept(ephemeral.public, offered, limits.max_frame_bytes).to_wire())
     try:
         async with asyncio.timeout(wait_fallback_s):
             while True:
@@ -290,7 +295,12 @@ async def answer(stream: MessageStream, *, local_id: str, data_addrs: tuple[str,
         return None  # went direct (the pending session is claimed) or gave up (it expires)
     drop_pending(opened.session_id)  # the TCP half must not bind as well
     return Link(StreamCarrier(stream, relayed=await is_relayed()), keys.sealer(dialer=False),
-                keys.opener(dialer=False))
+                keys.opener(dialer=False), frame)
+
+
+def _framed(link: Link, frame: int) -> Link:
+    link.send_frame_bytes = frame
+    return link
 
 
 async def _close_quietly(stream: MessageStream) -> None:

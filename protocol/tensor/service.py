@@ -84,6 +84,7 @@ class TensorPlane:
         self._requests = Requests()
         self._admitted: dict[int, bool] = {}
         self._stats: dict[str, _PeerStats] = {}
+        self._gone: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener = DataListener(config, local_id=self.peer_id, on_link=self._run_inbound, spawn=self._spawn)
         self.data_addrs: tuple[str, ...] = ()
@@ -166,6 +167,8 @@ class TensorPlane:
     async def recv_message(self, peer_id: str, tag: str) -> Message:
         """As :meth:`recv`, with the sender's ``meta``."""
         self._check_open()
+        if peer_id in self._gone and not self._mailbox.holds(peer_id, tag):
+            raise PeerError(f"{peer_id} is gone (disconnected, no data connection left)")
         return await self._mailbox.get(peer_id, tag)
 
     async def exchange(self, peer_id: str, tag: str, tensors: Sequence[Tensor], *,
@@ -325,8 +328,9 @@ class TensorPlane:
     def _adopt(self, peer_id: str, link: connect.Link) -> Session:
         stats = self._peer(peer_id)
         session = Session(link.carrier, link.sealer, link.opener, peer_id=peer_id, limits=self._limits,
-                          inbox=self, traffic=stats.traffic)
+                          inbox=self, traffic=stats.traffic, send_frame_bytes=link.send_frame_bytes)
         self._sessions.setdefault(peer_id, []).append(session)
+        self._gone.discard(peer_id)
         stats.path = session.path
         stats.opened[session.path] = stats.opened.get(session.path, 0) + 1
         log.info("data connection with %s via %s (%s)", peer_id, session.path, link.carrier.remote)
@@ -416,7 +420,9 @@ class TensorPlane:
         return self._stats.setdefault(peer_id, _PeerStats())
 
     def _on_peer_event(self, kind: str, peer_id: str) -> None:
-        if kind == "disconnected" and not self._closed:
+        if kind == "connected":
+            self._gone.discard(peer_id)
+        elif kind == "disconnected" and not self._closed:
             self._spawn("tensor-peer-gone", self._check_gone, peer_id)
 
     async def _check_gone(self, peer_id: str) -> None:
@@ -433,6 +439,7 @@ class TensorPlane:
         else:
             return
         log.debug("%s is gone: failing what waits on it", peer_id)
+        self._gone.add(peer_id)
         gone = PeerError(f"{peer_id} disconnected")
         self._mailbox.fail(peer_id, gone)
         self._requests.fail(peer_id, gone)

@@ -98,15 +98,17 @@ class Session:
         limits: what the reader accepts.
         inbox: where complete incoming transfers go.
         traffic: byte counters to add to.
+        send_frame_bytes: DATA frame size to send (agreed in the handshake: the smaller limit).
     """
 
     def __init__(self, carrier: Carrier, sealer: FrameSealer, opener: FrameOpener, *, peer_id: str,
-                 limits: Limits, inbox: Inbox, traffic: Traffic) -> None:
+                 limits: Limits, inbox: Inbox, traffic: Traffic, send_frame_bytes: int | None = None) -> None:
         self.carrier = carrier
         self.path = carrier.path
         self.peer_id = peer_id
         self._sealer, self._opener = sealer, opener
         self._limits = limits
+        self._send_frame = min(send_frame_bytes or limits.max_frame_bytes, limits.max_frame_bytes)
         self._inbox = inbox
         self._traffic = traffic
         self._write_lock = asyncio.Lock()
@@ -295,7 +297,7 @@ class Session:
             ended = finished = False
             try:
                 await self._send_control(FrameType.BEGIN, begin.to_bytes())
-                for frame in iter_frames(pieces, self._limits.max_frame_bytes, self._staging):
+                for frame in iter_frames(pieces, self._send_frame, self._staging):
                     if ack_future.done():
                         break  # refused early: stop sending, the reason is in the ACK
                     await self._send_data(frame)

@@ -54,6 +54,7 @@ TAG_BYTES = 16
 CONTROL_MAX_BYTES = 64 * 1024
 """Plaintext limit of every frame but DATA (BEGIN carries the specs: ~100 bytes per tensor)."""
 MAX_TAG_CHARS = 512
+MIN_FRAME_BYTES, MAX_FRAME_BYTES = 16 * 1024, 16 << 20
 MAX_DATA_ADDRS = 8
 MAX_ADDR_CHARS = 128
 KIND_MESSAGE, KIND_REQUEST, KIND_REPLY = 0, 1, 2
@@ -145,6 +146,12 @@ def _check_addrs(addrs: list[Any], what: str) -> tuple[str, ...]:
     return tuple(addrs)
 
 
+def _check_frame(n: int) -> int:
+    if not MIN_FRAME_BYTES <= n <= MAX_FRAME_BYTES:
+        raise ProtocolViolation(f"peer's frame size {n} is outside [{MIN_FRAME_BYTES}, {MAX_FRAME_BYTES}]")
+    return n
+
+
 def _check_bytes(value: bytes, n: int, what: str) -> bytes:
     if len(value) != n:
         raise ProtocolViolation(f"{what} must be {n} bytes, got {len(value)}")
@@ -164,20 +171,22 @@ class Open:
     """Whether the dialer will try the listener's data address (else it falls back at once)."""
     data_addrs: tuple[str, ...] = ()
     """The dialer's own data addresses (for a later reverse dial or simultaneous open)."""
+    frame_bytes: int = 1 << 20
+    """The largest DATA frame the dialer accepts (the listener sends no larger ones)."""
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": WIRE_VERSION, "t": "open", "sid": self.session_id, "pub": self.public_key,
-                "direct": self.direct, "data": list(self.data_addrs)}
+                "direct": self.direct, "data": list(self.data_addrs), "frame": self.frame_bytes}
 
     @classmethod
     def from_wire(cls, message: Any) -> Open:
-        m = expect_map(message, {"v": int, "t": str, "sid": bytes, "pub": bytes, "direct": bool, "data": list},
-                       what="tensor open")
+        m = expect_map(message, {"v": int, "t": str, "sid": bytes, "pub": bytes, "direct": bool, "data": list,
+                                 "frame": int}, what="tensor open")
         _check_version(m, "tensor open")
         if m["t"] != "open":
             raise ProtocolViolation(f"expected a tensor open, got {m['t']!r:.40}")
         return cls(_check_bytes(m["sid"], SESSION_ID_BYTES, "session id"), _check_bytes(m["pub"], 32, "X25519 key"),
-                   m["direct"], _check_addrs(m["data"], "open"))
+                   m["direct"], _check_addrs(m["data"], "open"), _check_frame(m["frame"]))
 
 
 @dataclass(frozen=True)
@@ -186,17 +195,21 @@ class Accept:
 
     public_key: bytes
     data_addrs: tuple[str, ...] = ()
+    frame_bytes: int = 1 << 20
+    """The largest DATA frame the listener accepts (the dialer sends no larger ones)."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"v": WIRE_VERSION, "t": "accept", "pub": self.public_key, "data": list(self.data_addrs)}
+        return {"v": WIRE_VERSION, "t": "accept", "pub": self.public_key, "data": list(self.data_addrs),
+                "frame": self.frame_bytes}
 
     @classmethod
     def from_wire(cls, message: Any) -> Accept:
-        m = expect_map(message, {"v": int, "t": str, "pub": bytes, "data": list}, what="tensor accept")
+        m = expect_map(message, {"v": int, "t": str, "pub": bytes, "data": list, "frame": int}, what="tensor accept")
         _check_version(m, "tensor accept")
         if m["t"] != "accept":
             raise ProtocolViolation(f"expected a tensor accept, got {m['t']!r:.40}")
-        return cls(_check_bytes(m["pub"], 32, "X25519 key"), _check_addrs(m["data"], "accept"))
+        return cls(_check_bytes(m["pub"], 32, "X25519 key"), _check_addrs(m["data"], "accept"),
+                   _check_frame(m["frame"]))
 
 
 @dataclass(frozen=True)

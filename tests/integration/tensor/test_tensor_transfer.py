@@ -207,3 +207,30 @@ async def test_hole_punching_hook_is_tried_after_direct_and_authenticated_like_i
         assert same(got, ts) and same(back, ts)
         assert a.stats()["peers"][b.peer_id]["path"] == "punched"
         assert b.stats()["peers"][a.peer_id]["path"] == "punched"
+
+
+async def test_waiting_on_a_peer_that_leaves_fails_quickly_and_later_waits_fail_at_once(make_group) -> None:
+    hosts, (a, b) = await make_group(2)
+    early = [Tensor.from_numpy("x", np.arange(10))]
+    await b.send(a.peer_id, "early", early)
+    waiting = asyncio.ensure_future(a.recv(b.peer_id, "never"))
+    await asyncio.sleep(0.1)
+    start = time.monotonic()
+    await b.aclose()
+    await hosts[1].aclose()
+    with pytest.raises(PeerError, match="disconnected"):
+        await asyncio.wait_for(waiting, 15)
+    assert time.monotonic() - start < 5
+    with pytest.raises(PeerError, match="gone"):
+        await asyncio.wait_for(a.recv(b.peer_id, "later"), 1)
+    assert same(await a.recv(b.peer_id, "early"), early)  # what arrived before it left is kept
+
+
+@pytest.mark.parametrize("path", ["direct", "libp2p-direct-dial-disabled"])
+async def test_peers_with_different_frame_sizes_send_the_smaller_frames(make_group, make_plane, path: str) -> None:
+    hosts, a_cfg, b_cfg, _ = await _pair(make_group, path)
+    a = await make_plane(hosts[0], frame_bytes=4 << 20, **a_cfg)
+    b = await make_plane(hosts[1], frame_bytes=64 * 1024, **b_cfg)
+    ts = tensor_set(2 << 20)
+    got, back = await _round_trip(a, b, ts)
+    assert same(got, ts) and same(back, ts)

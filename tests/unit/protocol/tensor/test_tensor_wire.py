@@ -136,6 +136,8 @@ def test_handshake_messages_validate_lengths() -> None:
         Open.from_wire(Open(b"s" * 15, b"k" * 32, True).to_wire())
     with pytest.raises(ProtocolViolation, match="data addresses"):
         Accept.from_wire(Accept(b"k" * 32, tuple(["/ip4/1.2.3.4/tcp/1"] * 9)).to_wire())
+    with pytest.raises(ProtocolViolation, match="frame size"):
+        Accept.from_wire(Accept(b"k" * 32, (), 1 << 30).to_wire())
 
 
 def test_low_order_x25519_key_is_refused() -> None:
