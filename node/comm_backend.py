@@ -9,7 +9,8 @@ way; nothing here imports torch. What each call does on the network:
   just this node is reduced locally.
 * ``put_blob``/``get_blob``: a content-addressed directory in the data dir, served to peers by
   the tensor plane's blob service when it is there.
-* ``state_*``: this node's view of the run state.
+* ``state_*``: the run state's ``algo`` section (each member writes its own entries; a read
+  merges everyone's, newest write winning).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -26,6 +28,7 @@ import numpy as np
 
 from hyphae.protocol.atomic import atomic_write_bytes
 from hyphae.protocol.errors import ProtocolViolation
+from hyphae.protocol.runstate import WriteRejected
 from hyphae.protocol.wire import decode_body, expect_map
 
 from .tensor_bytes import from_float64, to_float64
@@ -181,15 +184,58 @@ class CommBackend:
 
     # ---- run state -------------------------------------------------------------------------
 
+    def _run_state(self) -> Any:
+        svc = self.daemon.service("runstate")
+        return None if svc is None else svc.state
+
     async def state_get(self, key: str) -> Any:
-        return self._state.get(key)
+        state = self._run_state()
+        if state is None:
+            return self._state.get(key)
+        return _from_json(state.newest(ALGO_SECTION).get(key))
 
     async def state_set(self, key: str, value: Any) -> None:
-        if value is None:
-            self._state.pop(key, None)
-        else:
-            self._state[key] = value
+        state = self._run_state()
+        if state is None:
+            if value is None:
+                self._state.pop(key, None)
+            else:
+                self._state[key] = value
+            return
+        entry = {"v": _to_json(value), "ts": int(time.time() * 1000)}
+        try:
+            state.write(ALGO_SECTION, {key: entry})
+        except (WriteRejected, ValueError) as exc:
+            raise CommFailure("ValueError", f"state_set {key!r}: {exc}") from None
 
     async def state_items(self, prefix: str) -> dict[str, Any]:
-        return {k: v for k, v in self._state.items() if k.startswith(prefix)}
+        state = self._run_state()
+        if state is None:
+            return {k: v for k, v in self._state.items() if k.startswith(prefix)}
+        return {k: _from_json(v) for k, v in state.newest(ALGO_SECTION, prefix).items()}
+
+
+ALGO_SECTION = "algo"
+_BYTES_TAG = "$bytes"
+
+
+def _to_json(value: Any) -> Any:
+    """Comm values may hold bytes; the run state holds JSON. Bytes travel as ``{"$bytes": hex}``."""
+    if isinstance(value, bytes | bytearray):
+        return {_BYTES_TAG: bytes(value).hex()}
+    if isinstance(value, list | tuple):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_BYTES_TAG} and isinstance(value[_BYTES_TAG], str):
+            return bytes.fromhex(value[_BYTES_TAG])
+        return {k: _from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    return value
 

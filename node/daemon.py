@@ -153,6 +153,10 @@ class Daemon:
         own = [dashboard_routes(self), metrics_route(self)]
         return own + [route for svc in self.services for route in svc.api_routes()]
 
+    def service(self, name: str) -> Service | None:
+        """The running service called ``name`` (e.g. "runstate", "training"), if any."""
+        return next((svc for svc in self.services if svc.name == name), None)
+
     async def metric_extras(self) -> dict[str, Any]:
         """What services add to the dashboard and /metrics: each may offer ``status()``
         returning a dict whose keys (``training``, ``run``, ``traffic``, ``links``,

@@ -25,6 +25,9 @@ checkpoints   the member that produced it      ``id -> {"step", "hash", "size_by
 blobs         the member itself                content hashes it can serve (``hash -> size_bytes``)
 zo_log        the member itself                ``"<step>" -> hex of its 1-byte ZO scalars``; truncated at
                                                snapshots by the member (bounded by ``max_keys``)
+algo          the member itself                the training algorithms' key-value state (``Comm.state_*``):
+                                               ``key -> {"v": value, "ts": ms}``; readers merge every
+                                               member's entries, newest write winning (``RunState.newest``)
 ============  ===============================  ===========================================================
 """
 
@@ -256,6 +259,18 @@ def check_zo_log(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ct
             raise WriteRejected(f"zo_log step {key} must be the hex of its 1-byte scalars")
 
 
+ALGO_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,159}$")
+
+
+def check_algo(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
+    for key, entry in _changed_items(old, new):
+        if not ALGO_KEY_RE.match(key):
+            raise WriteRejected(f"algo key {key[:80]!r} must match {ALGO_KEY_RE.pattern}")
+        if not isinstance(entry, dict) or set(entry) != {"v", "ts"}:
+            raise WriteRejected(f"algo entry {key!r} must be {{'v': value, 'ts': ms}}")
+        _int(entry["ts"], f"algo {key} ts")
+
+
 def default_rules() -> dict[str, SectionRule]:
     """The rule table documented in the module docstring."""
     rules = [
@@ -275,5 +290,7 @@ def default_rules() -> dict[str, SectionRule]:
                     max_state_bytes=128 * 1024),
         SectionRule(section="zo_log", check=check_zo_log, max_keys=4096, max_value_bytes=2048,
                     max_state_bytes=200 * 1024, compact_after_deltas=64),
+        SectionRule(section="algo", check=check_algo, max_keys=8192, max_value_bytes=4096,
+                    max_state_bytes=1024 * 1024, compact_after_deltas=64),
     ]
     return {rule.section: rule for rule in rules}

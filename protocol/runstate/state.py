@@ -374,6 +374,20 @@ class RunState:
     def zo_log(self, peer: str) -> dict[int, bytes]:
         return {int(k): bytes.fromhex(v) for k, v in sorted(self.value("zo_log", peer).items(), key=lambda kv: int(kv[0]))}
 
+    def newest(self, section: str, prefix: str = "") -> dict[str, Any]:
+        """Merge a ``key -> {"v", "ts"}`` section over every author: for each key the entry with
+        the largest (ts, author) wins, so every replica that holds the same envelopes agrees.
+        A winning ``v`` of None means the key was deleted."""
+        best: dict[str, tuple[int, str, Any]] = {}
+        for author, value in self.replica.values(section).items():
+            for key, entry in value.items():
+                if not key.startswith(prefix) or not isinstance(entry, dict):
+                    continue
+                rank = (int(entry.get("ts", 0)), author)
+                if key not in best or rank > best[key][:2]:
+                    best[key] = (*rank, entry.get("v"))
+        return {key: v for key, (_, _, v) in best.items() if v is not None}
+
     def view(self) -> dict[str, Any]:
         """The whole state as JSON, for the API and ``hyphae run show``."""
         members = self.members()
