@@ -14,6 +14,7 @@ exists, over the libp2p stream itself. Layout (STYLE.md §3):
 """
 
 from .allreduce import AllReduceResult
+from .blobs import BlobConfig, BlobService, open_blob_service
 from .codecs import CODEC_NAMES, Codec
 from .config import TensorConfig
 from .connect import Puncher
@@ -23,7 +24,7 @@ from .spec import Tensor, TensorSpec
 from .wire import PROTOCOL_ID
 
 __all__ = [
-    "AllReduceResult", "BlobCorrupt", "BlobNotFound", "CODEC_NAMES", "Codec", "IntegrityError", "Message",
+    "AllReduceResult", "BlobConfig", "BlobCorrupt", "BlobNotFound", "BlobService", "open_blob_service", "CODEC_NAMES", "Codec", "IntegrityError", "Message",
     "NotSent", "PROTOCOL_ID", "Puncher", "Refused", "RemoteError", "Reply", "Tensor", "TensorConfig",
     "TensorPlane", "TensorSpec", "open_tensor_plane",
 ]

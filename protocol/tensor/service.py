@@ -32,14 +32,14 @@ from . import connect
 from ._listener import DataListener
 from ._mailbox import Mailbox
 from ._requests import Message, Reply, Requests, RouteHandler
-from ._util import run_all
+from ._util import guarded, run_all, specs_of
 from .allreduce import AllReduce, AllReduceResult
 from .carrier import stream_frame_limit
 from .codecs import Codec
 from .config import TensorConfig
 from .errors import NotSent
 from .session import Session, Traffic
-from .spec import Tensor, check_unique_names
+from .spec import Tensor
 from .wire import KIND_MESSAGE, KIND_REPLY, KIND_REQUEST, MAX_TAG_CHARS, PROTOCOL_ID, Begin
 
 __all__ = ["TensorPlane", "Message", "Reply", "RouteHandler", "open_tensor_plane"]
@@ -124,7 +124,7 @@ class TensorPlane:
         cancelled before it starts leaves no un-awaited coroutine behind). None once closed."""
         if self._closed:
             return None
-        task = self._tg.create_task(_guarded(name, fn, *args), name=name)
+        task = self._tg.create_task(guarded(log, name, fn, *args), name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -150,7 +150,7 @@ class TensorPlane:
 
         Cancellation closes the data connection in use; the peer discards the partial transfer.
         """
-        begin = Begin(tag, _specs(tensors), Codec.named(codec), KIND_MESSAGE, 0, dict(meta or {}))
+        begin = Begin(tag, specs_of(tensors), Codec.named(codec), KIND_MESSAGE, 0, dict(meta or {}))
         await self._transfer(peer_id, begin, tensors)
 
     async def recv(self, peer_id: str, tag: str) -> list[Tensor]:
@@ -215,7 +215,7 @@ class TensorPlane:
             Refused / PeerError / ClosedError: as :meth:`send`.
         """
         with self._requests.expect(peer_id) as (request_id, fut):
-            begin = Begin(route, _specs(tensors), Codec.named(codec), KIND_REQUEST, request_id, dict(meta or {}))
+            begin = Begin(route, specs_of(tensors), Codec.named(codec), KIND_REQUEST, request_id, dict(meta or {}))
             await self._transfer(peer_id, begin, tensors)
             return Requests.check(await fut, peer_id, route)
 
@@ -405,7 +405,7 @@ class TensorPlane:
     async def _answer(self, peer: str, begin: Begin, tensors: list[Tensor]) -> None:
         reply = await self._requests.handle(peer, begin.tag, begin.meta, tensors)
         try:
-            out = Begin(begin.tag, _specs(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
+            out = Begin(begin.tag, specs_of(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
                         dict(reply.meta))
             await self._transfer(peer, out, reply.tensors)
         except HyphaeError as exc:
@@ -456,22 +456,6 @@ class TensorPlane:
                     idle = now - session.last_used > self.config.idle_timeout_s
                     if idle and not session.busy and session not in self._reserved:
                         await session.aclose()
-
-
-async def _guarded(name: str, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-    """Run a plane task; a bug in it is logged, never raised into the daemon's task group."""
-    try:
-        await fn(*args)
-    except HyphaeError as exc:
-        log.debug("%s ended: %s", name, exc)
-    except Exception:  # noqa: BLE001 — one failed task must not take the plane (and daemon) down
-        log.exception("%s failed", name)
-
-
-def _specs(tensors: Sequence[Tensor]) -> tuple:
-    specs = tuple(t.spec for t in tensors)
-    check_unique_names(specs)
-    return specs
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hyphae.protocol.errors import PeerError
-from hyphae.protocol.tensor import Refused, RemoteError, Reply, Tensor
+from hyphae.protocol.tensor import Refused, RemoteError, Reply, Tensor, TensorConfig, open_tensor_plane
 from hyphae.protocol.tensor.codecs import bf16_to_f32
 
 from .conftest import same, tensor_set
@@ -193,8 +193,6 @@ class LoopbackPuncher:
 
 
 async def test_hole_punching_hook_is_tried_after_direct_and_authenticated_like_it(make_group) -> None:
-    from hyphae.protocol.tensor import TensorConfig, open_tensor_plane
-
     hosts, planes = await make_group(2)
     for p in planes:
         await p.aclose()
