@@ -29,6 +29,7 @@ from ..errors import ClosedError, HyphaeError, PeerError
 from ..host import Host
 from ..stream import MessageStream
 from . import connect
+from ._bufpool import BufferPool
 from ._listener import DataListener
 from ._mailbox import Mailbox
 from ._requests import Message, Reply, Requests, RouteHandler
@@ -77,6 +78,7 @@ class TensorPlane:
         self._puncher = puncher
         self._limits = config.limits
         self._mailbox = Mailbox(config.max_unclaimed_bytes, config.mailbox_ttl_s)
+        self._buffers = BufferPool(config.recv_pool_bytes)
         self._sessions: dict[str, list[Session]] = {}
         self._reserved: set[Session] = set()
         self._dialing: dict[str, int] = {}
@@ -237,7 +239,8 @@ class TensorPlane:
             for path, n in st.traffic.received.items():
                 received[path] = received.get(path, 0) + n
         return {"data_addrs": list(self.data_addrs), "peers": peers, "bytes_sent": sent,
-                "bytes_received": received, "unclaimed_bytes": self._mailbox.unclaimed_bytes}
+                "bytes_received": received, "unclaimed_bytes": self._mailbox.unclaimed_bytes,
+                "recv_pool_bytes": self._buffers.kept_bytes, "recv_pool_reused": self._buffers.reused}
 
     # ---- sending ---------------------------------------------------------------------------
 
@@ -328,7 +331,8 @@ class TensorPlane:
     def _adopt(self, peer_id: str, link: connect.Link) -> Session:
         stats = self._peer(peer_id)
         session = Session(link.carrier, link.sealer, link.opener, peer_id=peer_id, limits=self._limits,
-                          inbox=self, traffic=stats.traffic, send_frame_bytes=link.send_frame_bytes)
+                          inbox=self, traffic=stats.traffic, send_frame_bytes=link.send_frame_bytes,
+                          buffers=self._buffers)
         self._sessions.setdefault(peer_id, []).append(session)
         self._gone.discard(peer_id)
         stats.path = session.path
@@ -451,6 +455,7 @@ class TensorPlane:
             now = time.monotonic()
             self._mailbox.expire(now)
             self._listener.expire(now)
+            self._buffers.trim(now)
             for sessions in list(self._sessions.values()):
                 for session in list(sessions):
                     idle = now - session.last_used > self.config.idle_timeout_s

@@ -20,6 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import ClosedError, EndOfStream, HyphaeError, PeerError, ProtocolViolation
+from ._bufpool import BufferPool
 from .carrier import Carrier
 from .errors import NotSent, Refused
 from .keys import FrameOpener, FrameSealer
@@ -64,9 +65,10 @@ class Inbox(Protocol):
 class _Incoming:
     """The transfer being received: one buffer of exactly the announced wire size."""
 
-    def __init__(self, begin: Begin) -> None:
+    def __init__(self, begin: Begin, buffers: BufferPool | None) -> None:
         self.begin = begin
-        self.buffer = np.empty(begin.wire_bytes, dtype=np.uint8)
+        size = begin.wire_bytes
+        self.buffer = buffers.take(size) if buffers is not None else np.empty(size, dtype=np.uint8)
         self.view = memoryview(self.buffer)
         self.filled = 0
 
@@ -99,10 +101,12 @@ class Session:
         inbox: where complete incoming transfers go.
         traffic: byte counters to add to.
         send_frame_bytes: DATA frame size to send (agreed in the handshake: the smaller limit).
+        buffers: where receive buffers come from (reused once their tensors are gone).
     """
 
     def __init__(self, carrier: Carrier, sealer: FrameSealer, opener: FrameOpener, *, peer_id: str,
-                 limits: Limits, inbox: Inbox, traffic: Traffic, send_frame_bytes: int | None = None) -> None:
+                 limits: Limits, inbox: Inbox, traffic: Traffic, send_frame_bytes: int | None = None,
+                 buffers: BufferPool | None = None) -> None:
         self.carrier = carrier
         self.path = carrier.path
         self.peer_id = peer_id
@@ -111,6 +115,7 @@ class Session:
         self._send_frame = min(send_frame_bytes or limits.max_frame_bytes, limits.max_frame_bytes)
         self._inbox = inbox
         self._traffic = traffic
+        self._buffers = buffers
         self._write_lock = asyncio.Lock()
         self._out_lock = asyncio.Lock()
         self._sendbuf = memoryview(bytearray(HEADER_BYTES + limits.max_frame_bytes + TAG_BYTES))
@@ -210,7 +215,7 @@ class Session:
                 await self._refuse(str(exc))
                 self._draining = True
                 return True
-            self._incoming = _Incoming(begin)
+            self._incoming = _Incoming(begin, self._buffers)
         elif ftype is FrameType.END:
             self._opener.open(header, body)
             await self._finish()
