@@ -108,6 +108,7 @@ class TensorPlane:
         if self._closed:
             return
         self._closed = True
+        self.host.remove_listener(self._on_peer_event)
         closed = ClosedError("the tensor plane is closed")
         self._mailbox.fail_all(closed)
         self._requests.fail(None, closed)
