@@ -86,6 +86,13 @@ async def test_interrupted_fetch_resumes_where_it_stopped_after_a_restart(make_g
     a, b = services(planes, tmp_path, chunk_bytes=32 * 1024, parallel=1)
     data = os.urandom(1_000_000)
     blob_id = await a.put(data)
+    original = a._on_get
+
+    async def slow_get(peer, meta, tensors):  # ~1.5 s for the blob: the cancel lands mid-fetch
+        await asyncio.sleep(0.05)
+        return await original(peer, meta, tensors)
+
+    planes[0].serve("/hyphae/blob/get", slow_get)
     task = asyncio.ensure_future(b.get(blob_id, providers=[planes[0].peer_id], timeout_s=30))
     await wait_for(lambda: len(b.store.held(blob_id)) >= 5, 20, "a few chunks fetched")
     task.cancel()
