@@ -5,10 +5,11 @@ way; nothing here imports torch. What each call does on the network:
 
 * ``members``: this node plus every connected hyphae peer whose hello says it trains.
 * ``publish``/``collect``: small values over the network's scalar pubsub topic.
-* ``exchange``/``all_reduce``: through the collectives backend (the tensor plane); a group of
+* ``exchange``/``all_reduce``: through the tensor plane (:mod:`.tensor_service`); a group of
   just this node is reduced locally.
-* ``put_blob``/``get_blob``: a content-addressed directory in the data dir, served to peers by
-  the tensor plane's blob service when it is there.
+* ``put_blob``/``get_blob``: named by sha256 for the Comm; stored locally and in the tensor
+  plane's blob service, whose manifest id the run state maps from the sha256, so any peer can
+  fetch (from every holder at once) and verify it.
 * ``state_*``: the run state's ``algo`` section (each member writes its own entries; a read
   merges everyone's, newest write winning).
 """
@@ -81,10 +82,9 @@ def reduce_locally(contributions: list[Tensors], op: str) -> Tensors:
 class CommBackend:
     """Answers worker Comm calls for one daemon."""
 
-    def __init__(self, daemon: Daemon, *, collectives: Collectives | None = None) -> None:
+    def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
-        self.collectives = collectives
-        self.blob_dir: Path = daemon.datadir.root / "blobs"
+        self.blob_dir: Path = daemon.datadir.root / "blobs" / "local"
         self._state: dict[str, Any] = {}
         self._scalars: dict[tuple[str, int], dict[str, bytes]] = defaultdict(dict)
         self._scalar_event = asyncio.Event()
@@ -99,11 +99,23 @@ class CommBackend:
 
     # ---- membership ------------------------------------------------------------------------
 
+    @property
+    def collectives(self) -> Collectives | None:
+        return self.daemon.service("tensor")  # type: ignore[return-value]
+
     async def members(self) -> list[str]:
-        peers = await self.daemon.host.peers()
-        trainers = {p.peer_id for p in peers if "trainer" in p.roles}
+        """Live trainers of the run (from the replicated run state), this node included.
+
+        Without a tensor plane nobody else could take part in a round, so then it is this node
+        alone; without a run state, the connected peers whose hello says they train."""
         if self.collectives is None:
-            trainers = set()  # without collectives, nobody else can take part in a round
+            return [self.peer_id]
+        state = self._run_state()
+        if state is not None:
+            members = state.members()
+            trainers = {p for p in state.live_members() if "trainer" in members.get(p, {}).get("roles", [])}
+        else:
+            trainers = {p.peer_id for p in await self.daemon.host.peers() if "trainer" in p.roles}
         return sorted(trainers | {self.peer_id})
 
     # ---- tensors ---------------------------------------------------------------------------
@@ -165,22 +177,47 @@ class CommBackend:
     # ---- blobs -----------------------------------------------------------------------------
 
     async def put_blob(self, data: bytes) -> str:
+        """Store ``data``; its name for the Comm is its sha256.
+
+        The tensor plane names blobs by their chunk manifest (so a fetcher can verify every
+        chunk as it arrives); the run state maps the sha256 to that id for everyone."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_dir / digest
         if not path.exists():
             await asyncio.to_thread(atomic_write_bytes, path, data)
+        plane, state = self.collectives, self._run_state()
+        if plane is not None and state is not None:
+            blob_id = await plane.put_blob(data)
+            await self.state_set(f"{BLOB_PREFIX}{digest}", {"id": blob_id, "size": len(data)})
         return digest
 
     async def get_blob(self, digest: str, timeout_s: float) -> bytes:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise CommFailure("ValueError", f"{digest!r} is not a sha256 hex digest")
         path = self.blob_dir / digest
-        if not path.exists():
-            raise CommFailure("BlobUnavailable", digest)
-        data = await asyncio.to_thread(path.read_bytes)
+        if path.exists():
+            data = await asyncio.to_thread(path.read_bytes)
+        else:
+            data = await self._fetch_blob(digest, timeout_s)
         if hashlib.sha256(data).hexdigest() != digest:
-            raise CommFailure("BlobCorrupt", f"local copy of blob {digest} is corrupt")
+            raise CommFailure("BlobCorrupt", f"blob {digest} does not hash to its name")
+        if not path.exists():
+            await asyncio.to_thread(atomic_write_bytes, path, data)
         return data
+
+    async def _fetch_blob(self, digest: str, timeout_s: float) -> bytes:
+        record = await self.state_get(f"{BLOB_PREFIX}{digest}")
+        plane = self.collectives
+        if plane is None or not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            raise CommFailure("BlobUnavailable", digest)
+        try:
+            return await plane.get_blob(record["id"], timeout_s)
+        except TimeoutError:
+            raise CommFailure("TimeoutError", f"blob {digest} not fetched within {timeout_s} s") from None
+        except CommFailure:
+            raise
+        except Exception as exc:  # noqa: BLE001 — no provider, a corrupt one, or a dropped fetch
+            raise CommFailure("BlobUnavailable", f"{digest}: {exc}") from None
 
     # ---- run state -------------------------------------------------------------------------
 
@@ -216,6 +253,7 @@ class CommBackend:
 
 
 ALGO_SECTION = "algo"
+BLOB_PREFIX = "blob/"
 _BYTES_TAG = "$bytes"
 
 

@@ -77,8 +77,10 @@ def _arm_watchdog() -> None:
 def _default_services(config: NodeConfig) -> list[Callable[[Daemon], Service]]:
     from .runstate_service import runstate_service
 
+    from .tensor_service import TensorService
+
     if not config.train:
-        return [runstate_service]
+        return [runstate_service, TensorService]
     from .training_service import TrainingService  # only training daemons pay for it
 
-    return [runstate_service, TrainingService]
+    return [runstate_service, TensorService, TrainingService]
