@@ -8,6 +8,11 @@ Run from the repository root (about 15-20 minutes on one CPU core; `--quick` abo
     python bench/algorithms.py --seed 0 --threads 1 --json bench/results/algorithms.json
     python bench/algorithms.py --quick --json /tmp/algorithms_quick.json
 
+SPES vs full-MoE DiLoCo and the shared-seed ZO measurements (issue 8) run as a second suite
+with its own options (bench/algorithms_spes_zo.py):
+
+    python bench/algorithms.py spes-zo --threads 1 --seed 0 --json bench/results/algorithms_spes_zo.json
+
 Two scenarios, every algorithm in each, all on the same model (tiny preset), the same
 per-peer data streams (built-in stdlib corpus) and the same seed, on a `SimNetwork` with 50 ms
 latency and 100 Mbit/s per peer, on the virtual clock (so waiting is simulated time):
@@ -32,6 +37,7 @@ function of the scenario); nothing else changes.
 from __future__ import annotations
 
 import argparse
+import sys
 import asyncio
 import json
 import platform
@@ -225,6 +231,15 @@ def bench_scenario(args: argparse.Namespace, scenario: Scenario, corpus: Any, va
 
 
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "spes-zo":
+        # SPES vs full-MoE DiLoCo, ZO bytes per projected gradient, ZO replay speed (issue 8):
+        # its own options, see bench/algorithms_spes_zo.py.
+        sys.argv.pop(1)
+        sys.path.insert(0, str(Path(__file__).parent))
+        import algorithms_spes_zo
+
+        algorithms_spes_zo.main()
+        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)

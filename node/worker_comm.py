@@ -187,7 +187,10 @@ class DaemonComm(Comm):
         return dict(result)
 
     def now(self) -> float:
-        return time.monotonic()
+        """The run's clock: wall-clock seconds, which NTP keeps within milliseconds across
+        machines. Algorithms that meet on a shared schedule (A²CiD²'s gossip ticks) need every
+        peer to read the same time; a per-machine monotonic clock would never line them up."""
+        return time.time()
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)

@@ -32,8 +32,13 @@ from hyphae.training.data import (
     stream_key,
     validation_batches,
 )
+from hyphae.training.acid import ACiD2, ACiD2Config
 from hyphae.training.ddp import DDP, DDPConfig
 from hyphae.training.diloco import DiLoCo, DiLoCoConfig
+from hyphae.training.noloco import NoLoCo, NoLoCoConfig
+from hyphae.training.spes import SPES, SPESConfig
+from hyphae.training.upcycle import upcycle
+from hyphae.training.zo import ZO, ZOConfig
 from hyphae.training.loop import (
     Callback,
     EvalInfo,
@@ -74,6 +79,15 @@ __all__ = [
     "DataConfig",
     "DiLoCo",
     "DiLoCoConfig",
+    "ACiD2",
+    "ACiD2Config",
+    "NoLoCo",
+    "NoLoCoConfig",
+    "SPES",
+    "SPESConfig",
+    "ZO",
+    "ZOConfig",
+    "upcycle",
     "EvalInfo",
     "LoopConfig",
     "Manifest",

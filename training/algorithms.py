@@ -41,7 +41,7 @@ def build_strategy(
     """The strategy named `algorithm` on this peer.
 
     Args:
-        algorithm: a key of `ALGORITHMS` ("ddp", "diloco").
+        algorithm: a key of `ALGORITHMS` ("ddp", "diloco", "noloco", "dadao", "spes", "zo").
         model: this peer's replica.
         comm: this peer's Comm.
         config: the algorithm's config as a plain dict (nested dicts for nested configs);
