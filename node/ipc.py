@@ -83,6 +83,7 @@ class Setup(Message):
     log_every: int
     eval_every: int
     checkpoint_every: int
+    init_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ class Progress(Message):
     val_loss: float | None = None
     tokens_per_s: float | None = None
     checkpoint: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    """The algorithm's own numbers (outer step, peers averaged, gossips, ZO hash, ...)."""
 
 
 @dataclass(frozen=True)

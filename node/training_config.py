@@ -45,6 +45,12 @@ class TrainConfig:
     """Steps between validation-loss measurements (0 = never)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (0 = only when stopping)."""
+    init_from: str = ""
+    """Start a fresh node from these weights instead of a seeded init: a checkpoint directory
+    (e.g. another run's DATA_DIR/checkpoints), or "run" for the newest checkpoint the run's
+    members announce. Empty: a node with no checkpoint of its own joins a run in progress by
+    taking the newest weights its members announce (DDP, DiLoCo, NoLoCo, DADAO), or starts
+    from the seeded init when the run is new."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -70,8 +76,8 @@ class TrainConfig:
         if values.get("data") is not None:
             values["data"] = Path(str(values["data"])).expanduser()
         ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every")
-        for name in ("preset", "algorithm", *ints):
-            kind = str if name in ("preset", "algorithm") else int
+        for name in ("preset", "algorithm", "init_from", *ints):
+            kind = str if name in ("preset", "algorithm", "init_from") else int
             if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
                 raise ConfigError(f"training.{name} must be {kind.__name__}, got {values[name]!r}")
         return cls(**values)

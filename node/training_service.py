@@ -69,6 +69,7 @@ class TrainingService:
         self.latest: dict[str, Any] = {}
         self.history: deque[dict[str, Any]] = deque(maxlen=2000)
         self.evals: deque[dict[str, Any]] = deque(maxlen=500)
+        self.algorithm_state: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._finished = False
@@ -179,7 +180,7 @@ class TrainingService:
             data=str(cfg.data) if cfg.data else "", cache_dir=str(root / "cache"),
             checkpoint_dir=str(root / "checkpoints"), device=_device(), batch_size=cfg.batch_size,
             seq_len=cfg.seq_len, log_every=cfg.log_every, eval_every=cfg.eval_every,
-            checkpoint_every=cfg.checkpoint_every,
+            checkpoint_every=cfg.checkpoint_every, init_from=cfg.init_from,
         )
 
     async def _serve_call(self, call: ipc.Call, writer: asyncio.StreamWriter) -> None:
@@ -234,6 +235,7 @@ class TrainingService:
         if p.kind == "log":
             self.latest.update(step=p.step, loss=p.loss, tokens=p.tokens, tokens_per_s=p.tokens_per_s, at=now)
             self.history.append({"step": p.step, "loss": p.loss, "tokens": p.tokens, "tokens_per_s": p.tokens_per_s, "t": now})
+            self.algorithm_state.update(p.metrics)
             if now - self._last_progress_log >= PROGRESS_LOG_EVERY_S:
                 self._last_progress_log = now
                 log.info("step %d  loss %.4f  %.0f tokens/s", p.step, p.loss or 0.0, p.tokens_per_s or 0.0)
@@ -243,6 +245,9 @@ class TrainingService:
             log.info("step %d  validation loss %.4f", p.step, p.val_loss or 0.0)
         elif p.kind == "checkpoint":
             self.latest.update(checkpoint_step=p.step, checkpoint=p.checkpoint)
+        elif p.kind == "joined":
+            self.latest.update(step=p.step, joined_at=p.step)
+            log.info("took the run's weights at step %d (%s); training from there", p.step, p.checkpoint)
         elif p.kind == "resumed":
             self.latest.update(step=p.step, resumed_from=p.step)
             log.info("training resumed from the checkpoint at step %d", p.step)
@@ -265,6 +270,7 @@ class TrainingService:
             "worker_pid": self.worker_pid,
             "worker_restarts": self.restarts,
             "members": None,
+            "algorithm_state": dict(self.algorithm_state),
             "history": list(self.history)[-500:],
             "evals": list(self.evals),
         }

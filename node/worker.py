@@ -21,6 +21,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,20 +61,47 @@ def connect_address(address: str) -> socket.socket:
     return sock
 
 
+# What each algorithm can say about itself, read off the strategy for the dashboard: name ->
+# attribute. Absent attributes are skipped, so every strategy reports what it has.
+_STATUS_ATTRS = {
+    "outer_steps": "outer_steps", "local_only_steps": "local_only_steps", "last_group": "last_group",
+    "gossips": "gossips", "failed_gossips": "failed_gossips", "owned_experts": "owned", "sync_rounds": "rounds",
+    "merges": "merges", "zo_next_step": "next_step", "zo_snapshot_step": "snapshot_step",
+    "zo_weights_hash": "last_hash", "zo_updates_applied": "updates_applied", "failed_rounds": "failed_rounds",
+}
+
+
+def algorithm_status(strategy: object) -> dict[str, Any]:
+    """Plain-data status of ``strategy`` (numbers, strings, short lists) for the daemon."""
+    out: dict[str, Any] = {}
+    for name, attr in _STATUS_ATTRS.items():
+        value = getattr(strategy, attr, None)
+        if isinstance(value, bool | int | float | str):
+            out[name] = value
+        elif isinstance(value, list | tuple | set | frozenset) and len(value) <= 64:
+            items = sorted(value) if isinstance(value, set | frozenset) else list(value)
+            if all(isinstance(v, int | str) for v in items):
+                out[name] = items
+    return out
+
+
 class _Reporter(Callback):
     """Sends log lines, evals and checkpoints to the daemon as they happen."""
 
-    def __init__(self, comm: DaemonComm, tokens_per_step: int) -> None:
+    def __init__(self, comm: DaemonComm, strategy: Any, preset: str) -> None:
         self._comm = comm
-        self._tokens_per_step = tokens_per_step
+        self._strategy = strategy
+        self._preset = preset
         self._last = (time.perf_counter(), 0)
 
     async def on_log(self, info: StepInfo) -> None:
         now, last_tokens = time.perf_counter(), self._last[1]
         rate = (info.tokens - last_tokens) / max(now - self._last[0], 1e-9)
         self._last = (now, info.tokens)
+        metrics = {k: v for k, v in info.metrics.items() if k != "lr"} | algorithm_status(self._strategy)
         await self._comm.send_message(ipc.Progress(kind="log", step=info.step, tokens=info.tokens,
-                                                   elapsed_s=info.elapsed_s, loss=info.loss, tokens_per_s=rate))
+                                                   elapsed_s=info.elapsed_s, loss=info.loss, tokens_per_s=rate,
+                                                   metrics=metrics))
 
     async def on_eval(self, info: EvalInfo) -> None:
         await self._comm.send_message(ipc.Progress(kind="eval", step=info.step, tokens=info.tokens,
@@ -82,6 +110,16 @@ class _Reporter(Callback):
     async def on_checkpoint(self, manifest: Manifest) -> None:
         await self._comm.send_message(ipc.Progress(kind="checkpoint", step=manifest.step, tokens=0,
                                                    elapsed_s=0.0, checkpoint=manifest.weights_sha256))
+        await announce_weights(self._comm, self._strategy, manifest.step, self._preset)
+
+
+async def announce_weights(comm: DaemonComm, strategy: Any, step: int, preset: str) -> None:
+    """Offer this node's weights to the run (a blob, named in the run state) for joiners."""
+    weights = {n: t.detach().cpu() for n, t in strategy.model.state_dict().items()}
+    digest = await comm.put_tensors(weights)
+    await comm.state_set(f"{RUN_CHECKPOINTS}{comm.peer_id}", {
+        "step": step, "weights": digest, "algorithm": strategy.algorithm, "preset": preset,
+    })
 
 
 async def _run(address: str, index: int) -> int:
@@ -111,17 +149,24 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed,
                           stream=setup.peer_id)
     val = validation_batches(corpus.val, batch_size=setup.batch_size, seq_len=seq_len, n_batches=EVAL_BATCHES)
-    strategy = build_strategy(setup.algorithm, model, comm, setup.algorithm_config)
     store = CheckpointStore(Path(setup.checkpoint_dir))
+    joined = 0
+    if not store.steps():  # a fresh node: maybe start from given weights, or the run's
+        joined = await _initial_weights(setup, comm, model)
+    # The strategy is built after the weights are in place: slow weights start from them.
+    strategy = build_strategy(setup.algorithm, model, comm, setup.algorithm_config)
     start = resume(store, strategy, batches)
     if start:
         await comm.send_message(ipc.Progress(kind="resumed", step=start, tokens=0, elapsed_s=0.0))
+    elif joined:
+        start = joined
+        strategy.join_at(start)
     loop = LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
                       eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every)
     if loop.max_steps is not None and start >= loop.max_steps:
         await comm.send_message(ipc.Progress(kind="done", step=start, tokens=0, elapsed_s=0.0))
         return 0
-    reporter = _Reporter(comm, setup.batch_size * seq_len)
+    reporter = _Reporter(comm, strategy, setup.preset)
     steps = _StepCounter(start)
     training = asyncio.ensure_future(train(strategy, batches, loop, val_set=val, checkpoints=store,
                                            callbacks=[reporter, steps], start_step=start))
@@ -140,6 +185,42 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     await comm.send_message(ipc.Progress(kind="checkpoint", step=steps.done, tokens=0, elapsed_s=0.0,
                                          checkpoint=manifest.weights_sha256))
     return 0
+
+
+CATCH_UP_ALGORITHMS = ("ddp", "diloco", "noloco", "dadao")
+"""Algorithms whose joiners start from a member's weights (SPES and ZO have their own joins)."""
+RUN_CHECKPOINTS = "ckpt/"
+FETCH_TIMEOUT_S = 300.0
+
+
+async def _initial_weights(setup: ipc.Setup, comm: DaemonComm, model: torch.nn.Module) -> int:
+    """Load the weights a fresh node starts from; return the step they belong to (0: seeded init).
+
+    ``init_from`` names a checkpoint directory or "run"; otherwise a node joining a run in
+    progress takes the newest weights its members announced for this algorithm and preset.
+    """
+    if setup.init_from and setup.init_from != "run":
+        ckpt = CheckpointStore(Path(setup.init_from)).load(map_location=setup.device)
+        model.load_state_dict(ckpt.weights)
+        log.info("initialised from %s (step %d)", ckpt.path, ckpt.manifest.step)
+        await comm.send_message(ipc.Progress(kind="joined", step=0, tokens=0, elapsed_s=0.0,
+                                             checkpoint=f"init from {ckpt.path}"))
+        return 0
+    if setup.init_from != "run" and setup.algorithm not in CATCH_UP_ALGORITHMS:
+        return 0
+    records = await comm.state_items(RUN_CHECKPOINTS)
+    usable = [r for r in records.values() if isinstance(r, dict) and r.get("preset") == setup.preset
+              and (setup.init_from == "run" or r.get("algorithm") == setup.algorithm)
+              and isinstance(r.get("weights"), str) and isinstance(r.get("step"), int)]
+    if not usable:
+        return 0
+    newest = max(usable, key=lambda r: (r["step"], r["weights"]))
+    weights = await comm.get_tensors(newest["weights"], timeout_s=FETCH_TIMEOUT_S)
+    model.load_state_dict(weights)
+    step = 0 if setup.init_from == "run" else newest["step"]
+    await comm.send_message(ipc.Progress(kind="joined", step=step, tokens=0, elapsed_s=0.0,
+                                         checkpoint=f"weights {newest['weights'][:12]} of step {newest['step']}"))
+    return step
 
 
 class _StepCounter(Callback):

@@ -145,16 +145,31 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
-def tick_times(run_id: str, interval_s: float) -> Iterator[tuple[int, float]]:
-    """(k, t_k) of the run's gossip clock, forever: a Poisson process of mean spacing
-    `interval_s` from t = 0 on the run clock, a pure function of (run_id, interval_s), so every
-    peer draws the same ticks without a message."""
-    t = 0.0
-    for k in itertools.count():
-        digest = hashlib.blake2b(f"hyphae-gossip-clock\0{run_id}\0{k}".encode(), digest_size=8).digest()
-        u = (int.from_bytes(digest, "little") >> 11) * 2.0**-53  # uniform in [0, 1)
-        t += -math.log1p(-u) * interval_s
-        yield k, t
+TICK_WINDOW_S = 60.0
+"""The gossip clock restarts its Poisson process every window, so a peer joins it at `now`
+without replaying every tick since t = 0 (the run clock is wall time in the daemon)."""
+_TICKS_PER_WINDOW = 1_000_000
+
+
+def tick_times(run_id: str, interval_s: float, *, start_s: float = 0.0) -> Iterator[tuple[int, float]]:
+    """(k, t_k) of the run's gossip clock from the window holding `start_s` on, forever.
+
+    A Poisson process of mean spacing `interval_s`, drawn independently in each window of
+    `TICK_WINDOW_S` seconds (arrivals on disjoint intervals of a Poisson process are independent,
+    so this is still one Poisson process). It is a pure function of (run_id, interval_s), so
+    every peer draws the same ticks without a message; k names the tick uniquely.
+    """
+    if interval_s * _TICKS_PER_WINDOW < TICK_WINDOW_S:
+        raise ValueError(f"gossip interval {interval_s} s is too short; use >= {TICK_WINDOW_S / _TICKS_PER_WINDOW} s")
+    for window in itertools.count(max(int(start_s // TICK_WINDOW_S), 0)):
+        t, end = window * TICK_WINDOW_S, (window + 1) * TICK_WINDOW_S
+        for j in itertools.count():
+            key = f"hyphae-gossip-clock\0{run_id}\0{window}\0{j}".encode()
+            u = (int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 11) * 2.0**-53
+            t += -math.log1p(-u) * interval_s  # u in [0, 1): an exponential gap
+            if t >= end:
+                break
+            yield window * _TICKS_PER_WINDOW + j, t
 
 
 class ACiD2(Strategy):
@@ -243,7 +258,7 @@ class ACiD2(Strategy):
     async def _gossip_loop(self) -> None:
         cfg, me = self.config, self.comm.peer_id
         grace = cfg.timeout_s / 2  # a tick this late is still attended: the partner waits timeout_s
-        for k, t in tick_times(cfg.run_id, cfg.gossip_interval_s):
+        for k, t in tick_times(cfg.run_id, cfg.gossip_interval_s, start_s=self.comm.now()):
             now = self.comm.now()
             if t + grace < now:
                 continue  # missed (an earlier gossip ran long): a partner that came times out

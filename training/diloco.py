@@ -15,17 +15,29 @@ cannot reach the group at all falls back to its own Δ (a local outer step) and 
 Oracle: N = 1, outer lr 1, momentum 0 ⇒ φ − (φ − θ) = θ: plain AdamW, step for step (up to
 the rounding of that subtraction). torch's SGD refuses nesterov with momentum 0, so Nesterov
 is only switched on when momentum > 0.
+
+Robust variant (`robust` = "median" | "trimmed_mean", or `norm_clip` > 0; `training/robust.py`):
+instead of the all-reduce, every peer swaps Δ with every other member (an all-gather by
+`comm.exchange`, N − 1 model-sized transfers each way per peer instead of ~2 for a ring),
+drops non-finite contributions, clips each Δ to `norm_clip` × the round's median norm, and
+combines coordinate-wise by the median or trimmed mean. Peers that gathered the same set get
+the same bits; a peer that missed someone (or was told different things by a liar) ends the
+round slightly apart, which the next rounds absorb as in NoLoCo. Meant for small groups where
+one Byzantine member must not steer the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from hyphae.training import robust
 from hyphae.training._config import check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -57,6 +69,17 @@ class DiLoCoConfig:
     timeout_s: float = 300.0
     """How long an outer all-reduce waits for stragglers before finishing without them."""
 
+    robust: str = "none"
+    """"none": mean by all-reduce. "median" / "trimmed_mean": all-gather by exchange, then
+    that coordinate-wise aggregate (training/robust.py)."""
+
+    trim_fraction: float = 0.25
+    """With robust = "trimmed_mean": share of the members dropped at each end, per coordinate."""
+
+    norm_clip: float = 0.0
+    """k >= 1: (all-gather) scale any Δ whose norm exceeds k × the round's median norm down to
+    that; 0 = off."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
             raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
@@ -64,6 +87,7 @@ class DiLoCoConfig:
         check_positive("outer_lr", self.outer_lr)
         check_range("outer_momentum", self.outer_momentum, 0.0, 0.999999)
         check_positive("timeout_s", self.timeout_s)
+        robust.check_robust_options(self.robust, self.trim_fraction, self.norm_clip)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -108,6 +132,7 @@ class DiLoCo(Strategy):
         )
         self.outer_steps = 0
         self.failed_rounds = 0
+        self.rejected_updates = 0
 
     async def step(self, step: int) -> Metrics:
         metrics = self.local_update(self.inner, self.config.inner, step)
@@ -133,6 +158,8 @@ class DiLoCo(Strategy):
 
     async def _average(self, delta: dict[str, torch.Tensor]) -> int:
         tag = f"diloco/{self.outer_steps}"
+        if self.config.robust != "none" or self.config.norm_clip:
+            return await self._gather_robustly(delta, tag)
         try:
             group = await self.comm.members()
             result = await self.comm.all_reduce(delta, group=group, tag=tag, timeout_s=self.config.timeout_s)
@@ -145,6 +172,47 @@ class DiLoCo(Strategy):
         delta.update(result.tensors)
         return len(result.included)
 
+    async def _gather_robustly(self, delta: dict[str, torch.Tensor], tag: str) -> int:
+        """Swap Δ with every member, then combine robustly (see the module docstring)."""
+        me = self.comm.peer_id
+        try:
+            others = [p for p in await self.comm.members() if p != me]
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            self.failed_rounds += 1
+            logger.warning("diloco outer step %d: no members (%s); local outer step", self.outer_steps, exc)
+            return 1
+        try:
+            async with asyncio.TaskGroup() as tasks:  # _swap turns every expected failure into None
+                swaps = {p: tasks.create_task(self._swap(p, delta, tag)) for p in others}
+        except* CommClosed as errors:  # this peer left: say so plainly, not as a group
+            raise errors.exceptions[0] from None
+        rows = {me: delta, **{p: t.result() for p, t in swaps.items() if t.result() is not None}}
+        if self.config.norm_clip:
+            norms = {p: robust.global_norm(r) for p, r in rows.items()}
+            cap = self.config.norm_clip * statistics.median(norms.values())
+            rows = {p: robust.scaled(r, cap / norms[p]) if norms[p] > cap else r for p, r in rows.items()}
+        order = sorted(rows)
+        delta.update(robust.aggregate([rows[p] for p in order], self.config.robust, self.config.trim_fraction))
+        return len(rows)
+
+    async def _swap(self, peer: str, delta: dict[str, torch.Tensor], tag: str) -> dict[str, torch.Tensor] | None:
+        try:
+            reply = await self.comm.exchange(peer, delta, tag=tag, timeout_s=self.config.timeout_s)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            logger.info("diloco outer step %s: %s unavailable (%s); without it", tag, peer, exc)
+            return None
+        ok = set(reply) == set(delta) and all(reply[n].shape == t.shape for n, t in delta.items())
+        if not ok or not robust.is_finite(reply):
+            self.rejected_updates += 1
+            logger.warning("diloco outer step %s: rejected the Δ of %s (%s)", tag, peer,
+                           "non-finite values" if ok else "wrong tensors")
+            return None
+        return {n: reply[n].to(t.device, torch.float32) for n, t in delta.items()}
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "inner": self.inner.state_dict(),
@@ -153,6 +221,10 @@ class DiLoCo(Strategy):
             "outer_steps": self.outer_steps,
             "failed_rounds": self.failed_rounds,
         }
+
+    def join_at(self, step: int) -> None:
+        """Outer rounds are tagged by their index: a joiner at ``step`` is at round step // H."""
+        self.outer_steps = step // self.config.inner_steps
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.slow) - set(state["slow"]))

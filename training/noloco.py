@@ -28,6 +28,12 @@ keeps the residual of what it failed to send and adds it to the next message, so
 telescope over outer steps instead of accumulating. A node always uses its own exact values in
 the means, which halves the quantization error in the group mean compared to using its own
 quantized copy.
+
+Robustness (`training/robust.py`): a partner's (φ, θ − φ) holding NaN/Inf is always dropped;
+with `norm_clip` = k > 0 so is one whose progress norm, or whose φ's distance from ours, exceeds
+k × (our own progress norm or the running median of accepted ones) — the step then goes on
+without it, as if it had not answered. With `robust` = "median" / "trimmed_mean" a group of
+n ≥ 3 combines coordinate-wise robustly instead of by the mean.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ import torch
 
 from hyphae.kernels import DEFAULT_BLOCK_SIZE, Quantized, dequantize, noloco_outer_, quantize, quantize_ef_
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training import robust
 from hyphae.training._pairing import group_of
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -101,6 +108,18 @@ class NoLoCoConfig:
     run_id: str = ""
     """Names the run in the pairing hash; every member must use the same value."""
 
+    robust: str = "none"
+    """How a group of n >= 3 combines (φ̄, D̄): "none" (mean), "median" or "trimmed_mean",
+    coordinate-wise (training/robust.py). Pairs (n = 2) are protected by `norm_clip`."""
+
+    trim_fraction: float = 0.25
+    """With robust = "trimmed_mean": share of the group dropped at each end, per coordinate."""
+
+    norm_clip: float = 0.0
+    """k >= 1: reject a partner whose progress norm exceeds k × max(own progress norm, running
+    median of accepted ones), or whose φ is further from ours than 2k × the same kind of
+    reference; 0 = off. 3 is a good value."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
             raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
@@ -115,6 +134,7 @@ class NoLoCoConfig:
             raise ValueError(f"error_feedback must be true or false, got {self.error_feedback!r}")
         if not isinstance(self.run_id, str):
             raise ValueError(f"run_id must be a string, got {self.run_id!r}")
+        robust.check_robust_options(self.robust, self.trim_fraction, self.norm_clip)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -184,6 +204,11 @@ class NoLoCo(Strategy):
         self.outer_steps = 0
         self.local_only_steps = 0
         self.last_group: tuple[str, ...] = ()
+        self.rejected_updates = 0
+        k = self.config.norm_clip
+        # Progress norms of honest partners stay within ~1.4x of ours; φ distances, which build up
+        # between pairings, reached ~3.6x our progress norm in 8-peer runs: that check gets 2k.
+        self._guards = (robust.NormGuard(k), robust.NormGuard(2 * k)) if k else None  # progress, φ distance
 
     async def step(self, step: int) -> Metrics:
         metrics = self.local_update(self.inner, self.config.inner, step)
@@ -191,6 +216,7 @@ class NoLoCo(Strategy):
             metrics["peers"] = await self.outer_step()
             metrics["outer_step"] = self.outer_steps
             metrics["local_only_steps"] = self.local_only_steps
+            metrics["rejected_updates"] = self.rejected_updates
         return metrics
 
     async def outer_step(self) -> int:
@@ -209,9 +235,9 @@ class NoLoCo(Strategy):
         with torch.no_grad():
             phi = self.slow  # read-only until the update below; the Comm copies what it sends
             progress = {n: p.detach().float() - self.slow[n] for n, p in self._params}
-        received = await self._exchange_with_group(t, phi, progress)
+        received = self._screen(await self._exchange_with_group(t, phi, progress), phi, progress)
         if received:
-            phibar, dbar = group_means((phi, progress), received, me)
+            phibar, dbar = self._group_means(phi, progress, received, me)
         else:
             phibar, dbar = None, progress
             self.local_only_steps += 1
@@ -229,6 +255,40 @@ class NoLoCo(Strategy):
         )
         self.outer_steps += 1
         return 1 + len(received)
+
+    def _screen(self, received: dict[str, tuple[Tensors, Tensors]], phi: Tensors,
+                progress: Tensors) -> dict[str, tuple[Tensors, Tensors]]:
+        """Drop partners whose (φ, θ − φ) is non-finite or implausibly large (see module doc)."""
+        own = robust.global_norm(progress) if self._guards else 0.0
+        kept: dict[str, tuple[Tensors, Tensors]] = {}
+        for peer in sorted(received):
+            their_phi, their_progress = received[peer]
+            reason = ""
+            if not (robust.is_finite(their_phi) and robust.is_finite(their_progress)):
+                reason = "non-finite values"
+            elif self._guards is not None:
+                norm, dist = robust.global_norm(their_progress), robust.distance(their_phi, phi)
+                if not self._guards[0].check(norm, own):
+                    reason = f"progress norm {norm:.3g} > {self.config.norm_clip:g} x {self._guards[0].reference(own):.3g}"
+                elif not self._guards[1].check(dist, own):
+                    reason = f"slow weights {dist:.3g} away > {self._guards[1].factor:g} x {self._guards[1].reference(own):.3g}"
+            if reason:
+                self.rejected_updates += 1
+                logger.warning("noloco outer step %d: rejected the update of %s (%s)", self.outer_steps, peer, reason)
+                continue
+            kept[peer] = received[peer]
+        if self._guards is not None:
+            self._guards[0].remember(own)
+        return kept
+
+    def _group_means(self, phi: Tensors, progress: Tensors, received: Mapping[str, tuple[Tensors, Tensors]],
+                     me: str) -> tuple[Tensors, Tensors]:
+        if self.config.robust == "none" or len(received) < 2:
+            return group_means((phi, progress), received, me)
+        rows = {**received, me: (phi, progress)}
+        order = sorted(rows)
+        return tuple(robust.aggregate([rows[p][which] for p in order], self.config.robust,  # type: ignore[return-value]
+                                      self.config.trim_fraction) for which in (0, 1))
 
     async def _exchange_with_group(
         self, t: int, phi: Tensors, progress: Tensors
@@ -313,6 +373,10 @@ class NoLoCo(Strategy):
             "outer_steps": self.outer_steps,
             "local_only_steps": self.local_only_steps,
         }
+
+    def join_at(self, step: int) -> None:
+        """Outer rounds are tagged by their index: a joiner at ``step`` is at round step // H."""
+        self.outer_steps = step // self.config.inner_steps
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.slow) - set(state["slow"]))

@@ -141,6 +141,14 @@ class Strategy(ABC):
         """The weights validation loss is measured on (the local replica by default)."""
         return self.model
 
+    def join_at(self, step: int) -> None:
+        """Align step-derived counters with a run that is at ``step`` (e.g. outer-step tags).
+
+        Called once before training by a peer that joined a run in progress and took its
+        weights from it, so its collectives carry the same round tags as everyone else's.
+        Default: nothing to align.
+        """
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to resume this strategy (optimizer and algorithm state).

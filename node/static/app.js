@@ -18,6 +18,12 @@ const fmtBytes = (n) => {
   return `${n.toFixed(i ? 1 : 0)} ${units[i]}`;
 };
 const fmtNum = (x, d = 3) => (x == null ? "–" : Number(x).toFixed(d));
+const fmtValue = (v) => {
+  if (Array.isArray(v)) return v.map((x) => (typeof x === "string" ? short(x) : x)).join(", ") || "–";
+  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toFixed(4);
+  if (typeof v === "string" && v.length > 24) return `${v.slice(0, 12)}…`;
+  return String(v);
+};
 const fmtDur = (s) => {
   if (s == null) return "–";
   if (s < 60) return `${Math.round(s)} s`;
@@ -60,6 +66,7 @@ function renderTraining(t) {
     ["tokens/s", t.tokens_per_s == null ? "–" : Math.round(t.tokens_per_s)],
     ["checkpoint", t.checkpoint_step == null ? "–" : `step ${t.checkpoint_step}`],
     ["worker", `pid ${t.worker_pid ?? "–"} · ${t.worker_restarts} restart(s)`],
+    ...Object.entries(t.algorithm_state || {}).map(([k, v]) => [k.replaceAll("_", " "), fmtValue(v)]),
   ]);
   const steps = new Set();
   for (const h of t.history) steps.add(h.step);

@@ -3,6 +3,8 @@
 import asyncio
 import math
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -111,6 +113,17 @@ def test_gossip_clock_is_a_shared_poisson_process() -> None:
     assert gaps.std() == pytest.approx(2.0, rel=0.08)  # exponential: std = mean
     other = [t for _, (_, t) in zip(range(10), tick_times("other run", 2.0))]
     assert other != [t for _, t in ticks[:10]]
+    assert len({k for k, _ in ticks}) == len(ticks)  # tick keys name ticks uniquely
+
+
+def test_a_peer_joins_the_gossip_clock_at_wall_time_without_replaying_it() -> None:
+    now = 1.8e9  # wall-clock seconds, as the daemon's run clock reads
+    start = time.perf_counter()
+    late = [kt for _, kt in zip(range(50), tick_times("run", 0.5, start_s=now))]
+    assert time.perf_counter() - start < 0.5
+    early = [kt for _, kt in zip(range(200), tick_times("run", 0.5, start_s=now - 30))]
+    assert set(late) <= set(early) or late[0][1] >= early[-1][1]  # the same ticks, whoever looks
+    assert late[0][1] >= (now // 60) * 60
 
 
 # --- the strategy ----------------------------------------------------------------------------
