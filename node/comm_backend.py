@@ -4,7 +4,13 @@ Tensors arrive as raw bytes in shared memory (name -> (dtype, shape, bytes)) and
 way; nothing here imports torch. What each call does on the network:
 
 * ``members``: this node plus every connected hyphae peer whose hello says it trains.
-* ``publish``/``collect``: small values over the network's scalar pubsub topic.
+* ``publish``/``collect``: small values over the network's scalar pubsub topic. What peers
+  publish there is untrusted: a pubsub validator (libp2p thread) refuses malformed messages and
+  authors over :data:`SCALAR_RATE`, so neither is forwarded; the store keeps the *first* value of
+  each (topic, step, author) — a second, different one is equivocation, scored severe — only
+  within a window around this node's own step of the topic, for at most
+  :data:`MAX_SCALAR_TOPICS` topics, so a peer can neither grow memory without bound nor wipe
+  the slots others are collecting by announcing a step far ahead.
 * ``exchange``/``all_reduce``: through the tensor plane (:mod:`.tensor_service`); a group of
   just this node is reduced locally.
 * ``put_blob``/``get_blob``: named by sha256 for the Comm; stored locally and in the tensor
@@ -29,7 +35,9 @@ import numpy as np
 
 from hyphae.protocol.atomic import atomic_write_bytes
 from hyphae.protocol.errors import ProtocolViolation
+from hyphae.protocol.ratelimit import KeyedLimiter, RateLimit
 from hyphae.protocol.runstate import WriteRejected
+from hyphae.protocol.scoring import Severity, scores_for
 from hyphae.protocol.wire import decode_body, expect_map
 
 from .tensor_bytes import from_float64, to_float64
@@ -45,7 +53,17 @@ Tensors = dict[str, tuple[str, tuple[int, ...], np.ndarray]]
 """name -> (dtype, shape, raw bytes as a uint8 array)."""
 
 SCALAR_RETENTION_STEPS = 1024
+"""Slots this far behind this node's own step of a topic are dropped."""
+SCALAR_AHEAD_STEPS = 1024
+"""Values for steps further ahead of this node's own step are refused (not stored)."""
 MAX_SCALAR_BYTES = 1024
+MAX_SCALAR_TOPICS = 16
+"""Topics with stored values; beyond it the least recently used topic this node never used
+itself is dropped (an algorithm uses one or two)."""
+MAX_TOPIC_CHARS = 64
+MAX_SCALAR_STEP = (1 << 62) - 1
+SCALAR_RATE = RateLimit(rate_per_s=50.0, burst=200.0)
+"""Per author. ZO publishes one message per training step (a step takes >= ~0.1 s)."""
 
 
 class CommFailure(Exception):
@@ -89,13 +107,20 @@ class CommBackend:
         self._scalars: dict[tuple[str, int], dict[str, bytes]] = defaultdict(dict)
         self._scalar_event = asyncio.Event()
         self._topic = f"/hyphae/scalars/{daemon.config.host.network}/1"
+        self._own_step: dict[str, int] = {}  # topic -> highest step this node published/collected
+        self._topic_use: dict[str, None] = {}  # topics with slots, least recently used first
+        self._scalar_rate = KeyedLimiter(SCALAR_RATE)
+        self.scalar_stats: dict[str, int] = {"accepted": 0, "refused": 0, "equivocations": 0}
 
     @property
     def peer_id(self) -> str:
         return self.daemon.host.peer_id
 
     async def start(self) -> None:
-        await self.daemon.host.subscribe(self._topic, self._on_scalar)
+        await self.daemon.host.subscribe(self._topic, self._on_scalar, validator=self._validate_scalar)
+
+    def _report(self, peer: str, what: str, severity: Severity, detail: str) -> None:
+        scores_for(self.daemon.host).report(peer, what, severity, detail)
 
     # ---- membership ------------------------------------------------------------------------
 
@@ -140,31 +165,95 @@ class CommBackend:
     async def publish(self, topic: str, step: int, value: bytes) -> None:
         if len(value) > MAX_SCALAR_BYTES:
             raise CommFailure("ValueError", f"value is {len(value)} bytes, limit {MAX_SCALAR_BYTES}")
+        if not 0 < len(topic) <= MAX_TOPIC_CHARS or not 0 <= step <= MAX_SCALAR_STEP:
+            raise CommFailure("ValueError", f"topic must be 1-{MAX_TOPIC_CHARS} characters and step in "
+                                            f"0..{MAX_SCALAR_STEP}, got {len(topic)} characters, step {step}")
+        self._advance(topic, step)
         self._store_scalar(self.peer_id, topic, step, value)
         payload = msgpack.packb({"topic": topic, "step": step, "value": value}, use_bin_type=True)
         await self.daemon.host.publish(self._topic, payload)
 
+    @staticmethod
+    def _parse_scalar(data: bytes) -> dict[str, Any]:
+        """Check one scalar message (any failure is a ProtocolViolation naming the field)."""
+        if len(data) > MAX_SCALAR_BYTES + MAX_TOPIC_CHARS + 64:
+            raise ProtocolViolation(f"scalar message is {len(data)} bytes, limit {MAX_SCALAR_BYTES + MAX_TOPIC_CHARS + 64}")
+        msg = expect_map(decode_body(data), {"topic": str, "step": int, "value": bytes}, what="scalar")
+        if len(msg["value"]) > MAX_SCALAR_BYTES or not 0 < len(msg["topic"]) <= MAX_TOPIC_CHARS:
+            raise ProtocolViolation(f"scalar value of {len(msg['value'])} bytes (limit {MAX_SCALAR_BYTES}) or topic "
+                                    f"of {len(msg['topic'])} characters (limit {MAX_TOPIC_CHARS})")
+        if not 0 <= msg["step"] <= MAX_SCALAR_STEP:
+            raise ProtocolViolation(f"scalar step {msg['step']} outside 0..{MAX_SCALAR_STEP}")
+        return msg
+
+    def _validate_scalar(self, author: str, data: bytes) -> bool:
+        """Pubsub validator (libp2p thread): refuse, and so never forward, malformed messages and
+        authors over their rate. Touches only the thread-safe limiter and score table."""
+        if author == self.peer_id:
+            return True
+        if not self._scalar_rate.allow(author):
+            self._report(author, "scalar.rate", Severity.MINOR, f"over {SCALAR_RATE.rate_per_s:g} messages/s")
+            return False
+        try:
+            self._parse_scalar(data)
+        except ProtocolViolation as exc:
+            self._report(author, "scalar.malformed", Severity.MAJOR, str(exc))
+            return False
+        return True
+
     def _on_scalar(self, author: str, data: bytes) -> None:
         try:
-            msg = expect_map(decode_body(data), {"topic": str, "step": int, "value": bytes}, what="scalar")
+            msg = self._parse_scalar(data)
         except ProtocolViolation as exc:
             log.info("dropping a scalar from %s: %s", author, exc)
             return
-        if len(msg["value"]) > MAX_SCALAR_BYTES or len(msg["topic"]) > 256:
-            log.info("dropping an oversized scalar from %s", author)
+        topic, step = msg["topic"], msg["step"]
+        own = self._own_step.get(topic)
+        if own is not None and not own - SCALAR_RETENTION_STEPS <= step <= own + SCALAR_AHEAD_STEPS:
+            self.scalar_stats["refused"] += 1
+            log.debug("dropping a scalar from %s for step %d of %s, outside this node's window around %d",
+                      author, step, topic, own)
             return
-        self._store_scalar(author, msg["topic"], msg["step"], msg["value"])
+        self._store_scalar(author, topic, step, msg["value"])
 
-    def _store_scalar(self, author: str, topic: str, step: int, value: bytes) -> None:
-        self._scalars[(topic, step)][author] = value
-        stale = [k for k in self._scalars if k[0] == topic and k[1] < step - SCALAR_RETENTION_STEPS]
+    def _advance(self, topic: str, step: int) -> None:
+        """This node works at ``step`` of ``topic``: move its window, drop stale slots."""
+        if step <= self._own_step.get(topic, -1):
+            return
+        self._own_step[topic] = step
+        stale = [k for k in self._scalars if k[0] == topic and not
+                 step - SCALAR_RETENTION_STEPS <= k[1] <= step + SCALAR_AHEAD_STEPS]
         for key in stale:
             del self._scalars[key]
+
+    def _store_scalar(self, author: str, topic: str, step: int, value: bytes) -> None:
+        slot = self._scalars[(topic, step)]
+        first = slot.get(author)
+        if first is not None and author != self.peer_id:
+            if first != value:
+                self.scalar_stats["equivocations"] += 1
+                self._report(author, "scalar.equivocation", Severity.SEVERE,
+                             f"two different values for {topic} step {step}")
+            return  # the first value stands: a peer cannot take back what it said
+        slot[author] = value
+        self.scalar_stats["accepted"] += 1
+        self._topic_use.pop(topic, None)
+        self._topic_use[topic] = None
+        if topic not in self._own_step and len([k for k in self._scalars if k[0] == topic]) > SCALAR_AHEAD_STEPS:
+            del self._scalars[min(k for k in self._scalars if k[0] == topic)]  # no window yet: keep the newest
+        while len(self._topic_use) > MAX_SCALAR_TOPICS:
+            victim = next((t for t in self._topic_use if t not in self._own_step), None)
+            if victim is None:
+                break
+            del self._topic_use[victim]
+            for key in [k for k in self._scalars if k[0] == victim]:
+                del self._scalars[key]
         self._scalar_event.set()
         self._scalar_event = asyncio.Event()
 
     async def collect(self, topic: str, step: int, peers: list[str], timeout_s: float) -> dict[str, bytes]:
         want = set(peers)
+        self._advance(topic, step)
         try:
             async with asyncio.timeout(timeout_s):
                 while not want <= set(self._scalars.get((topic, step), {})):
@@ -269,9 +358,14 @@ def _to_json(value: Any) -> Any:
 
 
 def _from_json(value: Any) -> Any:
+    """Inverse of :func:`_to_json`. Any member can write any algo value, so a malformed
+    ``{"$bytes": ...}`` must not make reads fail for everyone: it is returned as it is."""
     if isinstance(value, dict):
         if set(value) == {_BYTES_TAG} and isinstance(value[_BYTES_TAG], str):
-            return bytes.fromhex(value[_BYTES_TAG])
+            try:
+                return bytes.fromhex(value[_BYTES_TAG])
+            except ValueError:
+                return value
         return {k: _from_json(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_from_json(v) for v in value]
