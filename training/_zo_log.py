@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from typing import Any
@@ -85,24 +85,47 @@ def snapshot_key(step: int, peer: str) -> str:
     return f"{SNAPSHOT_PREFIX}{step:012d}/{peer}"
 
 
-def snapshot_votes(records: Mapping[str, Any], step: int) -> Counter[str]:
-    """Hash -> how many peers recorded it for boundary `step` (`state_items(SNAPSHOT_PREFIX)`)."""
-    return Counter(
-        r["hash"] for r in records.values() if isinstance(r, dict) and r.get("step") == step and "hash" in r
-    )
+def _ballots(records: Mapping[str, Any], voters: Collection[str] | None) -> list[tuple[int, str, dict[str, Any]]]:
+    """(step, hash, record) of each well-formed snapshot record, one per key.
+
+    Records are untrusted (any member writes the run state): only keys of the exact form
+    ``zo/snapshot/<12 digits>/<peer>`` count, their record's step must equal the key's, the hash
+    must be a string, and, when ``voters`` is given, only those peers' records count — so a
+    member cannot stuff the vote with made-up keys, nor crash it with odd types.
+    """
+    out = []
+    for key, r in records.items():
+        if not key.startswith(SNAPSHOT_PREFIX) or not isinstance(r, dict):
+            continue
+        step_text, _, peer = key[len(SNAPSHOT_PREFIX):].partition("/")
+        if len(step_text) != 12 or not step_text.isdigit() or not peer or "/" in peer:
+            continue
+        step, digest = r.get("step"), r.get("hash")
+        if isinstance(step, bool) or not isinstance(step, int) or step != int(step_text) or not isinstance(digest, str):
+            continue
+        if voters is None or peer in voters:
+            out.append((step, digest, r))
+    return out
 
 
-def newest_agreed(records: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The record with the most votes at the newest boundary (ties: the smallest hash)."""
-    steps = [int(r["step"]) for r in records.values() if isinstance(r, dict) and "step" in r and "hash" in r]
-    if not steps:
+def snapshot_votes(records: Mapping[str, Any], step: int, voters: Collection[str] | None = None) -> Counter[str]:
+    """Hash -> how many peers recorded it for boundary `step` (`state_items(SNAPSHOT_PREFIX)`),
+    counting only `voters`' records when given."""
+    return Counter(h for s, h, _ in _ballots(records, voters) if s == step)
+
+
+def newest_agreed(records: Mapping[str, Any], voters: Collection[str] | None = None) -> dict[str, Any] | None:
+    """The record with the most votes at the newest boundary (ties: the smallest hash); only
+    `voters`' records count when given and any of them voted, else every well-formed one."""
+    ballots = _ballots(records, voters)
+    if voters is not None and not ballots:
+        ballots = _ballots(records, None)
+    if not ballots:
         return None
-    newest = max(steps)
-    votes = snapshot_votes(records, newest)
+    newest = max(s for s, _, _ in ballots)
+    votes = Counter(h for s, h, _ in ballots if s == newest)
     best = min(votes, key=lambda h: (-votes[h], h))
-    return next(
-        r for r in records.values() if isinstance(r, dict) and r.get("step") == newest and r.get("hash") == best
-    )
+    return next(r for s, h, r in ballots if s == newest and h == best)
 
 
 def entries_from_state(

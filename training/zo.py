@@ -348,13 +348,14 @@ class ZO(Strategy):
         if not self.last_hash:
             return
         records = await self.comm.state_items(SNAPSHOT_PREFIX)
-        votes = snapshot_votes(records, self.snapshot_step)
+        votes = snapshot_votes(records, self.snapshot_step, voters=set(await self.comm.members()))
         if not votes:
             return
         best, n = min(votes.items(), key=lambda kv: (-kv[1], kv[0]))
         if best == self.last_hash or n <= votes.get(self.last_hash, 0):
             return
-        record = next(r for r in records.values() if r.get("hash") == best and r.get("step") == self.snapshot_step)
+        record = next(r for r in records.values()
+                      if isinstance(r, dict) and r.get("hash") == best and r.get("step") == self.snapshot_step)
         logger.warning("zo: snapshot %d diverged from the majority (%d votes); adopting it", self.snapshot_step, n)
         if await self._load_snapshot(record):
             self.repairs += 1
@@ -366,7 +367,7 @@ class ZO(Strategy):
         if self._started:
             return
         self._started = True
-        newest = newest_agreed(await self.comm.state_items(SNAPSHOT_PREFIX))
+        newest = newest_agreed(await self.comm.state_items(SNAPSHOT_PREFIX), voters=set(await self.comm.members()))
         if newest is None:  # a fresh run: these weights are its θ_0
             self.base_hash = await self.comm.put_tensors(self.named_weights())
             self.last_hash = self.base_hash
