@@ -4,12 +4,14 @@
     hyphae node status [--json]         hyphae node leave
     hyphae keygen [--force]
     hyphae testnet up --nodes N --dir DIR | status --dir DIR | down --dir DIR
+    hyphae testnet scenario NAME [--dir DIR] [--nodes N] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from hyphae.node.client import ApiClient
 from hyphae.node.config import ConfigError, HyphaeError, NodeConfig, default_data_dir, load_config
 from hyphae.node.foreground import run_foreground
 from hyphae.node.keys import keygen
+from hyphae.node.scenarios import SCENARIOS, ScenarioOptions, run_scenario
 from hyphae.node.testnet import testnet_down, testnet_status, testnet_up
 from hyphae.node.version import __version__
 
@@ -86,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--train", action="store_true", help="let the nodes train (default: network only)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the mesh")
     up.add_argument("--json", action="store_true")
+    sc = tn.add_parser("scenario", help="run a scripted scenario (churn, partition, wan, nat, scale) and check invariants")
+    sc.add_argument("name", metavar="NAME", help=f"one of {', '.join(sorted(SCENARIOS))}")
+    sc.add_argument("--dir", type=Path, help="where the nodes' data dirs and logs go (default: a new temp dir)")
+    sc.add_argument("--nodes", type=int, default=4, help="training nodes, besides the bootstrap (default 4)")
+    sc.add_argument("--no-train", action="store_true", help="network-only nodes (for scale)")
+    sc.add_argument("--json", type=Path, metavar="PATH", help="also write the report here")
     for name in ("status", "down"):
         sp = tn.add_parser(name, help=f"{name} the testnet in DIR")
         sp.add_argument("--dir", type=Path, required=True)
@@ -152,6 +161,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _testnet(args: argparse.Namespace) -> int:
+    if args.action == "scenario":
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        options = ScenarioOptions(nodes=args.nodes, train=not args.no_train)
+        report = run_scenario(args.name, root=args.dir, options=options, json_path=args.json).to_json()
+        for check in report["checks"]:
+            print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['name']:<45} {check['waited_s']:7.1f} s")
+        verdict = "passed" if report["passed"] else "FAILED"
+        print(f"scenario {args.name} {verdict} in {report['duration_s']:.0f} s; report: {report['settings']['dir']}/report.json")
+        if report["error"]:
+            print(f"error: {report['error']}")
+        return 0 if report["passed"] else 1
     if args.action == "up":
         result = testnet_up(args.dir, args.nodes, train=args.train, timeout_s=args.timeout)
         if args.json:
