@@ -27,7 +27,8 @@ zo_log        the member itself                ``"<step>" -> hex of its 1-byte Z
                                                snapshots by the member (bounded by ``max_keys``)
 algo          the member itself                the training algorithms' key-value state (``Comm.state_*``):
                                                ``key -> {"v": value, "ts": ms}``; readers merge every
-                                               member's entries, newest write winning (``RunState.newest``)
+                                               member's entries, newest write winning (``RunState.newest``);
+                                               a key ending in ``/<peer id>`` only that peer may write
 ============  ===============================  ===========================================================
 """
 
@@ -260,12 +261,20 @@ def check_zo_log(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ct
 
 
 ALGO_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_./:-]{0,159}$")
+_OWNED_SUFFIX_RE = re.compile(r"(?:^|/)(12D3KooW[1-9A-HJ-NP-Za-km-z]{44})$")
+"""An Ed25519 peer id as the last segment of an algo key: that peer's own entry
+(``zo/log/<step>/<peer>``, ``zo/snapshot/<step>/<peer>``, ``ckpt/<peer>``)."""
 
 
 def check_algo(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
     for key, entry in _changed_items(old, new):
         if not ALGO_KEY_RE.match(key):
             raise WriteRejected(f"algo key {key[:80]!r} must match {ALGO_KEY_RE.pattern}")
+        owned = _OWNED_SUFFIX_RE.search(key)
+        if owned is not None and owned.group(1) != author:
+            # Newest-write-wins merges every member's entries: without this a member could
+            # overwrite another's log entry or snapshot record (with a later ts) in every view.
+            raise WriteRejected(f"algo key {key[:80]!r} belongs to {owned.group(1)}; only it may write it")
         if not isinstance(entry, dict) or set(entry) != {"v", "ts"}:
             raise WriteRejected(f"algo entry {key!r} must be {{'v': value, 'ts': ms}}")
         _int(entry["ts"], f"algo {key} ts")

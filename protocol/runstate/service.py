@@ -13,6 +13,12 @@
 * ``last_seen_ms`` heartbeats every ``heartbeat_interval_s``, carried by anti-entropy only
   (``quiet_sections``); the state is saved every
   ``save_interval_s`` when it changed, and on a clean stop (after announcing the leave).
+
+Untrusted peers: each peer may make :data:`SYNC_RATE` runsync requests and each author publish
+:data:`ENVELOPE_RATE` envelopes (over it they are refused: the pubsub validator drops, so does
+not forward, and anti-entropy carries anything honest later). Violations are reported to the
+host's score table (:func:`~hyphae.protocol.scoring.scores_for`): malformed requests, replies
+and envelopes, bad signatures and rate overruns.
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ from typing import Any
 
 from ..errors import ClosedError, PeerError, ProtocolViolation
 from ..host import Host
+from ..ratelimit import KeyedLimiter, RateLimit
+from ..scoring import Severity, scores_for
 from .rules import WriteRejected
 from .state import RunState
 from .store import RunStore
@@ -41,6 +49,10 @@ log = logging.getLogger(__name__)
 LinkFilter = Callable[[str], bool]
 _RECEIVE_CHUNK = 64
 _MAX_SYNC_ROUNDS = 16
+SYNC_RATE = RateLimit(rate_per_s=10.0, burst=40.0)
+"""runsync requests one peer may make (honest: ~1/s, a catch-up up to 16 back to back)."""
+ENVELOPE_RATE = RateLimit(rate_per_s=50.0, burst=200.0)
+"""Envelopes one author may publish (honest: a few per second; a repair republishes <= 32)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,12 +103,22 @@ def _serving(host: Host) -> dict[str, RunStateNode]:
     if runs is None:
         runs = _HOST_RUNS[host] = {}
 
+        limiter = KeyedLimiter(SYNC_RATE)
+
         async def dispatch(peer_id: str, message: Any) -> Any:
+            scores = scores_for(host)
+            if not limiter.allow(peer_id):
+                scores.report(peer_id, "runsync.rate", Severity.MINOR, f"over {SYNC_RATE.rate_per_s:g} requests/s")
+                raise PeerError(f"runsync: more than {SYNC_RATE.rate_per_s:g} requests/s from {peer_id}")
             run = message.get("run") if isinstance(message, dict) else None
             node = runs.get(run) if isinstance(run, str) else None
-            if node is None:
-                raise ProtocolViolation(f"runsync request for run {str(run)[:64]!r}, which this node does not hold")
-            return await node._on_sync(peer_id, message)
+            try:
+                if node is None:
+                    raise ProtocolViolation(f"runsync request for run {str(run)[:64]!r}, which this node does not hold")
+                return await node._on_sync(peer_id, message)
+            except ProtocolViolation as exc:
+                scores.report(peer_id, "runsync.malformed", Severity.MAJOR, str(exc))
+                raise
 
         host.serve(SYNC_PROTOCOL, dispatch, max_frame_bytes=MAX_SYNC_FRAME_BYTES)
     return runs
@@ -183,9 +205,7 @@ class RunStateNode:
             applied = self.store.load(self.state)
             log.info("run %s: loaded %d envelopes from %s", self.state.run, applied, self.store.path)
         self.state.add_listener(self._on_applied)
-        gossip_check = make_pubsub_validator(self.state)
-        await self.host.subscribe(self.topic, self._on_message,
-                                  validator=lambda author, data: gossip_check(None, _Raw(data)))
+        await self.host.subscribe(self.topic, self._on_message, validator=self._gossip_validator())
         runs = _serving(self.host)
         if self.state.run in runs:
             raise ValueError(f"run {self.state.run!r} is already replicated on this host")
@@ -210,6 +230,30 @@ class RunStateNode:
             self.host.remove_listener(self._on_peer_event)
             _serving(self.host).pop(self.state.run, None)
             await self._stop()
+
+    def _gossip_validator(self) -> Callable[[str, bytes], bool]:
+        """The topic validator (libp2p thread): rate per author, then :func:`make_pubsub_validator`;
+        refusals are scored (a bad signature or undecodable bytes as major)."""
+        check, limiter, scores, me = make_pubsub_validator(self.state), KeyedLimiter(ENVELOPE_RATE), \
+            scores_for(self.host), self.state.peer_id
+
+        def validate(author: str, data: bytes) -> bool:
+            if author == me:
+                return True
+            if not limiter.allow(author):
+                scores.report(author, "runstate.rate", Severity.MINOR, f"over {ENVELOPE_RATE.rate_per_s:g} envelopes/s")
+                return False
+            if check(None, _Raw(data)):
+                return True
+            try:
+                forged = not verify_envelope(decode_envelope(data))
+            except ProtocolViolation:
+                forged = True
+            scores.report(author, "runstate.invalid", Severity.MAJOR if forged else Severity.MINOR,
+                          "undecodable or badly signed envelope" if forged else "envelope refused by the precheck")
+            return False
+
+        return validate
 
     async def _stop(self) -> None:
         if not self.graceful:
@@ -330,19 +374,28 @@ class RunStateNode:
             async with asyncio.timeout(self.config.sync_timeout_s):
                 raw = await self.host.request(peer_id, SYNC_PROTOCOL, request.to_wire(),
                                               max_frame_bytes=MAX_SYNC_FRAME_BYTES)
-            reply = parse_sync_reply(raw)
-            if reply.run != self.state.run:
-                raise ProtocolViolation(f"asked about run {self.state.run!r}, the reply is about {reply.run!r}")
+            try:
+                reply = parse_sync_reply(raw)
+                if reply.run != self.state.run:
+                    raise ProtocolViolation(f"asked about run {self.state.run!r}, the reply is about {reply.run!r}")
+            except ProtocolViolation as exc:
+                scores_for(self.host).report(peer_id, "runsync.bad_reply", Severity.MAJOR, str(exc))
+                raise
             envelopes = []
+            malformed = 0
             for data in reply.envelopes:
                 try:
                     env = decode_envelope(data)
                 except ProtocolViolation as exc:
-                    self.stats["malformed"] += 1
+                    malformed += 1
                     log.info("skipping a malformed envelope in a sync reply from %s: %s", peer_id, exc)
                     continue
                 if self._allowed(env.author):
                     envelopes.append(env)
+            if malformed:
+                self.stats["malformed"] += malformed
+                scores_for(self.host).report(peer_id, "runsync.bad_envelope", Severity.MAJOR,
+                                             f"{malformed} malformed envelope(s) in one reply")
             self.state.note_alive(peer_id)
             applied = await self._receive_in_chunks(envelopes)
             total += len(applied)
