@@ -54,7 +54,7 @@ def test_the_gossip_validator_scores_forgeries_and_refuses_floods(ids) -> None:
     assert not validate(mallory.peer_id, forged.encode())
     assert scores.score(mallory.peer_id) < -19.9
     sender = ids[4].peer_id
-    verdicts = [validate(sender, good.encode()) for _ in range(int(ENVELOPE_RATE.burst) + 10)]
-    assert verdicts.count(False) >= 10 and verdicts[0]
+    verdicts = [validate(sender, good.encode()) for _ in range(int(ENVELOPE_RATE.burst) + 50)]
+    assert verdicts.count(False) >= 10 and verdicts[0]  # the bucket refills a little meanwhile
     assert scores.scores()[sender]["violations"]["runstate.rate"] >= 10
     assert validate(ids[0].peer_id, b"anything from ourselves is not judged here")
