@@ -21,7 +21,6 @@ from hyphae.node.client import ApiClient
 from hyphae.node.config import ConfigError, HyphaeError, NodeConfig, default_data_dir, load_config
 from hyphae.node.foreground import run_foreground
 from hyphae.node.keys import keygen
-from hyphae.node.scenarios import SCENARIOS, ScenarioOptions, run_scenario
 from hyphae.node.testnet import testnet_down, testnet_status, testnet_up
 from hyphae.node.version import __version__
 
@@ -90,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the mesh")
     up.add_argument("--json", action="store_true")
     sc = tn.add_parser("scenario", help="run a scripted scenario (churn, partition, wan, nat, scale) and check invariants")
-    sc.add_argument("name", metavar="NAME", help=f"one of {', '.join(sorted(SCENARIOS))}")
+    sc.add_argument("name", metavar="NAME", help="churn, partition, wan, nat or scale (deploy/README.md)")
     sc.add_argument("--dir", type=Path, help="where the nodes' data dirs and logs go (default: a new temp dir)")
     sc.add_argument("--nodes", type=int, default=4, help="training nodes, besides the bootstrap (default 4)")
     sc.add_argument("--no-train", action="store_true", help="network-only nodes (for scale)")
@@ -162,6 +161,8 @@ def _run(args: argparse.Namespace) -> int:
 
 def _testnet(args: argparse.Namespace) -> int:
     if args.action == "scenario":
+        from hyphae.node.scenarios import ScenarioOptions, run_scenario  # not loaded for every command
+
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
         options = ScenarioOptions(nodes=args.nodes, train=not args.no_train)
         report = run_scenario(args.name, root=args.dir, options=options, json_path=args.json).to_json()
