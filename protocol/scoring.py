@@ -20,9 +20,10 @@ Severities, and what each is for:
 With the defaults (-100, half-life 5 min) a peer is dropped after ~2 severe, ~10 major or ~100
 minor violations in quick succession.
 
-Each :class:`~hyphae.protocol.host.Host` has one table, found with :func:`scores_for`, so the
-handlers of different protocols on one host add into the same score without being wired
-together.
+Each local identity (so each :class:`~hyphae.protocol.host.Host`) has one table, found with
+:func:`scores_for`, so the handlers of different protocols on one host add into the same score
+without being wired together — including those that only see a libp2p stream (they know the
+local peer id from its connection).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import enum
 import math
 import threading
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -212,17 +212,21 @@ class PeerScores:
         return rec.score * math.pow(0.5, elapsed / self.config.half_life_s)
 
 
-_TABLES: weakref.WeakKeyDictionary[Any, PeerScores] = weakref.WeakKeyDictionary()
+_TABLES: dict[str, PeerScores] = {}
 _TABLES_LOCK = threading.Lock()
 
 
 def scores_for(owner: Any) -> PeerScores:
-    """The score table of ``owner`` (a Host; anything weak-referenceable), made on first use.
+    """The score table of the local node ``owner`` — its peer id, or anything with a
+    ``peer_id`` (a Host) — made on first use.
 
-    Every protocol handler on one host reports into the same table; it goes away with the host.
+    Keyed by peer id rather than by object so that handlers seeing only a stream find the same
+    table, and a host restarted in the same process keeps its bans. One table per local
+    identity a process ever runs: a handful.
     """
+    key = owner if isinstance(owner, str) else str(owner.peer_id)
     with _TABLES_LOCK:
-        table = _TABLES.get(owner)
+        table = _TABLES.get(key)
         if table is None:
-            table = _TABLES[owner] = PeerScores()
+            table = _TABLES[key] = PeerScores()
         return table

@@ -1,7 +1,14 @@
-"""Behaviour of ``/hyphae/hello/1`` (trio side): answer hellos, send ours, judge theirs."""
+"""Behaviour of ``/hyphae/hello/1`` (trio side): answer hellos, send ours, judge theirs.
+
+A peer sends one hello per connection; one that opens hello streams faster than
+:data:`HELLO_RATE`, or more than :data:`MAX_OPEN_PER_PEER` at once (each could hold a task for
+:data:`HELLO_TIMEOUT_S`), has the extra streams reset at once, and every refusal or malformed
+hello is reported to the local node's score table (:func:`~hyphae.protocol.scoring.scores_for`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -11,6 +18,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ..errors import PeerError, ProtocolViolation
+from ..ratelimit import KeyedLimiter, KeyedSlots, RateLimit
+from ..scoring import PeerScores, Severity, scores_for
 from ..stream import TrioFramedStream, libp2p_errors_as_peer_errors
 from .wire import MAX_FRAME_BYTES, PROTOCOL_ID, Hello
 
@@ -19,6 +28,9 @@ __all__ = ["HelloService"]
 log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 10.0
+HELLO_RATE = RateLimit(rate_per_s=1.0, burst=10.0)
+MAX_OPEN_PER_PEER = 2
+MAX_OPEN = 256
 
 
 class HelloService:
@@ -31,6 +43,9 @@ class HelloService:
     def __init__(self, local: Callable[[], Hello], on_result: Callable[[str, Hello | PeerError], None]) -> None:
         self._local = local
         self._on_result = on_result
+        self._rate = KeyedLimiter(HELLO_RATE)
+        self._open = KeyedSlots(per_key=MAX_OPEN_PER_PEER, total=MAX_OPEN)
+        self._own_scores: PeerScores | None = None
 
     def _judge(self, peer_id: str, hello: Hello) -> Hello | PeerError:
         ours = self._local()
@@ -38,8 +53,30 @@ class HelloService:
             return PeerError(f"peer is on network {hello.network!r}, we are on {ours.network!r}")
         return hello
 
+    def _scores(self, stream: INetStream) -> PeerScores:
+        """The local node's score table (its peer id is on the stream's connection)."""
+        try:
+            return scores_for(str(stream.muxed_conn.secured_conn.get_local_peer()))
+        except AttributeError:  # a muxer without the secure connection at hand
+            if self._own_scores is None:
+                self._own_scores = PeerScores()
+            return self._own_scores
+
     async def handle(self, stream: INetStream) -> None:
-        """Inbound: read their hello, answer with ours."""
+        """Inbound: read their hello, answer with ours (within the per-peer limits)."""
+        peer_id = str(stream.muxed_conn.peer_id)
+        if not self._rate.allow(peer_id) or not self._open.acquire(peer_id):
+            self._scores(stream).report(peer_id, "hello.rate", Severity.MINOR, "too many hello streams")
+            log.info("hello from %s refused: more than the per-peer hello limits", peer_id)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        try:
+            await self._handle(stream)
+        finally:
+            self._open.release(peer_id)
+
+    async def _handle(self, stream: INetStream) -> None:
         framed = TrioFramedStream(stream, max_frame_bytes=MAX_FRAME_BYTES)
         try:
             with trio.fail_after(HELLO_TIMEOUT_S):
@@ -48,6 +85,7 @@ class HelloService:
             self._on_result(framed.peer_id, self._judge(framed.peer_id, theirs))
         except ProtocolViolation as exc:
             log.warning("hello from %s violates the protocol, closing: %s", framed.peer_id, exc)
+            self._scores(stream).report(framed.peer_id, "hello.malformed", Severity.MAJOR, str(exc))
             await framed.reset()
             self._on_result(framed.peer_id, exc)
         except (PeerError, trio.TooSlowError) as exc:

@@ -21,6 +21,7 @@ class FakeHost:
 
     def __init__(self) -> None:
         self.published: list[bytes] = []
+        self.peer_id = f"12D3KooWSelf{id(self)}"  # a score table of its own
 
     async def subscribe(self, topic, handler, *, validator=None) -> None:
         self.handler, self.validator = handler, validator
@@ -81,8 +82,8 @@ def test_a_step_far_ahead_neither_wipes_the_slots_being_collected_nor_is_kept(tm
         assert deliver(b, "Honest", scalar(step=10, value=b"\x06"))
         assert deliver(b, "Liar", scalar(step=2**61))
         assert ("zo", 2**61) not in b._scalars
-        got = await b.collect("zo", 10, ["Honest", FakeHost.peer_id], timeout_s=0.1)
-        assert got == {"Honest": b"\x06", FakeHost.peer_id: b"\x05"}
+        got = await b.collect("zo", 10, ["Honest", b.peer_id], timeout_s=0.1)
+        assert got == {"Honest": b"\x06", b.peer_id: b"\x05"}
 
     asyncio.run(main())
 

@@ -1,7 +1,5 @@
 """Peer scores: violations by severity, decay, the disconnect threshold, bans, one table per host."""
 
-import gc
-
 import pytest
 
 from hyphae.protocol.scoring import PeerScores, ScoringConfig, Severity, scores_for
@@ -70,13 +68,11 @@ def test_bad_config_is_refused(kwargs) -> None:
         ScoringConfig(**kwargs)
 
 
-def test_one_table_per_owner_gone_with_it() -> None:
-    class Owner:
-        pass
+def test_one_table_per_local_peer_id_whether_given_a_host_or_the_id() -> None:
+    class Host:
+        def __init__(self, peer_id: str) -> None:
+            self.peer_id = peer_id
 
-    a, b = Owner(), Owner()
-    assert scores_for(a) is scores_for(a) and scores_for(a) is not scores_for(b)
-    scores_for(a).report("p", "x", Severity.MINOR)
-    del a
-    gc.collect()
-    assert scores_for(b).score("p") == 0
+    a, b = Host("local-a"), Host("local-b")
+    assert scores_for(a) is scores_for("local-a") is scores_for(Host("local-a"))
+    assert scores_for(a) is not scores_for(b)

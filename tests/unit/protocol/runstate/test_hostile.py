@@ -37,6 +37,9 @@ def test_a_member_cannot_overwrite_another_members_log_entry_in_the_merged_view(
 class _Host:
     """Enough of a Host for the validator (it only keys the score table)."""
 
+    def __init__(self) -> None:
+        self.peer_id = f"local-{id(self)}"
+
 
 def _validator(ids):
     host = _Host()
