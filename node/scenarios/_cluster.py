@@ -17,10 +17,12 @@ import logging
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.parse
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from typing import Any
 
 from hyphae.protocol.errors import HyphaeError
 
-__all__ = ["Cluster", "Node", "NodeDown", "ScenarioError"]
+__all__ = ["Cluster", "Node", "NodeDown", "Placement", "ScenarioError"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,10 @@ class Node:
     starts: int = 0
     log_offset: int = 0
     """Size of the log when the current process started (what it printed comes after)."""
+    host: str = ""
+    """Where it runs: empty on loopback, a namespace host name of the netns harness for ``nat``."""
+    connector: Callable[[int, float], socket.socket] | None = None
+    """Opens a TCP connection to this node's API port (from inside its namespace); None: plain."""
 
     @property
     def name(self) -> str:
@@ -95,6 +101,8 @@ class Node:
         conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout_s,
                                           source_address=(RUNNER_SOURCE, 0) if url.hostname == "127.0.0.1" else None)
         try:
+            if self.connector is not None:
+                conn.sock = self.connector(url.port, timeout_s)
             conn.request("GET", path)
             resp = conn.getresponse()
             body = resp.read()
@@ -136,6 +144,28 @@ class Node:
         return sorted(ports)
 
 
+class Placement:
+    """Where the nodes run and how the runner reaches them: loopback in this namespace.
+
+    The ``nat`` scenario substitutes one that runs each node in a network namespace.
+    """
+
+    name = "loopback"
+
+    def wrap(self, node: Node, argv: list[str]) -> list[str]:
+        """The command that runs ``argv`` where ``node`` lives."""
+        return argv
+
+    def listen(self, node: Node) -> str:
+        return "/ip4/127.0.0.1/tcp/0"
+
+    def bootstrap_addr(self, boot: Node) -> str:
+        return boot.multiaddr
+
+    def connector(self, node: Node) -> Callable[[int, float], socket.socket] | None:
+        return None
+
+
 class Cluster:
     """Starts and tracks the scenario's nodes; node 0 is the network-only bootstrap.
 
@@ -146,7 +176,9 @@ class Cluster:
         env: extra environment for the daemons (e.g. one torch thread per worker).
     """
 
-    def __init__(self, root: Path, config_path: Path, *, gid_base: int | None, env: dict[str, str]) -> None:
+    def __init__(self, root: Path, config_path: Path, *, gid_base: int | None, env: dict[str, str],
+                 placement: Placement | None = None) -> None:
+        self.placement = placement or Placement()
         self.root = Path(root)
         self.config_path = Path(config_path)
         self.gid_base = gid_base
@@ -159,27 +191,28 @@ class Cluster:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    def add(self, *, train: bool = True, wait: bool = True) -> Node:
+    def add(self, *, train: bool = True, wait: bool = True, host: str = "") -> Node:
         """Create node ``len(nodes)`` and start it (bootstrapping from node 0 unless it is node 0)."""
         index = len(self.nodes)
         gid = None if self.gid_base is None else self.gid_base + index
-        node = Node(index=index, data_dir=self.root / f"node-{index}", train=train, gid=gid)
+        node = Node(index=index, data_dir=self.root / f"node-{index}", train=train, gid=gid, host=host)
+        node.connector = self.placement.connector(node)
         self.nodes.append(node)
         self.start(node, wait=wait)
         return node
 
     def _command(self, node: Node) -> list[str]:
         cmd = [sys.executable, "-m", "hyphae.cli", "node", "join", "--data-dir", str(node.data_dir),
-               "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns",
+               "--listen", self.placement.listen(node), "--api", "127.0.0.1:0", "--no-mdns",
                "--config", str(self.config_path)]
         if node.index != 0:
-            bootstrap = self.nodes[0].multiaddr
+            bootstrap = self.placement.bootstrap_addr(self.nodes[0])
             if not bootstrap:
                 raise ScenarioError("node 0 (the bootstrap) has no address yet; start it first")
             cmd += ["--bootstrap", bootstrap]
         if not node.train:
             cmd.append("--no-train")
-        return cmd
+        return self.placement.wrap(node, cmd)
 
     def start(self, node: Node, *, wait: bool = True) -> None:
         """Start (or restart) ``node``'s process; with ``wait``, return once its node.json is written."""
@@ -288,7 +321,8 @@ class Cluster:
 
     def describe(self) -> list[dict[str, Any]]:
         return [{"index": n.index, "peer_id": n.peer_id, "train": n.train, "starts": n.starts,
-                 "alive": n.alive, "data_dir": str(n.data_dir), "gid": n.gid} for n in self.nodes]
+                 "alive": n.alive, "data_dir": str(n.data_dir), "gid": n.gid, "host": n.host or "loopback"}
+                for n in self.nodes]
 
 
 def _signal(pid: int, signum: int) -> None:

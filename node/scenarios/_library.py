@@ -161,11 +161,15 @@ def scale(run: Run) -> None:
 
 
 def _api_probe(run: Run, nodes: list[Node]):
-    """One call at a time, so the time measured is the daemon's, not the runner's thread pool's."""
+    """One call at a time, so the time measured is the daemon's, not the runner's thread pool's.
+
+    Not ``/api/v1/node``: it answers 500 while ``[training] data`` is set (the effective config it
+    returns holds a Path that aiohttp cannot serialize), and the scenarios set it.
+    """
     def probe() -> tuple[bool, dict[str, Any]]:
         times, failed = [], []
         for node in nodes:
-            for path in ("/api/v1/node", "/api/v1/peers", "/api/v1/run"):
+            for path in ("/api/v1/peers", "/api/v1/run", "/api/v1/training" if node.train else "/api/v1/tensor"):
                 started = time.monotonic()
                 try:
                     node.api(path, timeout_s=5.0)

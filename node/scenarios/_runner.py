@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ._cluster import Cluster, ScenarioError
+from ._cluster import Cluster, Placement, ScenarioError
 from ._engine import Run, ScenarioOptions, training_toml, write_corpus
 from ._library import churn, partition, scale, wan
 from ._netfilter import Firewall
@@ -38,6 +38,8 @@ class Scenario:
     firewall: bool
     link_emulator: bool
     about: str
+    placement: Callable[[ExitStack, ScenarioOptions], Placement] | None = None
+    """Builds where the nodes run (namespaces) and registers its teardown; None: loopback."""
 
 
 SCENARIOS: dict[str, Scenario] = {
@@ -50,10 +52,11 @@ SCENARIOS: dict[str, Scenario] = {
 
 def _register_nat() -> None:
     try:
-        from ._nat import nat
+        from ._nat import nat, nat_placement
     except ImportError:  # the network-namespace harness (deploy/netns) is not there yet
         return
-    SCENARIOS["nat"] = Scenario(nat, True, False, False, "two NATs and a relay in network namespaces")
+    SCENARIOS["nat"] = Scenario(nat, True, False, False, "two NATs and a relay in network namespaces",
+                                placement=nat_placement)
 
 
 _register_nat()
@@ -95,26 +98,30 @@ def run_scenario(name: str, *, root: Path | None = None, options: ScenarioOption
     pid = os.getpid()
     gid_base = 1_000_000 + (pid % 100_000) * GIDS_PER_RUN if is_root else None
     env = {"OMP_NUM_THREADS": str(options.torch_threads), "MKL_NUM_THREADS": str(options.torch_threads)}
-    cluster = Cluster(root, config, gid_base=gid_base, env=env)
-    report = Report(name, topology="loopback", settings={"dir": str(root), **run_settings(options)})
-    run = Run(report, cluster, options)
+    report = Report(name, topology="netns" if scenario.placement else "loopback",
+                    settings={"dir": str(root), **run_settings(options)})
+    cluster: Cluster | None = None
     with ExitStack() as cleanup:
-        if scenario.firewall:
-            run.firewall = cleanup.enter_context(Firewall(str(pid), (gid_base, gid_base + GIDS_PER_RUN - 1)))
-        if scenario.link_emulator:
-            run.delayer = _start_delayer(pid)
-            cleanup.callback(run.delayer.close)
-            run.firewall.shape(run.delayer.queue)
-        cleanup.callback(cluster.close)  # LIFO: the daemons stop before the rules go
         try:
+            placement = scenario.placement(cleanup, options) if scenario.placement else None
+            cluster = Cluster(root, config, gid_base=None if placement else gid_base, env=env, placement=placement)
+            run = Run(report, cluster, options)
+            if scenario.firewall:
+                run.firewall = cleanup.enter_context(Firewall(str(pid), (gid_base, gid_base + GIDS_PER_RUN - 1)))
+            if scenario.link_emulator:
+                run.delayer = _start_delayer(pid)
+                cleanup.callback(run.delayer.close)
+                run.firewall.shape(run.delayer.queue)
+            cleanup.callback(cluster.close)  # LIFO: the daemons stop before the rules and namespaces go
             scenario.script(run)
         except Exception as exc:  # noqa: BLE001 - any failure must still produce the report
             log.exception("scenario %s failed", name)
             report.error = f"{type(exc).__name__}: {exc}"
         finally:
-            report.nodes = cluster.describe()
-            report.measurements["api"] = {"calls": cluster.api_calls, "failures": cluster.api_failures,
-                                          "slowest_answer_s": round(cluster.api_latency_max_s, 3)}
+            if cluster is not None:
+                report.nodes = cluster.describe()
+                report.measurements["api"] = {"calls": cluster.api_calls, "failures": cluster.api_failures,
+                                              "slowest_answer_s": round(cluster.api_latency_max_s, 3)}
     report.write(root / "report.json")
     if json_path is not None:
         report.write(Path(json_path))
