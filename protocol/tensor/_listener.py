@@ -5,6 +5,11 @@ Binding follows :class:`~.config.TensorConfig` ``listen``; the advertised addres
 addresses (as the libp2p host does). An inbound connection becomes a session only through
 :func:`~.connect.accept_direct`, i.e. once its first frame authenticates under a pending
 session's keys; anything else is closed and logged.
+
+Anyone can open TCP connections to the data port, so connections not yet authenticated are
+capped (:data:`MAX_UNAUTHENTICATED`, :data:`MAX_UNAUTHENTICATED_PER_IP`; each lasts at most the
+handshake timeout), and so are pending sessions per peer (:data:`MAX_PENDING_PER_PEER`); a
+session id already pending is never replaced (it would hijack another peer's handshake).
 """
 
 from __future__ import annotations
@@ -27,6 +32,9 @@ __all__ = ["DataListener"]
 log = logging.getLogger(__name__)
 
 MAX_ADVERTISED = 8
+MAX_UNAUTHENTICATED = 128
+MAX_UNAUTHENTICATED_PER_IP = 16
+MAX_PENDING_PER_PEER = 16
 Spawn = Callable[..., Any]
 
 
@@ -49,6 +57,8 @@ class DataListener:
         self.sockets: list[socket.socket] = []
         self.addrs: tuple[str, ...] = ()
         self._pending: dict[bytes, connect.Pending] = {}
+        self._unauthenticated: dict[str, int] = {}
+        self.refused_connections = 0
 
     def start(self) -> None:
         """Bind every listen address and start accepting. Raises OSError if one cannot bind."""
@@ -73,7 +83,21 @@ class DataListener:
     # ---- pending sessions ------------------------------------------------------------------
 
     def add_pending(self, session_id: bytes, pending: connect.Pending) -> None:
+        """Remember a session the libp2p handshake agreed on, until its TCP connection arrives.
+
+        Raises:
+            ProtocolViolation: the id is already pending, or the peer has too many pending.
+        """
+        if session_id in self._pending:
+            raise ProtocolViolation("session id already pending; pick a fresh random one")
+        if self.pending_of(pending.peer_id) >= MAX_PENDING_PER_PEER:
+            raise ProtocolViolation(f"more than {MAX_PENDING_PER_PEER} pending data connections from one peer")
         self._pending[session_id] = pending
+
+    def pending_of(self, peer_id: str) -> int:
+        """Sessions of ``peer_id`` waiting for their TCP connection."""
+        now = time.monotonic()
+        return sum(1 for p in self._pending.values() if p.peer_id == peer_id and p.expires_at > now)
 
     def drop_pending(self, session_id: bytes) -> None:
         self._pending.pop(session_id, None)
@@ -102,13 +126,45 @@ class DataListener:
                 log.warning("tensor data listener error (continuing): %s", exc)
                 await asyncio.sleep(0.5)
                 continue
-            self._spawn("tensor-inbound", self._accept_one, conn)
+            ip = _remote_ip(conn)
+            held = self._unauthenticated.get(ip, 0)
+            if held >= MAX_UNAUTHENTICATED_PER_IP or sum(self._unauthenticated.values()) >= MAX_UNAUTHENTICATED:
+                self.refused_connections += 1
+                log.info("refused a data connection from %s: too many not yet authenticated", ip)
+                conn.close()
+                continue
+            self._unauthenticated[ip] = held + 1
+            if self._spawn("tensor-inbound", self._accept_counted, conn, ip) is None:
+                self._unauthenticated[ip] -= 1
+                conn.close()
+
+    async def _accept_counted(self, sock: socket.socket, ip: str) -> None:
+        authenticated = False
+
+        def on_link_ready() -> None:
+            nonlocal authenticated
+            authenticated = True
+            self._uncount(ip)
+
+        try:
+            await self._accept_one(sock, on_authenticated=on_link_ready)
+        finally:
+            if not authenticated:
+                self._uncount(ip)
+
+    def _uncount(self, ip: str) -> None:
+        left = self._unauthenticated.get(ip, 0) - 1
+        if left > 0:
+            self._unauthenticated[ip] = left
+        else:
+            self._unauthenticated.pop(ip, None)
 
     def adopt_socket(self, sock: socket.socket) -> None:
         """Treat a socket connected some other way (hole punching) as an inbound connection."""
         self._spawn("tensor-punched", self._accept_one, sock, PATH_PUNCHED)
 
-    async def _accept_one(self, sock: socket.socket, path: str = PATH_DIRECT) -> None:
+    async def _accept_one(self, sock: socket.socket, path: str = PATH_DIRECT,
+                          on_authenticated: Callable[[], None] | None = None) -> None:
         try:
             pending, link = await connect.accept_direct(
                 sock, self.lookup, self.claim, local_id=self.local_id, limits=self.config.limits,
@@ -119,7 +175,16 @@ class DataListener:
         except PeerError as exc:
             log.info("inbound data connection failed: %s", exc)
             return
+        if on_authenticated is not None:
+            on_authenticated()
         await self._on_link(pending.peer_id, link)
+
+
+def _remote_ip(sock: socket.socket) -> str:
+    try:
+        return str(sock.getpeername()[0])
+    except (OSError, IndexError):
+        return "?"
 
 
 def _bind(addr: str) -> tuple[socket.socket, str]:

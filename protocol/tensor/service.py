@@ -13,6 +13,9 @@ all-reduce and the blob service use.
 
 Every background task (accept loops, session readers, request handlers, upkeep) lives in the
 plane's TaskGroup, opened by :func:`open_tensor_plane`.
+
+Untrusted peers: :mod:`._guard` caps each peer's data connections, request rate and requests in
+flight, and scores refusals and protocol violations.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ClosedError, HyphaeError, PeerError
+from ..errors import ClosedError, HyphaeError, PeerError, ProtocolViolation
 from ..host import Host
+from ..scoring import Severity
 from ..stream import MessageStream
 from . import connect
 from ._bufpool import BufferPool
+from ._guard import Guard
 from ._listener import DataListener
 from ._mailbox import Mailbox
 from ._requests import Message, Reply, Requests, RouteHandler
@@ -85,6 +90,7 @@ class TensorPlane:
         self._changed: dict[str, asyncio.Event] = {}
         self._requests = Requests()
         self._admitted: dict[int, bool] = {}
+        self._guard = Guard(host)
         self._stats: dict[str, _PeerStats] = {}
         self._gone: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -351,6 +357,8 @@ class TensorPlane:
         except Exception:  # noqa: BLE001 — a bug on one connection must not take the plane down
             log.exception("data connection %s failed", session)
         finally:
+            if session.violation is not None:
+                self._guard.report(session.peer_id, "tensor.violation", Severity.MAJOR, str(session.violation))
             session.close("reader ended")
             sessions = self._sessions.get(session.peer_id, [])
             if session in sessions:
@@ -363,13 +371,20 @@ class TensorPlane:
 
     async def _on_stream(self, stream: MessageStream) -> None:
         self._check_open()
+        peer = stream.peer_id
+        live = sum(not s.is_closed for s in self._sessions.get(peer, []))
+        self._guard.admit_session(peer, live + self._listener.pending_of(peer), 2 * self.config.max_sessions_per_peer)
         wait_s = self.config.handshake_timeout_s + 8 * self.config.dial_timeout_s
-        link = await connect.answer(
-            stream, local_id=self.peer_id, data_addrs=self.data_addrs, limits=self._limits,
-            handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
-            add_pending=self._listener.add_pending, drop_pending=self._listener.drop_pending,
-            is_relayed=lambda: self._is_relayed(stream.peer_id), puncher=self._puncher,
-            on_punched=self._listener.adopt_socket)
+        try:
+            link = await connect.answer(
+                stream, local_id=self.peer_id, data_addrs=self.data_addrs, limits=self._limits,
+                handshake_timeout_s=self.config.handshake_timeout_s, wait_fallback_s=wait_s,
+                add_pending=self._listener.add_pending, drop_pending=self._listener.drop_pending,
+                is_relayed=lambda: self._is_relayed(stream.peer_id), puncher=self._puncher,
+                on_punched=self._listener.adopt_socket)
+        except ProtocolViolation as exc:
+            self._guard.report(peer, "tensor.handshake", Severity.MAJOR, str(exc))
+            raise
         if link is None:
             return
         session = self._adopt(stream.peer_id, link)
@@ -381,17 +396,24 @@ class TensorPlane:
     def admit(self, session: Session, begin: Begin) -> None:
         self._check_open()
         peer = session.peer_id
-        if begin.kind == KIND_REQUEST and not self._requests.serves(begin.tag):
-            raise PeerError(f"no handler for route {begin.tag!r:.60} here")
+        if begin.kind == KIND_REQUEST:
+            if not self._requests.serves(begin.tag):
+                raise PeerError(f"no handler for route {begin.tag!r:.60} here")
+            self._guard.admit_request(peer, id(begin))
         if begin.kind == KIND_REPLY and self._requests.awaits(peer, begin.request_id):
             counted = False  # awaited: costs no budget
         else:
             key = begin.tag if begin.kind == KIND_MESSAGE else f"\x00{begin.kind}"
-            counted = self._mailbox.reserve(peer, key, begin.nbytes)
+            try:
+                counted = self._mailbox.reserve(peer, key, begin.nbytes)
+            except HyphaeError:
+                self._guard.release(peer, id(begin))  # refused: it will never be discarded
+                raise
         self._admitted[id(begin)] = counted
 
     def discard(self, session: Session, begin: Begin) -> None:
         self._mailbox.unreserve(begin.nbytes, self._admitted.pop(id(begin), False))
+        self._guard.release(session.peer_id, id(begin))
 
     def deliver(self, session: Session, begin: Begin, tensors: list[Tensor]) -> None:
         peer = session.peer_id
@@ -404,11 +426,14 @@ class TensorPlane:
         if begin.kind == KIND_REPLY:
             if not self._requests.resolve(peer, begin.request_id, Reply(begin.meta, tensors)):
                 log.debug("late reply %d from %s dropped", begin.request_id, peer)
-        elif not self._closed:
-            self._spawn(f"tensor-request {begin.tag[:40]}", self._answer, peer, begin, tensors)
+        elif self._closed or self._spawn(f"tensor-request {begin.tag[:40]}", self._answer, peer, begin, tensors) is None:
+            self._guard.release(peer, id(begin))
 
     async def _answer(self, peer: str, begin: Begin, tensors: list[Tensor]) -> None:
-        reply = await self._requests.handle(peer, begin.tag, begin.meta, tensors)
+        try:
+            reply = await self._requests.handle(peer, begin.tag, begin.meta, tensors)
+        finally:
+            self._guard.release(peer, id(begin))
         try:
             out = Begin(begin.tag, specs_of(reply.tensors), Codec.named(reply.codec), KIND_REPLY, begin.request_id,
                         dict(reply.meta))

@@ -126,6 +126,8 @@ class Session:
         self._reader: asyncio.Task[None] | None = None
         self.closed = asyncio.Event()
         self.close_reason = ""
+        self.violation: ProtocolViolation | None = None
+        """Set when the peer broke the protocol on this connection (for its score)."""
         self.last_used = time.monotonic()
 
     def __repr__(self) -> str:
@@ -176,6 +178,7 @@ class Session:
                     break
         except ProtocolViolation as exc:
             reason = f"protocol violation: {exc}"
+            self.violation = exc
             log.warning("closing data connection from %s (%s): %s", self.peer_id, self.carrier.remote, exc)
         except (PeerError, ClosedError) as exc:
             reason = str(exc)
