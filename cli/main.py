@@ -60,6 +60,7 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--max-steps", type=int, help="stop cleanly after N local steps")
     t.add_argument("--data", type=Path, help="text file/dir or .bin shards (default: Python stdlib sources)")
     t.add_argument("--seed", type=int, help="base seed")
+    t.add_argument("--threads", type=int, help="torch CPU threads (0 = one per core; 1 for testnets)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +122,7 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
         "training.max_steps": args.max_steps,
         "training.data": args.data,
         "training.seed": args.seed,
+        "training.threads": args.threads,
     }
 
 

@@ -3,18 +3,24 @@
 Only small metadata crosses the socket; tensors travel in shared memory (:mod:`.shm`) and a
 message names the segment and where each tensor lies in it. Nothing is pickled: each message
 type declares its fields and :func:`decode` checks them, so a confused or compromised worker
-cannot make the daemon build arbitrary objects.
+cannot make the daemon build arbitrary objects. Beyond the field types, :func:`decode` checks
+what the daemon would otherwise act on blindly: each Comm call's arguments against its method's
+schema (an int where bytes belong would make ``bytes(n)`` allocate n bytes), tensor refs
+(known dtype, ``nbytes`` equal to shape x item size, bounded rank), segment names (the
+``/dev/shm`` name is opened as given) and progress reports (known kind, flat metrics).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hyphae.protocol.errors import EndOfStream, ProtocolViolation
-from hyphae.protocol.wire import HEADER_BYTES, decode_body, encode_frame, parse_header
+from hyphae.protocol.wire import HEADER_BYTES, decode_body, encode_frame, expect_map, parse_header
 
 __all__ = [
     "TensorRef", "WorkerHello", "Setup", "Call", "Reply", "Progress", "Release", "Stop",
@@ -22,6 +28,16 @@ __all__ = [
 ]
 
 MAX_FRAME_BYTES = 16 << 20
+MAX_NAME_CHARS = 256
+MAX_RANK = 8
+MAX_DIM = 1 << 40
+MAX_TENSORS = 65536
+SHM_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+DTYPE_BYTES: dict[str, int] = {
+    "float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4, "int16": 2,
+    "int8": 1, "uint8": 1, "bool": 1,
+}
+"""What may cross between daemon and worker (the same table as :data:`.shm.ITEM_BYTES`)."""
 
 
 @dataclass(frozen=True)
@@ -43,10 +59,20 @@ class TensorRef:
             raise ProtocolViolation(f"tensor ref must be a 5-item list, got {item!r:.80}")
         name, dtype, shape, offset, nbytes = item
         if not (isinstance(name, str) and isinstance(dtype, str) and isinstance(shape, list)
-                and all(isinstance(d, int) and d >= 0 for d in shape)
-                and isinstance(offset, int) and offset >= 0 and isinstance(nbytes, int) and nbytes >= 0):
+                and all(_is_int(d, 0, MAX_DIM) for d in shape)
+                and _is_int(offset, 0, MAX_DIM) and _is_int(nbytes, 0, MAX_DIM)):
             raise ProtocolViolation(f"malformed tensor ref {item!r:.80}")
+        if not 0 < len(name) <= MAX_NAME_CHARS or len(shape) > MAX_RANK or dtype not in DTYPE_BYTES:
+            raise ProtocolViolation(f"tensor ref {name[:40]!r}: name of 1-{MAX_NAME_CHARS} characters, rank <= "
+                                    f"{MAX_RANK} and a dtype of {sorted(DTYPE_BYTES)} needed, got {item!r:.80}")
+        if nbytes != math.prod(shape) * DTYPE_BYTES[dtype]:
+            raise ProtocolViolation(f"tensor ref {name[:40]!r}: nbytes {nbytes} is not shape {shape} x "
+                                    f"{DTYPE_BYTES[dtype]} bytes of {dtype}")
         return cls(name, dtype, tuple(shape), offset, nbytes)
+
+
+def _is_int(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
 @dataclass(frozen=True)
@@ -84,6 +110,7 @@ class Setup(Message):
     eval_every: int
     checkpoint_every: int
     init_from: str = ""
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -179,7 +206,68 @@ def decode(body: Any) -> Message:
     except TypeError as exc:
         raise ProtocolViolation(f"{cls.__name__}: {exc}") from None
     _check_types(message)
+    _check_content(message)
     return message
+
+
+_NUM = (int, float)
+CALL_ARGS: dict[str, dict[str, Any]] = {
+    "members": {},
+    "exchange": {"peer": str, "tag": str, "timeout_s": _NUM},
+    "all_reduce": {"group": list, "tag": str, "timeout_s": _NUM, "op": str},
+    "publish": {"topic": str, "step": int, "value": bytes},
+    "collect": {"topic": str, "step": int, "peers": list, "timeout_s": _NUM},
+    "put_blob": {"data": bytes},
+    "get_blob": {"digest": str, "timeout_s": _NUM},
+    "state_get": {"key": str},
+    "state_set": {"key": str, "value": (object, bool)},  # any plain value, booleans too
+    "state_items": {"prefix": str},
+}
+"""The argument schema of each Comm method a worker may call."""
+PROGRESS_KINDS = frozenset({"log", "eval", "checkpoint", "joined", "resumed", "done"})
+MAX_LIST = 65536
+MAX_METRICS = 128
+
+
+def _check_content(message: Message) -> None:
+    """What a field's type does not say: schemas of call arguments, names, bounds."""
+    for name in ("shm",):
+        value = getattr(message, name, None)
+        if value and not SHM_NAME_RE.match(value):
+            raise ProtocolViolation(f"{type(message).__name__}.shm {value[:40]!r} is not a segment name "
+                                    f"({SHM_NAME_RE.pattern})")
+    if isinstance(message, Release) and not message.shm:
+        raise ProtocolViolation("Release.shm must name a segment")
+    if isinstance(message, (Call, Reply)) and len(message.tensors) > MAX_TENSORS:
+        raise ProtocolViolation(f"{len(message.tensors)} tensor refs, limit {MAX_TENSORS}")
+    if isinstance(message, Call):
+        schema = CALL_ARGS.get(message.method)
+        if schema is None:
+            raise ProtocolViolation(f"unknown Comm method {message.method[:40]!r}; known: {', '.join(CALL_ARGS)}")
+        args = expect_map(message.args, schema, what=f"{message.method} arguments")
+        for key in ("group", "peers"):
+            if key in args and (len(args[key]) > MAX_LIST or not all(isinstance(p, str) for p in args[key])):
+                raise ProtocolViolation(f"{message.method} {key} must be a list of at most {MAX_LIST} peer ids")
+        if "timeout_s" in args and not 0 < args["timeout_s"] <= 86400:
+            raise ProtocolViolation(f"{message.method} timeout_s must be in (0, 86400] s, got {args['timeout_s']!r}")
+        if "step" in args and not -(1 << 62) <= args["step"] < (1 << 62):
+            raise ProtocolViolation(f"{message.method} step {args['step']} is out of range")
+    if isinstance(message, Progress):
+        if message.kind not in PROGRESS_KINDS:
+            raise ProtocolViolation(f"progress kind {message.kind[:40]!r} is not one of {sorted(PROGRESS_KINDS)}")
+        if len(message.metrics) > MAX_METRICS or not all(
+                isinstance(k, str) and len(k) <= 64 and _flat(v) for k, v in message.metrics.items()):
+            raise ProtocolViolation(f"progress metrics must be at most {MAX_METRICS} short names of numbers, "
+                                    "strings or short lists of them")
+
+
+def _flat(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float)):
+        return True
+    if isinstance(value, str):
+        return len(value) <= 1024
+    return isinstance(value, list) and len(value) <= 64 and all(
+        isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 1024) for v in value)
 
 
 _SIMPLE = {"int": int, "str": str, "float": (int, float), "dict[str, Any]": dict, "dict[str, str]": dict,

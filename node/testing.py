@@ -50,6 +50,8 @@ class DaemonProcess:
                "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0", "--no-mdns"]
         if not self.train:
             cmd.append("--no-train")
+        elif "--threads" not in self.args:
+            cmd += ["--threads", "1"]  # tests start several trainers on one machine
         return cmd + self.args
 
     def start(self, timeout_s: float = 30.0) -> DaemonProcess:

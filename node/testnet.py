@@ -53,6 +53,8 @@ def _node_cmd(data_dir: Path, bootstrap: str | None, train: bool, extra: list[st
         cmd += ["--bootstrap", bootstrap]
     if not train:
         cmd.append("--no-train")
+    else:
+        cmd += ["--threads", "1"]  # many nodes share this machine's cores
     return cmd + extra
 
 

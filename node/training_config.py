@@ -45,6 +45,9 @@ class TrainConfig:
     """Steps between validation-loss measurements (0 = never)."""
     checkpoint_every: int = 100
     """Steps between checkpoints (0 = only when stopping)."""
+    threads: int = 0
+    """Torch CPU threads for the worker (0 = torch's default, one per core). Set 1 when several
+    nodes share a machine (testnets): oversubscribed OpenMP threads run 5-10x slower."""
     init_from: str = ""
     """Start a fresh node from these weights instead of a seeded init: a checkpoint directory
     (e.g. another run's DATA_DIR/checkpoints), or "run" for the newest checkpoint the run's
@@ -60,7 +63,7 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "checkpoint_every"):
+        for name in ("eval_every", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
         if not isinstance(self.algorithm_config, dict):
@@ -75,7 +78,7 @@ class TrainConfig:
         values = dict(table)
         if values.get("data") is not None:
             values["data"] = Path(str(values["data"])).expanduser()
-        ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every")
+        ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "threads")
         for name in ("preset", "algorithm", "init_from", *ints):
             kind = str if name in ("preset", "algorithm", "init_from") else int
             if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):

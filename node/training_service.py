@@ -180,7 +180,7 @@ class TrainingService:
             data=str(cfg.data) if cfg.data else "", cache_dir=str(root / "cache"),
             checkpoint_dir=str(root / "checkpoints"), device=_device(), batch_size=cfg.batch_size,
             seq_len=cfg.seq_len, log_every=cfg.log_every, eval_every=cfg.eval_every,
-            checkpoint_every=cfg.checkpoint_every, init_from=cfg.init_from,
+            checkpoint_every=cfg.checkpoint_every, init_from=cfg.init_from, threads=cfg.threads,
         )
 
     async def _serve_call(self, call: ipc.Call, writer: asyncio.StreamWriter) -> None:

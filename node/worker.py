@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -128,8 +129,9 @@ async def _run(address: str, index: int) -> int:
     setup = await ipc.recv(reader)
     if not isinstance(setup, ipc.Setup):
         raise RuntimeError(f"expected setup from the daemon, got {type(setup).__name__}")
+    global _STOP_EVENT, _LOOP
     stop = asyncio.Event()
-    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    _STOP_EVENT, _LOOP = stop, asyncio.get_running_loop()
     comm = DaemonComm(reader, writer, peer_id=setup.peer_id, on_stop=lambda reason: stop.set())
     comm.start()
     try:
@@ -140,6 +142,8 @@ async def _run(address: str, index: int) -> int:
 
 
 async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int:
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
     torch.manual_seed(setup.seed)
     config = model_config(setup.preset)
     model = build_model(config, seed=setup.seed, device=setup.device)  # identical init on every peer
@@ -233,6 +237,40 @@ class _StepCounter(Callback):
         self.done = step
 
 
+ORPHAN_EXIT_S = 10.0
+
+
+def _die_with_the_daemon() -> None:
+    """Make sure a worker never outlives its daemon.
+
+    Linux sends this process SIGTERM when its parent dies (PR_SET_PDEATHSIG). The handler is a
+    plain Python one, so it runs even while the event loop is busy; it asks for the graceful
+    stop (checkpoint) and arms a timer that ends the process regardless after ORPHAN_EXIT_S.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        log.debug("no PR_SET_PDEATHSIG here; relying on the IPC socket closing")
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    timer = threading.Timer(ORPHAN_EXIT_S, lambda: os._exit(1))
+    timer.daemon = True
+    timer.start()
+    stop = _STOP_EVENT
+    loop = _LOOP
+    if stop is not None and loop is not None and not loop.is_closed():
+        loop.call_soon_threadsafe(stop.set)
+    else:
+        os._exit(0)
+
+
+_STOP_EVENT: asyncio.Event | None = None
+_LOOP: asyncio.AbstractEventLoop | None = None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hyphae-worker")
     parser.add_argument("--socket", required=True, help="daemon IPC address ('@name' = abstract)")
@@ -240,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    _die_with_the_daemon()
+    if os.getppid() == 1:
+        return 1  # the daemon died before we could ask to be told
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker{args.index} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("libp2p").setLevel(logging.ERROR)

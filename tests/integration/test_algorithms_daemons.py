@@ -93,3 +93,106 @@ def test_four_daemons_keep_training_through_a_kill_and_a_join(tmp_path, algorith
     finally:
         for n in nodes:
             n.kill()
+
+
+def _start_group(tmp_path: Path, config: Path, n: int, *extra: str) -> list[DaemonProcess]:
+    args = ["--config", str(config), *extra]
+    nodes = [DaemonProcess(tmp_path / "n0", args, train=True).start()]
+    for i in range(1, n):
+        nodes.append(DaemonProcess(tmp_path / f"n{i}", [*args, "--bootstrap", nodes[0].multiaddr], train=True).start())
+    return nodes
+
+
+def _final_weights(d: DaemonProcess, step: int) -> str:
+    import json
+
+    return json.loads((d.data_dir / "checkpoints" / f"step-{step:08d}" / "manifest.json").read_text())["weights_sha256"]
+
+
+def test_four_daemons_run_spes_and_end_bit_identical(tmp_path) -> None:
+    config = tmp_path / "spes.toml"
+    config.write_text(BASE.format(algorithm="spes", preset="tiny-moe", extra="",
+                                  algo="sync_steps = 10\nmerge_interval = 10\ntimeout_s = 60.0"))
+    nodes = _start_group(tmp_path, config, 4, "--max-steps", "30")
+    try:
+        sync_wait(lambda: all(len(_t(n)["members"]) == 4 for n in nodes), 90, "4 trainers in every view")
+        owned = sync_wait(lambda: _all_owned(nodes), 300, "every node to own its experts")
+        for n in nodes:
+            assert n.wait(400) == 0
+    finally:
+        for n in nodes:
+            n.kill()
+    weights = {_final_weights(n, 30) for n in nodes}
+    assert len(weights) == 1, "after the last sync every node holds the same model"
+    assert all(owned) and sum(len(o) for o in owned) == 8 and set().union(*owned) == set(range(8))
+
+
+def _all_owned(nodes: list[DaemonProcess]) -> list[set[int]] | None:
+    """Each node's owned experts once all four report them after the first sync."""
+    owned = []
+    for n in nodes:
+        t = _t(n)
+        experts = t.get("algorithm_state", {}).get("owned_experts")
+        if not experts or t["step"] < 10:
+            return None
+        owned.append(set(experts))
+    return owned if sum(len(o) for o in owned) == 8 else None
+
+
+PRETRAIN = """
+[training]
+algorithm = "ddp"
+batch_size = 8
+seq_len = 64
+log_every = 10
+eval_every = 100
+checkpoint_every = 100
+"""
+
+ZO = """
+[training]
+algorithm = "zo"
+batch_size = 8
+seq_len = 64
+log_every = 5
+eval_every = 30
+checkpoint_every = 30
+init_from = "{init}"
+[training.algorithm_config]
+lr = 1e-3
+snapshot_steps = 10
+timeout_s = 20.0
+run_id = "zo-test"
+"""
+
+
+def test_zo_with_four_daemons_lowers_the_loss_of_a_pretrained_checkpoint(tmp_path) -> None:
+    pre_cfg = tmp_path / "pre.toml"
+    pre_cfg.write_text(PRETRAIN)
+    pre = DaemonProcess(tmp_path / "pre", ["--config", str(pre_cfg), "--max-steps", "200"], train=True).start()
+    try:
+        assert pre.wait(400) == 0
+    finally:
+        pre.kill()
+    pretrained_val = _last_val(pre)
+    zo_cfg = tmp_path / "zo.toml"
+    zo_cfg.write_text(ZO.format(init=pre.data_dir / "checkpoints"))
+    nodes = _start_group(tmp_path, zo_cfg, 4, "--max-steps", "60")
+    try:
+        sync_wait(lambda: all(len(_t(n)["members"]) == 4 for n in nodes), 90, "4 trainers in every view")
+        for n in nodes:
+            assert n.wait(400) == 0
+    finally:
+        for n in nodes:
+            n.kill()
+    finals = [_last_val(n) for n in nodes]
+    assert all(v < pretrained_val for v in finals), (pretrained_val, finals)
+    assert len({_final_weights(n, 60) for n in nodes}) == 1, "ZO peers are bit-identical after a snapshot"
+
+
+def _last_val(d: DaemonProcess) -> float:
+    import re
+
+    found = re.findall(r"validation loss ([0-9.]+)", d.log())
+    assert found, d.log()[-2000:]
+    return float(found[-1])
