@@ -249,8 +249,15 @@ def _build(merged: dict[str, Any], training_overrides: dict[str, Any]) -> NodeCo
 
 
 def config_to_json(config: NodeConfig) -> dict[str, Any]:
-    """The effective configuration, for ``/api/v1/node`` and logs."""
-    out = dataclasses.asdict(config)
-    out["data_dir"] = str(config.data_dir)
-    out["api"] = str(config.api)
-    return out
+    """The effective configuration as plain JSON data, for ``/api/v1/node`` and logs."""
+    return _plain(dataclasses.asdict(config) | {"api": str(config.api)})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value

@@ -71,3 +71,13 @@ def test_api_address_loopback_detection() -> None:
     assert not ApiAddress.parse("0.0.0.0:80").is_loopback
     with pytest.raises(ConfigError, match="0-65535"):
         ApiAddress.parse("127.0.0.1:70000")
+
+
+def test_effective_config_is_plain_json_even_with_paths(tmp_path) -> None:
+    import json
+
+    from hyphae.node.config import config_to_json
+
+    cfg = load_config(env={}, flags={"training.data": tmp_path / "corpus.txt", "data_dir": tmp_path})
+    text = json.dumps(config_to_json(cfg))
+    assert str(tmp_path / "corpus.txt") in text and '"api": "127.0.0.1:7700"' in text
