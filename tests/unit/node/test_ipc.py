@@ -21,7 +21,8 @@ def test_every_message_type_round_trips() -> None:
     refs = [ipc.TensorRef("w", "bfloat16", (2, 3), 0, 12)]
     for message in (
         ipc.WorkerHello(index=0, pid=42),
-        ipc.Call(id=7, method="all_reduce", args={"group": ["a"], "tag": "t"}, shm="seg", tensors=refs),
+        ipc.Call(id=7, method="all_reduce", args={"group": ["a"], "tag": "t", "timeout_s": 5.0, "op": "mean"},
+                 shm="seg", tensors=refs),
         ipc.Reply(id=7, result={"included": ["a"]}, shm="s2", tensors=refs),
         ipc.Reply(id=8, error={"kind": "PeerUnavailable", "message": "gone", "peer": "b"}),
         ipc.Progress(kind="log", step=10, tokens=100, elapsed_s=1.5, loss=2.5, tokens_per_s=66.0),
