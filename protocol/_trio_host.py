@@ -53,13 +53,17 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 
-from ._addrs import expand_wildcards, is_dialable
+from ._addrs import is_dialable
 from ._yamux import LeanYamux, honor_muxer_opt
 from .config import HostConfig, parse_peer_multiaddr
 from .errors import PeerError
 from .hello import PROTOCOL_ID as HELLO_PROTOCOL_ID
 from .hello import Hello, HelloService
 from .identity import Identity
+from .nat.addrs import advertised as advertised_addrs
+from .nat.addrs import dial_any, install_get_addrs
+from .nat.dht import find_providers  # local records + the closest servers (works in client mode)
+from .nat.service import NatService
 from .peerbook import PeerBook
 from .stream import TrioFramedStream, libp2p_errors_as_peer_errors
 
@@ -167,7 +171,8 @@ class _Notifee(INotifee):
         pass
 
 
-def _build_libp2p_host(identity: Identity, config: HostConfig, listen: list[multiaddr.Multiaddr]) -> IHost:
+def _build_libp2p_host(identity: Identity, config: HostConfig, listen: list[multiaddr.Multiaddr],
+                       extra_addrs: Callable[[], list[multiaddr.Multiaddr]] | None = None) -> IHost:
     keypair = identity.libp2p_keypair()
     noise = NoiseTransport(keypair, noise_privkey=create_x25519_key_pair().private_key)
     connection_config = ConnectionConfig(
@@ -181,7 +186,9 @@ def _build_libp2p_host(identity: Identity, config: HostConfig, listen: list[mult
     announce = [multiaddr.Multiaddr(a) for a in config.announce]
 
     def advertised(candidates: list[multiaddr.Multiaddr]) -> list[multiaddr.Multiaddr]:
-        return announce or [a for a in expand_wildcards(candidates) if is_dialable(str(a))]
+        # Listen (or announce) addresses, loopback last, plus what NAT traversal confirmed or
+        # reserved (relay addresses); raw observed addresses are dropped (protocol/nat/addrs.py).
+        return advertised_addrs(candidates, announce=announce, extra=extra_addrs or list)
 
     host = new_host(
         key_pair=keypair,
@@ -192,6 +199,7 @@ def _build_libp2p_host(identity: Identity, config: HostConfig, listen: list[mult
         addrs_factory=advertised,
     )
     honor_muxer_opt(host)  # py-libp2p 0.8.1 builds its own Yamux for /yamux/1.0.0 otherwise
+    install_get_addrs(host, announce=announce, extra=extra_addrs or list)  # keeps /p2p-circuit addresses whole
     return host
 
 
@@ -230,13 +238,15 @@ class TrioHost:
         self._kick = trio.Event()
         self.hello = HelloService(self.local_hello, self._on_hello)
         self.started_at = time.time()
+        self.nat: NatService | None = None
+        self._addrs_version = 0
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, start every service, report the listen addresses, then run until cancelled."""
         listen = [multiaddr.Multiaddr(a) for a in self.config.listen]
-        self.host = _build_libp2p_host(self.identity, self.config, listen)
+        self.host = _build_libp2p_host(self.identity, self.config, listen, self._nat_addrs)
         self._token = trio.lowlevel.current_trio_token()
         mode = DHTMode.CLIENT if self.config.dht_mode == "client" else DHTMode.SERVER
         validator = NamespacedValidator({"pk": PublicKeyValidator(), "hyphae": _BoundedValidator()})
@@ -258,6 +268,13 @@ class TrioHost:
                 self._nursery = nursery
                 mdns = self._start_mdns()
                 try:
+                    # NAT traversal (protocol/nat/service.py): dial-back checks, UPnP, relay
+                    # service and reservations, hole punching. Its dial-back host has a fresh
+                    # identity of its own, so it never reuses a connection to the peer it tests.
+                    self.nat = NatService(self, build_dialback=lambda: _build_libp2p_host(
+                        Identity.generate(), self.config, []))
+                    self.nat.install()
+                    await nursery.start(self.nat.run)
                     for task in (self._bootstrap_loop, self._rendezvous_loop, self._ping_loop,
                                  self._peerbook_loop, self._redial_known):
                         nursery.start_soon(task)
@@ -298,6 +315,8 @@ class TrioHost:
         if self.host is not None and self.host.get_network().get_connections(ID.from_base58(peer_id)):
             return  # another connection to the same peer is still up
         state = self.peers.pop(peer_id, None)
+        if self.nat is not None:
+            self.nat.peer_gone(peer_id)
         for key in [k for k in self._pool if k[0] == peer_id]:
             del self._pool[key]
         if state is not None and state.hello is not None:
@@ -308,18 +327,26 @@ class TrioHost:
         if direction == "outbound":
             await self.hello.exchange(self.host, peer_id)
         with trio.move_on_after(HELLO_GRACE_S):
-            while peer_id in self.peers and self.peers[peer_id].hello is None:
+            while peer_id in self.peers and self.peers[peer_id].hello is None and self._has_conn(peer_id):
                 await trio.sleep(0.05)
         state = self.peers.get(peer_id)
         if state is not None and state.hello is None:
+            if not self._has_conn(peer_id):
+                # Closed before py-libp2p finished registering it (no disconnect event comes):
+                # e.g. another node's dial-back check, which hangs up right after the handshake.
+                self.peers.pop(peer_id, None)
+                return
             log.info("dropping %s: no hello within %.0f s (not a hyphae node?)", peer_id, HELLO_GRACE_S)
             await self.disconnect(peer_id)
+
+    def _has_conn(self, peer_id: str) -> bool:
+        return bool(self.host.get_network().get_connections(ID.from_base58(peer_id)))
 
     async def _await_identify(self, peer_id: str) -> None:
         """Wait for identify (the DHT routing table refuses a peer until it has finished)."""
         pid = ID.from_base58(peer_id)
         with trio.move_on_after(IDENTIFY_WAIT_S):
-            while True:
+            while self._has_conn(peer_id):
                 try:
                     if self.host.get_peerstore().get_protocols(pid):
                         return
@@ -342,6 +369,8 @@ class TrioHost:
         self.peerbook.record(peer_id, addrs, source=next(iter(state.sources)))
         log.info("peer %s joined (%s, %s)", peer_id, result.agent, state.direction)
         self._on_event("connected", peer_id)
+        if self.nat is not None:
+            self.nat.peer_ready(peer_id)
         if self._nursery is not None:
             self._nursery.start_soon(self._add_to_dht, peer_id)
             self._nursery.start_soon(self._ping_one, peer_id)
@@ -358,6 +387,14 @@ class TrioHost:
     def is_connected(self, peer_id: str) -> bool:
         return peer_id in self.peers
 
+    def _nat_addrs(self) -> list[multiaddr.Multiaddr]:
+        return self.nat.extra_addrs() if self.nat is not None else []
+
+    def on_addrs_changed(self) -> None:
+        """Our advertised addresses changed (NAT traversal): announce them again soon."""
+        self._addrs_version += 1
+        self._kick_rendezvous()
+
     def ready_peers(self) -> list[str]:
         return [p for p, s in self.peers.items() if s.hello is not None]
 
@@ -367,13 +404,22 @@ class TrioHost:
             return self.is_connected(peer_id)
         self._dialing.add(peer_id)
         self._dial_sources[peer_id] = source
+        pid = ID.from_base58(peer_id)
+
+        async def direct(plain: list[multiaddr.Multiaddr]) -> None:
+            with libp2p_errors_as_peer_errors("dial failed"):
+                await self.host.connect(PeerInfo(pid, plain))
+
+        async def relayed(addr: multiaddr.Multiaddr) -> None:
+            await self.nat.relay_client.dial(pid, addr, self.config.dial_timeout_s)
+
         try:
-            with trio.move_on_after(self.config.dial_timeout_s):
-                with libp2p_errors_as_peer_errors("dial failed"):
-                    await self.host.connect(PeerInfo(ID.from_base58(peer_id), addrs))
+            # Direct addresses first; /p2p-circuit ones after a short head start (nat/addrs.py).
+            if await dial_any(peer_id, addrs, direct=direct, relayed=relayed if self.nat else None,
+                              timeout_s=self.config.dial_timeout_s):
                 return True
-            log.debug("dial %s (%s) timed out", peer_id, source)
-        except (PeerError, ValueError) as exc:
+            log.debug("dial %s (%s) failed or timed out", peer_id, source)
+        except ValueError as exc:
             log.debug("dial %s (%s) failed: %s", peer_id, source, exc)
         finally:
             self._dialing.discard(peer_id)
@@ -386,6 +432,9 @@ class TrioHost:
             raise PeerError("that address is this node itself")
         self._dial_sources.setdefault(peer_id, "manual")
         with trio.fail_after(self.config.dial_timeout_s):
+            if "/p2p-circuit" in str(addr) and self.nat is not None:
+                await self.nat.relay_client.dial(ID.from_base58(peer_id), addr, self.config.dial_timeout_s)
+                return peer_id
             with libp2p_errors_as_peer_errors(f"cannot connect to {peer_id}"):
                 await self.host.connect(PeerInfo(ID.from_base58(peer_id), [addr]))
         return peer_id
@@ -433,7 +482,7 @@ class TrioHost:
     async def _rendezvous_loop(self) -> None:
         """Provide and look up ``/hyphae/net/<network>`` in the DHT; dial what it finds."""
         key = f"/hyphae/net/{self.config.network}"
-        interval, provided_at, provided_with = 1.0, -1e9, -1
+        interval, provided_at, provided_with, provided_addrs = 1.0, -1e9, -1, -1
         while True:
             with trio.move_on_after(interval):
                 await self._kick.wait()
@@ -446,14 +495,15 @@ class TrioHost:
             if ready == 0:
                 continue
             now = trio.current_time()
-            if now - provided_at > 60.0 or ready != provided_with:
+            if now - provided_at > 60.0 or ready != provided_with or self._addrs_version != provided_addrs:
                 with trio.move_on_after(10):
+                    version = self._addrs_version  # provider records carry our addresses: renew on change
                     await self._dht_call(self.dht.provide, key)
-                    provided_at, provided_with = now, ready
+                    provided_at, provided_with, provided_addrs = now, ready, version
             if ready >= self.config.target_peers:
                 continue
             with trio.move_on_after(10):
-                found = await self._dht_call(self.dht.find_providers, key, 2 * self.config.target_peers) or []
+                found = await self._dht_call(find_providers, self.dht, key, 2 * self.config.target_peers) or []
                 for info in {str(i.peer_id): i for i in found}.values():  # find_providers repeats peers
                     peer_id = str(info.peer_id)
                     if peer_id != self.peer_id and not self.is_connected(peer_id) and info.addrs:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import multiaddr
 
 from .errors import ConfigError
+from .nat.config import NatConfig
 
 __all__ = ["HostConfig", "parse_multiaddr", "parse_peer_multiaddr"]
 
@@ -45,7 +46,8 @@ class HostConfig:
     mdns: bool = True
     """Find peers of the same network on the local network by multicast DNS."""
     dht_mode: str = "auto"
-    """Kad-DHT mode: server answers queries, client only asks; auto = server unless known private."""
+    """Kad-DHT mode: server answers queries, client only asks; auto = server until the dial-back
+    check finds this node private (then client), server again once it is public."""
     network: str = "hyphae"
     """Name of the network; peers of other networks are disconnected."""
     target_peers: int = 16
@@ -58,8 +60,12 @@ class HostConfig:
     """Steady-state period of the DHT rendezvous lookup (it starts at 1 s and backs off)."""
     dial_timeout_s: float = 10.0
     """Give up a single dial after this long."""
+    nat: NatConfig = NatConfig()
+    """NAT traversal: reachability checks, UPnP, relay service and client, hole punching (TOML:
+    a ``[network.nat]`` table; see :class:`~hyphae.protocol.nat.NatConfig`)."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "nat", NatConfig.from_value(self.nat))  # a TOML table arrives as a dict
         if not self.listen:
             raise ConfigError("listen must name at least one address, e.g. /ip4/0.0.0.0/tcp/0")
         for text in self.listen:

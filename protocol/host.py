@@ -169,10 +169,13 @@ class Host:
             conns = network.get_connections(ID.from_base58(peer_id))
             remote = [str(a) for c in conns for a in c.get_transport_addresses()]
             hello = state.hello
+            # Direct as soon as any connection is: after hole punching the relayed one lingers
+            # for a grace period while new streams already take the direct one.
+            direct = any(not any("/p2p-circuit" in str(a) for a in c.get_transport_addresses()) for c in conns)
             out.append(PeerSnapshot(
                 peer_id=peer_id,
                 addrs=list(hello.listen) if hello else remote,
-                connection="relayed" if any("/p2p-circuit" in a for a in remote) else "direct",
+                connection="direct" if direct or not conns else "relayed",
                 direction=state.direction,
                 rtt_ms=None if state.rtt_ms is None else round(state.rtt_ms, 3),
                 connected_s=round(now - state.connected_at, 1),
@@ -308,6 +311,29 @@ class Host:
         """Look ``peer_id`` up in the DHT; its addresses, or None if nobody knows it."""
         info = await self._bridge.run(self._trio.dht.find_peer, ID.from_base58(peer_id))
         return None if info is None else [str(a) for a in info.addrs]
+
+    # ---- NAT traversal ---------------------------------------------------------------------
+
+    async def reachability(self) -> dict[str, Any]:
+        """What this node knows about its own reachability (JSON-ready; protocol/nat/).
+
+        Keys: ``state`` (``"public"`` | ``"private"`` | ``"unknown"``), ``confidence`` (servers
+        agreeing), ``since`` and ``last_check`` (Unix times), ``last_check_s_ago``, ``observed``
+        (addresses peers see us at), ``confirmed`` (addresses a dial-back reached on a fresh
+        connection), ``relay_addrs`` (our ``/p2p-circuit`` addresses in use), ``relays`` (each
+        reservation: relay, addresses, expiry, limits), ``mapped`` (UPnP port mappings),
+        ``dht_mode``, ``relay_service`` (on/off, reservations, circuits, bytes relayed, refusals,
+        limits), ``relay_client``, ``autonat_service``, ``upnp``, ``hole_punching`` (attempts,
+        successes, failures, recent times to direct, per-peer state) and ``probes`` (the latest
+        dial-back answer of each peer asked).
+        """
+        return await self._bridge.run(self._reachability_in_trio)
+
+    async def _reachability_in_trio(self) -> dict[str, Any]:
+        if self._trio.nat is None:
+            return {"state": "unknown", "observed": [], "confirmed": [], "relay_addrs": [], "relays": [],
+                    "mapped": [], "last_check": None}
+        return self._trio.nat.snapshot()
 
     def routing_table_size(self) -> int:
         return self._trio.dht.get_routing_table_size() if self._trio.dht else 0
