@@ -3,11 +3,16 @@
 Bound to 127.0.0.1 by default. When it binds anywhere else every request must carry the token
 from ``DATA_DIR/api.token`` (``Authorization: Bearer <token>`` or ``?token=``): the API can stop the
 node, so it is never open to the network by accident.
+
+Request bodies are read with :func:`read_json`: bounded in bytes whatever ``Content-Length`` says
+(chunked bodies included), UTF-8 JSON only, nesting bounded — a malformed body is a 400/413 with
+a JSON reason, never a 500.
 """
 
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
@@ -17,11 +22,64 @@ from aiohttp import web
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["build_app", "start_api"]
+__all__ = ["build_app", "start_api", "read_json", "MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH"]
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+MAX_JSON_BODY_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 32
+
+
+class _BodyTooLarge(web.HTTPClientError):
+    status_code = 413
+
+
+def _json_error(status: int, message: str) -> web.HTTPException:
+    cls = _BodyTooLarge if status == 413 else web.HTTPBadRequest
+    return cls(text=json.dumps({"error": message}), content_type="application/json")
+
+
+async def read_json(request: web.Request, *, limit: int = MAX_JSON_BODY_BYTES, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """The request's JSON body, read without trusting it.
+
+    Raises:
+        web.HTTPRequestEntityTooLarge: more than ``limit`` bytes (announced or sent).
+        web.HTTPBadRequest: not UTF-8 JSON, or nested deeper than ``max_depth``.
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise _json_error(413, f"body is {request.content_length} bytes, limit {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            break
+        size += len(chunk)
+        if size > limit:
+            raise _json_error(413, f"body is over {limit} bytes, limit {limit}")
+        chunks.append(chunk)
+    try:
+        value = json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise _json_error(400, f"body must be UTF-8 JSON ({type(exc).__name__})") from None
+    if _depth(value) > max_depth:
+        raise _json_error(400, f"body nests deeper than {max_depth} levels")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a decoded JSON value, iteratively (no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
 
 
 def _token_middleware(token: str | None) -> Any:
@@ -41,7 +99,7 @@ def _token_middleware(token: str | None) -> Any:
 
 
 def build_app(daemon: Daemon, *, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[_token_middleware(token)])
+    app = web.Application(middlewares=[_token_middleware(token)], client_max_size=MAX_JSON_BODY_BYTES)
 
     async def node(_: web.Request) -> web.Response:
         return web.json_response(await daemon.node_info())

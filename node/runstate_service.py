@@ -36,6 +36,7 @@ from hyphae.protocol.runstate import RunState, RunStateConfig, RunStateNode, Run
 from hyphae.protocol.runstate.store import FILE_NAME
 from hyphae.protocol.runstate.wire import check_run_name
 
+from .api import read_json
 from .client import ApiClient, NotRunning
 from .version import AGENT, __version__
 
@@ -122,12 +123,7 @@ class RunStateService:
         return web.json_response(self.state.view())
 
     async def _post_config(self, request: web.Request) -> web.Response:
-        if request.content_length is not None and request.content_length > MAX_CONFIG_BODY_BYTES:
-            return _error(413, f"body is {request.content_length} bytes, limit {MAX_CONFIG_BODY_BYTES}")
-        try:
-            body = await request.json()
-        except (ValueError, UnicodeDecodeError):
-            return _error(400, 'body must be JSON: {"set": {"key": value, ...}}')
+        body = await read_json(request, limit=MAX_CONFIG_BODY_BYTES)  # 413/400 on a bad body
         values = body.get("set") if isinstance(body, dict) else None
         if not isinstance(values, dict) or not values:
             return _error(400, 'body must be {"set": {"key": value, ...}} with at least one key')
