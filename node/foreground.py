@@ -75,12 +75,13 @@ def _arm_watchdog() -> None:
 
 
 def _default_services(config: NodeConfig) -> list[Callable[[Daemon], Service]]:
+    from .peer_scores import peer_score_service
     from .runstate_service import runstate_service
 
     from .tensor_service import TensorService
 
     if not config.train:
-        return [runstate_service, TensorService]
+        return [runstate_service, TensorService, peer_score_service]
     from .training_service import TrainingService  # only training daemons pay for it
 
-    return [runstate_service, TensorService, TrainingService]
+    return [runstate_service, TensorService, TrainingService, peer_score_service]
