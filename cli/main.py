@@ -24,7 +24,7 @@ from hyphae.node.keys import keygen
 from hyphae.node.testnet import testnet_down, testnet_status, testnet_up
 from hyphae.node.version import __version__
 
-from .render import print_ready, print_status, print_testnet
+from .render import print_downloads, print_ready, print_status, print_testnet
 from .run_cmd import add_run_parser, run_command
 
 __all__ = ["main", "build_parser"]
@@ -140,10 +140,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "node" and args.action == "status":
         client = _client(args)
         node, peers, training = client.node(), client.peers(), client.training()
+        downloads = client.get("/api/v1/dashboard").get("downloads", [])
         if args.json:
-            print(json.dumps({"node": node, "peers": peers, "training": training}, indent=2))
+            print(json.dumps({"node": node, "peers": peers, "training": training, "downloads": downloads}, indent=2))
         else:
             print_status(node, peers, training)
+            print_downloads(downloads)
         return 0
     if args.command == "node" and args.action == "leave":
         stopped = _client(args).leave()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
-__all__ = ["print_ready", "print_status", "print_testnet"]
+__all__ = ["print_ready", "print_status", "print_testnet", "print_downloads"]
 
 console = Console(highlight=False)
 
@@ -27,6 +28,20 @@ def _short(peer_id: str) -> str:
 
 def _fmt(x: float | None, digits: int = 3) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def print_downloads(downloads: list[dict[str, Any]]) -> None:
+    """Long transfers in progress (checkpoint weights, experts, snapshots) as progress bars."""
+    if not downloads:
+        return
+    table = Table(title="downloads", title_justify="left", show_edge=False)
+    for col in ("what", "progress", "chunks", "from"):
+        table.add_column(col)
+    for d in downloads:
+        total = d.get("total") or 1
+        table.add_row(d["what"], ProgressBar(total=total, completed=d["done"], width=30),
+                      f"{d['done']}/{d.get('total') or '?'}", f"{d['providers']} peer(s)")
+    console.print(table)
 
 
 def print_status(node: dict[str, Any], peers: list[dict[str, Any]], training: dict[str, Any] | None = None) -> None:

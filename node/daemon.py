@@ -161,13 +161,13 @@ class Daemon:
         """What services add to the dashboard and /metrics: each may offer ``status()``
         returning a dict whose keys (``training``, ``run``, ``traffic``, ``links``,
         ``counters``) are merged here."""
-        extras: dict[str, Any] = {"traffic": [], "links": [], "counters": {}}
+        extras: dict[str, Any] = {"traffic": [], "links": [], "counters": {}, "downloads": []}
         for svc in self.services:
             status = getattr(svc, "status", None)
             if status is None:
                 continue
             for key, value in (await status()).items():
-                if key in ("traffic", "links"):
+                if key in ("traffic", "links", "downloads"):
                     extras[key].extend(value)
                 elif key == "counters":
                     extras["counters"].update(value)

@@ -52,6 +52,7 @@ async def dashboard_state(daemon: Daemon) -> dict[str, Any]:
         "run": extras.get("run"),
         "traffic": extras.get("traffic", []),
         "links": extras.get("links", []),
+        "downloads": extras.get("downloads", []),
     }
 
 

@@ -112,6 +112,19 @@ class RunStateService:
                                   hardware=hardware_summary())
             log.info("joined run %s (owner %s)", self.state.run, self.state.owner() or "not known yet")
 
+    async def status(self) -> dict[str, Any]:
+        """The run for the dashboard and /metrics: name, owner, membership, config, experts."""
+        view = self.state.view()
+        counts = view["counts"]
+        spes_owners = {k.rsplit("/", 1)[1]: v for k, v in self.state.newest("algo", "spes/owner/").items()}
+        run = {"name": view["run"], "owner": view["owner"], "config": view["config"], "live": counts["live"],
+               "suspect": counts["suspect"], "gone": counts["gone"], "experts": view["experts"] or spes_owners,
+               "members": [{"peer_id": m.get("peer_id"), "status": m.get("status"), "roles": m.get("roles", [])}
+                           for m in view["members"]]}
+        # state.version counts every envelope applied (local writes and received updates).
+        counters = {"crdt_updates_applied": self.state.version, "crdt_updates_rejected": counts["rejected"]}
+        return {"run": run, "counters": counters}
+
     def api_routes(self) -> list[Callable[[web.Application], None]]:
         return [self._add_routes]
 

@@ -144,7 +144,11 @@ class TensorService:
             active = rate > 0 or now - self._active.get(peer, -1e9) < ACTIVE_WINDOW_S
             links.append({"peer": peer, "path": st["path"], "active": active})
         counters = {"tensor_transfer_failures": sum(st["failures"] for st in stats["peers"].values())}
-        return {"traffic": traffic, "links": links, "counters": counters, "tensor": {"data_addrs": stats["data_addrs"]}}
+        downloads = [{"what": f"blob {f['id'][:12]}", "done": f["chunks_done"], "total": f["chunks_total"],
+                      "size_bytes": f["size_bytes"], "providers": f["providers"]}
+                     for f in (self.blobs.fetching() if self.blobs else [])]
+        return {"traffic": traffic, "links": links, "counters": counters, "downloads": downloads,
+                "tensor": {"data_addrs": stats["data_addrs"]}}
 
     def api_routes(self) -> list[Callable[[web.Application], None]]:
         async def tensor(_: web.Request) -> web.Response:

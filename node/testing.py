@@ -54,14 +54,20 @@ class DaemonProcess:
             cmd += ["--threads", "1"]  # tests start several trainers on one machine
         return cmd + self.args
 
-    def start(self, timeout_s: float = 30.0) -> DaemonProcess:
+    def start(self, timeout_s: float = 90.0) -> DaemonProcess:
         """Spawn the daemon and wait for its ``node.json``."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "node.json").unlink(missing_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)
-        sync_wait(self._ready, timeout_s, f"daemon in {self.data_dir} to write node.json")
+        ready = False
+        try:
+            sync_wait(self._ready, timeout_s, f"daemon in {self.data_dir} to write node.json")
+            ready = True
+        finally:
+            if not ready:
+                self.kill()  # a daemon that never came up must not outlive the test
         return self
 
     def _ready(self) -> bool:

@@ -104,7 +104,13 @@ function renderRun(run, training) {
   if (run) {
     rows.push(["run", run.name ?? "–"]);
     rows.push(["members", `${run.live ?? "?"} live · ${run.suspect ?? 0} suspect · ${run.gone ?? 0} gone`]);
-    if (run.config) rows.push(["config", JSON.stringify(run.config)]);
+    if (run.config && Object.keys(run.config).length) rows.push(["config", JSON.stringify(run.config)]);
+    const experts = Object.entries(run.experts || {});
+    if (experts.length) {
+      const byOwner = new Map();
+      for (const [e, owner] of experts) byOwner.set(owner, [...(byOwner.get(owner) || []), e]);
+      for (const [owner, es] of byOwner) rows.push([`experts of ${short(owner)}`, es.sort((a, b) => a - b).join(", ")]);
+    }
   }
   if (training && training.members) rows.push(["training with", training.members.map(short).join(", ")]);
   facts($("run-facts"), rows.length ? rows : [["", "not in a run"]]);
@@ -167,7 +173,25 @@ function renderNetwork(self, peers, links) {
   }
 }
 
+function renderDownloads(downloads) {
+  let box = document.getElementById("downloads");
+  if (!downloads.length) { if (box) box.remove(); return; }
+  if (!box) {
+    box = document.createElement("div"); box.id = "downloads"; box.className = "card";
+    document.querySelector("main").prepend(box);
+  }
+  box.replaceChildren(Object.assign(document.createElement("h2"), { textContent: "Downloads" }));
+  for (const d of downloads) {
+    const row = document.createElement("div");
+    const bar = document.createElement("progress");
+    bar.max = d.total || 1; bar.value = d.done;
+    row.append(`${d.what} · ${d.done}/${d.total ?? "?"} chunks · ${fmtBytes(d.size_bytes)} from ${d.providers} peer(s) `, bar);
+    box.append(row);
+  }
+}
+
 function render(state) {
+  renderDownloads(state.downloads || []);
   renderNode(state.node);
   renderTraining(state.training);
   renderRun(state.run, state.training);

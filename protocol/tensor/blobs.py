@@ -116,6 +116,7 @@ class BlobService:
         self.store = BlobStore(config.directory, memory_bytes=config.memory_bytes, chunk_bytes=config.chunk_bytes)
         self._serving = 0
         self._locks: dict[str, asyncio.Lock] = {}
+        self._active: dict[str, _Fetch] = {}
         self._announced: set[str] = set()
         self._fetchers: dict[str, OrderedDict[str, None]] = {}
         self.served_bytes = 0
@@ -157,6 +158,7 @@ class BlobService:
         async with lock:
             if not self.store.has(blob_id):
                 fetch = _Fetch(self, blob_id, providers)
+                self._active[blob_id] = fetch
                 try:
                     async with asyncio.timeout(timeout_s):
                         await fetch.run()
@@ -166,6 +168,8 @@ class BlobService:
                                            f"({len(fetch.providers)} asked)") from None
                     raise TimeoutError(f"blob {blob_id}: {len(fetch.held)} of {fetch.manifest.chunks} chunks "
                                        f"after {timeout_s} s") from None
+                finally:
+                    self._active.pop(blob_id, None)
             return await asyncio.to_thread(self.store.read, blob_id)
 
     async def get_tensors(self, blob_id: str, **kwargs: Any) -> list[Tensor]:
@@ -178,7 +182,17 @@ class BlobService:
 
     def stats(self) -> dict[str, Any]:
         return {"served_bytes": self.served_bytes, "serving": self._serving,
-                "fetched_bytes_by_provider": dict(self.fetched_bytes)}
+                "fetched_bytes_by_provider": dict(self.fetched_bytes), "fetching": self.fetching()}
+
+    def fetching(self) -> list[dict[str, Any]]:
+        """Fetches in progress: id, chunks held of total, providers known (for progress bars)."""
+        out = []
+        for blob_id, fetch in self._active.items():
+            total = fetch.manifest.chunks if fetch.manifest else None
+            out.append({"id": blob_id, "chunks_done": len(fetch.held), "chunks_total": total,
+                        "size_bytes": fetch.manifest.size if fetch.manifest else None,
+                        "providers": len(fetch.providers)})
+        return out
 
     # ---- serving ---------------------------------------------------------------------------
 
