@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from libp2p.exceptions import BaseLibp2pError
 
+from . import _libp2p_guard
 from .errors import EndOfStream, PeerError, ProtocolViolation
 from .wire import DEFAULT_MAX_FRAME_BYTES, HEADER_BYTES, decode_body, encode_frame, parse_header
 
@@ -27,6 +28,11 @@ if TYPE_CHECKING:
 __all__ = ["TrioFramedStream", "MessageStream"]
 
 log = logging.getLogger(__name__)
+
+# Every libp2p host in hyphae is built by a module that imports this one, so installing here
+# guarantees no host runs without it: a handler that raises (py-libp2p's gossipsub on garbage)
+# resets its stream instead of ending the host. See _libp2p_guard.
+_libp2p_guard.install()
 
 
 @contextlib.contextmanager
