@@ -95,8 +95,8 @@ class PeerBook:
             return book
         try:
             data = json.loads(path.read_text())
-            if data.get("format") != _FORMAT:
-                raise ValueError(f"unknown format {data.get('format')!r}")
+            if not isinstance(data, dict) or data.get("format") != _FORMAT:
+                raise ValueError("not a hyphae peer book (unknown format)")
             for entry in data["peers"]:
                 rec = PeerRecord(
                     peer_id=str(entry["peer_id"]),
@@ -105,7 +105,7 @@ class PeerBook:
                     sources=[str(s) for s in entry.get("sources", [])],
                 )
                 book._records[rec.peer_id] = rec
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             aside = path.with_suffix(path.suffix + ".corrupt")
             path.replace(aside)
             log.warning("peer book %s is unreadable (%s); moved to %s, starting empty", path, exc, aside)
