@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 CHUNK_BYTES = 64 * 1024
 MESSAGE_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 10.0
+ADMIT_WAIT_S = 5.0
 
 
 class _Bucket:
@@ -48,12 +49,12 @@ class _Bucket:
     def __init__(self, rate_bytes_s: int) -> None:
         self.rate = rate_bytes_s
         self.tokens = float(rate_bytes_s)
-        self.at = time.monotonic()
+        self.at = trio.current_time()
 
     async def take(self, n: int) -> None:
         if self.rate <= 0:
             return
-        now = time.monotonic()
+        now = trio.current_time()
         self.tokens = min(float(self.rate), self.tokens + (now - self.at) * self.rate) - n
         self.at = now
         if self.tokens < 0:
@@ -135,8 +136,9 @@ class RelayServer:
         peer = stream.muxed_conn.peer_id
         keep = False
         try:
-            if not self.enabled or is_relayed_conn(stream.muxed_conn) or not self.admit(peer.to_base58()):
-                reason = "disabled" if not self.enabled else "relayed" if is_relayed_conn(stream.muxed_conn) else "unknown"
+            relayed = is_relayed_conn(stream.muxed_conn)
+            if not self.enabled or relayed or not await self._admitted(peer.to_base58()):
+                reason = "disabled" if not self.enabled else "relayed" if relayed else "unknown"
                 self._refused[reason] += 1
                 await self._status(stream, StatusCode.PERMISSION_DENIED)
                 return
@@ -158,6 +160,16 @@ class RelayServer:
             self._publish()
             if not keep:
                 await _close(stream)
+
+    async def _admitted(self, peer: str) -> bool:
+        """Is ``peer`` a member? A peer that just connected may still be in its hello: wait a bit."""
+        with trio.move_on_after(ADMIT_WAIT_S):
+            while not self.admit(peer):
+                if not self.host.get_network().get_connections(ID.from_base58(peer)):
+                    return False
+                await trio.sleep(0.05)
+            return True
+        return False
 
     async def _status(self, stream: INetStream, code: StatusCode, **fields: Any) -> None:
         try:
