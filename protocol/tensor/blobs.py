@@ -54,6 +54,8 @@ ROUTE_HAVE = "/hyphae/blob/have"
 ROUTE_GET = "/hyphae/blob/get"
 TENSORS_MAGIC = b"HYTB"
 PEX_PEERS = 16
+PEX_BLOBS = 1024
+"""Blobs whose recent fetchers are remembered (any peer can ask about any id: bounded)."""
 _LEN = struct.Struct(">I")
 
 
@@ -118,7 +120,7 @@ class BlobService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._active: dict[str, _Fetch] = {}
         self._announced: set[str] = set()
-        self._fetchers: dict[str, OrderedDict[str, None]] = {}
+        self._fetchers: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self.served_bytes = 0
         self.fetched_bytes: dict[str, int] = {}
         plane.serve(ROUTE_HAVE, self._on_have)
@@ -208,6 +210,9 @@ class BlobService:
     async def _on_have(self, peer: str, meta: dict[str, Any], tensors: list[Tensor]) -> Reply:
         blob_id = _blob_id(meta, {})
         fetchers = self._fetchers.setdefault(blob_id, OrderedDict())
+        self._fetchers.move_to_end(blob_id)
+        while len(self._fetchers) > PEX_BLOBS:
+            self._fetchers.popitem(last=False)
         fetchers[peer] = None
         fetchers.move_to_end(peer)
         while len(fetchers) > PEX_PEERS + 1:
