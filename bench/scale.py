@@ -3,6 +3,7 @@
     python bench/scale.py                            # training on: 2, 4, 6, ... nodes
     python bench/scale.py --no-train --sizes 8,16,32,48,64
     python bench/scale.py --sizes 4,8 --json bench/results/scale.json
+    python bench/scale.py --no-train --dht-mode server   # no DHT mode switch on reachability changes
 
 "Sustains" (checked by ``hyphae testnet scenario scale`` at each size, node 0 being a
 network-only bootstrap on top of the N nodes):
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="", help="comma-separated node counts (default: 2,4,6,... or 8,16,32,...)")
     parser.add_argument("--no-train", action="store_true", help="network-only nodes")
+    parser.add_argument("--dht-mode", default="auto", choices=["auto", "server", "client"],
+                        help="[network] dht_mode of every node (server: no switch when reachability changes)")
     parser.add_argument("--keep-going", action="store_true", help="try every size even after one fails")
     parser.add_argument("--dir", type=Path, default=None, help="scratch dir (default: a temp dir, removed)")
     parser.add_argument("--json", type=Path, default=None, help="result file (default bench/results/scale-*.json)")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     for size in sizes:
         load_before = os.getloadavg()[0]
         started = time.monotonic()
-        report = run_scenario("scale", root=scratch / f"n{size}", options=ScenarioOptions(nodes=size, train=not args.no_train))
+        options = ScenarioOptions(nodes=size, train=not args.no_train, dht_mode=args.dht_mode)
+        report = run_scenario("scale", root=scratch / f"n{size}", options=options)
         data = report.to_json()
         summary = data["measurements"].get("resources", {}).get("summary", {})
         row = {"nodes": size, "sustained": report.passed, "seconds": round(time.monotonic() - started, 1),
@@ -72,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             largest = max(largest, size)
         elif not args.keep_going:
             break
-    result = {"bench": "scale", "mode": mode, "cpus": os.cpu_count(), "largest_sustained": largest,
+    result = {"bench": "scale", "mode": mode, "dht_mode": args.dht_mode, "cpus": os.cpu_count(), "largest_sustained": largest,
               "sizes": results, "python": sys.version.split()[0]}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -52,20 +52,26 @@ class ScenarioOptions:
     log_every: int = 2
     torch_threads: int = 1
     """Threads per worker: on a 2-core machine several workers must not each take both cores."""
+    dht_mode: str = "auto"
+    """``[network] dht_mode`` of every node (``server`` pins it: no switch when reachability
+    changes)."""
 
     def __post_init__(self) -> None:
         if self.nodes < 1:
             raise ValueError(f"nodes must be >= 1, got {self.nodes}")
         if self.wait_s <= 0:
             raise ValueError(f"wait_s must be > 0, got {self.wait_s}")
+        if self.dht_mode not in ("auto", "server", "client"):
+            raise ValueError(f"dht_mode must be auto, server or client, got {self.dht_mode!r}")
 
 
 def training_toml(options: ScenarioOptions, corpus: Path) -> str:
-    """The ``[training]`` table every node of the scenario gets (tiny preset, DiLoCo, small H)."""
+    """The config every node of the scenario gets: tiny preset, DiLoCo, small H; DHT mode."""
     return (f'[training]\npreset = "tiny"\nalgorithm = "diloco"\ndata = "{corpus}"\n'
             f"batch_size = {options.batch_size}\nseq_len = {options.seq_len}\nlog_every = {options.log_every}\n"
             f"eval_every = 0\ncheckpoint_every = {options.checkpoint_every}\n\n[training.algorithm_config]\n"
-            f"inner_steps = {options.inner_steps}\ntimeout_s = {options.allreduce_timeout_s}\n")
+            f"inner_steps = {options.inner_steps}\ntimeout_s = {options.allreduce_timeout_s}\n"
+            f'\n[network]\ndht_mode = "{options.dht_mode}"\n')
 
 
 def write_corpus(path: Path, size_bytes: int = CORPUS_BYTES) -> Path:

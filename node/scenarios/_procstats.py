@@ -65,12 +65,15 @@ def measure_nodes(nodes: list[Node], *, window_s: float) -> dict[str, Any]:
         row: dict[str, Any] = {}
         for role, pid in roles.items():
             rss, pss = memory_kib(pid)
+            if not rss:  # gone during the window (a worker restarted): nothing to say about it
+                row[role] = {"rss_mib": None, "pss_mib": None, "cpu_cores": None, "exited": True}
+                continue
             row[role] = {"rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1),
                          "cpu_cores": round((cpu_s(pid) - before[name][role]) / elapsed, 4)}
         per_node[name] = row
 
     def column(role: str, key: str) -> list[float]:
-        return sorted(r[role][key] for r in per_node.values() if role in r)
+        return sorted(r[role][key] for r in per_node.values() if role in r and r[role][key] is not None)
 
     summary: dict[str, Any] = {"window_s": round(elapsed, 2), "nodes": len(per_node)}
     for role in ("daemon", "worker"):

@@ -11,7 +11,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import tempfile
+import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
@@ -62,6 +64,20 @@ def _register_nat() -> None:
 _register_nat()
 
 
+def _stop_on_sigterm(cleanup: ExitStack) -> None:
+    """Make SIGTERM unwind the scenario like Ctrl+C (KeyboardInterrupt), so its cleanup runs:
+    by default SIGTERM ends Python at once and leaves the daemons, rules and namespaces behind.
+    Only the main thread can install handlers; elsewhere the caller's handling stands."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    cleanup.callback(signal.signal, signal.SIGTERM, previous)
+
+
 def run_settings(options: ScenarioOptions) -> dict[str, object]:
     return {**asdict(options), "cpus": os.cpu_count()}
 
@@ -102,6 +118,7 @@ def run_scenario(name: str, *, root: Path | None = None, options: ScenarioOption
                     settings={"dir": str(root), **run_settings(options)})
     cluster: Cluster | None = None
     with ExitStack() as cleanup:
+        _stop_on_sigterm(cleanup)
         try:
             placement = scenario.placement(cleanup, options) if scenario.placement else None
             cluster = Cluster(root, config, gid_base=None if placement else gid_base, env=env, placement=placement)
