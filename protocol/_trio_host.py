@@ -18,6 +18,7 @@ peer book and redialed after a restart:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -62,7 +63,7 @@ from .hello import Hello, HelloService
 from .identity import Identity
 from .nat.addrs import advertised as advertised_addrs
 from .nat.addrs import dial_any, install_get_addrs
-from .nat.dht import find_providers  # local records + the closest servers (works in client mode)
+from .nat.dht import find_providers, provide  # local records + the closest servers (works in client mode)
 from .nat.service import NatService
 from .peerbook import PeerBook
 from .stream import TrioFramedStream, libp2p_errors_as_peer_errors
@@ -418,7 +419,7 @@ class TrioHost:
             if await dial_any(peer_id, addrs, direct=direct, relayed=relayed if self.nat else None,
                               timeout_s=self.config.dial_timeout_s):
                 return True
-            log.debug("dial %s (%s) failed or timed out", peer_id, source)
+            log.debug("dial %s (%s) at %s failed or timed out", peer_id, source, [str(a) for a in addrs])
         except ValueError as exc:
             log.debug("dial %s (%s) failed: %s", peer_id, source, exc)
         finally:
@@ -496,9 +497,8 @@ class TrioHost:
                 continue
             now = trio.current_time()
             if now - provided_at > 60.0 or ready != provided_with or self._addrs_version != provided_addrs:
-                with trio.move_on_after(10):
-                    version = self._addrs_version  # provider records carry our addresses: renew on change
-                    await self._dht_call(self.dht.provide, key)
+                version = self._addrs_version  # provider records carry our addresses: renew on change
+                if await self._dht_call(functools.partial(provide, walk_in=self._nursery), self.dht, key):
                     provided_at, provided_with, provided_addrs = now, ready, version
             if ready >= self.config.target_peers:
                 continue

@@ -286,6 +286,8 @@ class Testnet:
         keep: leave it in place on exit (the CLI's ``up``); atexit cleanup is skipped too.
     """
 
+    __test__ = False  # a name pytest would otherwise try to collect as a test class
+
     def __init__(self, topology: Topology | None = None, *, keep: bool = False, prefix: str | None = None) -> None:
         self.topology = topology or Topology()
         self.prefix = prefix or new_prefix()

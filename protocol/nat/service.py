@@ -36,7 +36,7 @@ from .._addrs import expand_wildcards, interface_ipv4s
 from ..config import HostConfig, parse_peer_multiaddr
 from . import autonat
 from ._relay_wire import is_circuit, is_relayed_conn
-from .dht import find_providers
+from .dht import find_providers, provide
 from .holepunch import HolePuncher
 from .reachability import PRIVATE, PUBLIC, UNKNOWN, Probe, Reachability
 from .relay_client import RelayClient
@@ -321,10 +321,9 @@ class NatService:
         while True:
             if self.relay_server.enabled and self.owner.dht is not None and self.owner.ready_peers():
                 try:
-                    with trio.move_on_after(10):
-                        await self.owner.dht.provide(key)
-                    await trio.sleep(RELAY_PROVIDE_S)
-                    continue
+                    if await provide(self.owner.dht, key, walk_in=self._nursery):
+                        await trio.sleep(RELAY_PROVIDE_S)
+                        continue
                 except Exception as exc:  # noqa: BLE001 — retried below
                     log.debug("relay announcement failed: %s", exc)
             await trio.sleep(5.0)
