@@ -1,4 +1,4 @@
-"""Network-namespace testnets: a public "internet", private LANs behind NAT routers, netem.
+"""Network-namespace testnets: a public "internet", private LANs behind NAT routers, impaired links.
 
 Why namespaces: there is no Docker engine on CI machines, and NAT traversal can only be proven
 against real NATs. Every host here is a Linux network namespace joined by veth pairs; routers do
@@ -20,10 +20,16 @@ gets: hole punching fails, as it does behind real symmetric NATs). Addresses are
 (198.51.100.0/24) and RFC 1918 (10.k.0.0/24), and they exist only inside the namespaces; the
 root namespace gets no interface, route or rule, so nothing here can reach a real host.
 
+Links into the internet can be impaired (delay, loss, rate: :class:`Netem`) by tc netem, or,
+where the kernel has no netem, by an NFQUEUE link emulator in each namespace (``links.py``).
+
 Ownership and cleanup: every namespace is named ``hynat-<pid>-<hex>-<host>`` — the creating
 process id and a random tag — so a run only ever touches its own. :class:`Testnet` is a context
-manager and also registers an ``atexit`` hook; ``python deploy/netns/harness.py cleanup`` (or
-:func:`cleanup_stale`) removes namespaces whose creating process is gone (a killed test run).
+manager, registers an ``atexit`` hook, and turns SIGTERM into an exit while it is up (so a
+terminated run unwinds through its cleanup too). What even that misses (SIGKILL) is removed by
+the next :class:`Testnet` to start: it first deletes ``hynat-<pid>-…`` namespaces whose creating
+process is gone (:func:`cleanup_stale`). A testnet the CLI leaves up is named
+``hynat-kept-<hex>-…`` and stays until ``down`` (or ``cleanup --all``).
 
 Talking to processes inside: :meth:`Testnet.popen` runs a command in a namespace
 (``ip netns exec``), and :meth:`Testnet.connect` opens a TCP socket *from inside* a namespace
@@ -31,9 +37,15 @@ Talking to processes inside: :meth:`Testnet.popen` runs a command in a namespace
 thread). Tests use that to reach a daemon's HTTP API bound to 127.0.0.1 inside its namespace,
 without giving the root namespace any route into the testnet.
 
-CLI (root): ``harness.py plan`` prints the commands of a topology as a shell script,
-``harness.py up`` creates one and leaves it (prints its prefix), ``harness.py down PREFIX``
-removes it, ``harness.py cleanup [--all]`` removes stale ones (all of ours with ``--all``).
+CLI (root)::
+
+    python deploy/netns/harness.py plan [--segments cone,symmetric] [--delay-ms 50 --loss-pct 1]
+    python deploy/netns/harness.py up   [same options]   # builds one, leaves it, prints its hosts
+    python deploy/netns/harness.py list                  # our testnets: prefix, hosts, creator state
+    python deploy/netns/harness.py down PREFIX           # removes one (kills what runs inside)
+    python deploy/netns/harness.py cleanup [--all]       # removes stale ones (--all: every one of ours)
+
+Then e.g. ``ip netns exec hynat-kept-1a2b-a1 python -m hyphae.cli node join --bootstrap …``.
 """
 
 from __future__ import annotations
@@ -53,7 +65,12 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # loaded by path too (node/scenarios/_nat.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+from links import LinkImpairment, Netem, netem_commands  # noqa: E402 — needs the path above
 
 __all__ = ["Netem", "Segment", "Topology", "HostInfo", "Plan", "plan", "Testnet", "cleanup_stale",
            "namespaces_of", "PREFIX"]
@@ -62,27 +79,6 @@ PREFIX = "hynat"
 INTERNET = "198.51.100"  # RFC 5737 TEST-NET-2: our "public internet", inside the namespaces only
 _CLONE_NEWNET = 0x40000000
 _SEGMENT_NAMES = "abcdefgh"
-
-
-@dataclass(frozen=True)
-class Netem:
-    """Impairment of every link into the internet bridge, applied in both directions."""
-
-    delay_ms: float = 0.0
-    jitter_ms: float = 0.0
-    loss_pct: float = 0.0
-    rate_mbit: float = 0.0
-    """0: no rate limit."""
-
-    def args(self) -> list[str]:
-        out: list[str] = []
-        if self.delay_ms > 0:
-            out += ["delay", f"{self.delay_ms}ms"] + ([f"{self.jitter_ms}ms"] if self.jitter_ms > 0 else [])
-        if self.loss_pct > 0:
-            out += ["loss", f"{self.loss_pct}%"]
-        if self.rate_mbit > 0:
-            out += ["rate", f"{self.rate_mbit}mbit"]
-        return out
 
 
 @dataclass(frozen=True)
@@ -132,13 +128,16 @@ class Plan:
     prefix: str
     hosts: dict[str, HostInfo] = field(default_factory=dict)
     commands: list[list[str]] = field(default_factory=list)
+    impair: list[list[str]] = field(default_factory=list)
+    """The netem commands of the topology's link impairment (see links.py for the fallback)."""
 
     def shell(self) -> str:
-        return "\n".join(["#!/bin/sh", "set -e"] + [shlex.join(c) for c in self.commands]) + "\n"
+        return "\n".join(["#!/bin/sh", "set -e"] + [shlex.join(c) for c in self.commands + self.impair]) + "\n"
 
 
-def new_prefix() -> str:
-    return f"{PREFIX}-{os.getpid()}-{secrets.token_hex(2)}"
+def new_prefix(*, kept: bool = False) -> str:
+    """Our creator's pid (or ``kept``: no creator to outlive) and a random tag."""
+    return f"{PREFIX}-{'kept' if kept else os.getpid()}-{secrets.token_hex(2)}"
 
 
 def plan(prefix: str, topology: Topology) -> Plan:
@@ -200,9 +199,9 @@ def plan(prefix: str, topology: Topology) -> Plan:
             run(["ip", "-n", ns(name), "route", "add", "default", "via", f"{lan}.1"])
             p.hosts[name] = HostInfo(name, ns(name), ip, "private", seg, segment.kind, wan_ip)
     if topology.netem is not None and topology.netem.args():
-        for namespace, dev in impaired:
-            run(["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, "root", "netem",
-                 *topology.netem.args()])
+        # Not run by Testnet.up (links.LinkImpairment falls back to an NFQUEUE emulator where the
+        # kernel has no netem); listed for `plan`, whose script assumes netem.
+        p.impair = netem_commands(impaired, topology.netem)
     return p
 
 
@@ -240,14 +239,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def cleanup_stale(*, everything: bool = False) -> list[str]:
-    """Remove ``hynat-<pid>-…`` namespaces whose creator is gone (all of ours if ``everything``)."""
-    stale = []
+def testnets() -> dict[str, list[str]]:
+    """Our namespaces by testnet prefix (``hynat-<pid|kept>-<hex>``)."""
+    out: dict[str, list[str]] = {}
     for name in namespaces_of(PREFIX):
         parts = name.split("-")
-        pid = int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1
-        if everything or pid < 0 or not _alive(pid):
-            stale.append(name)
+        if len(parts) > 3:
+            out.setdefault("-".join(parts[:3]), []).append(name)
+    return out
+
+
+def _creator(prefix: str) -> str:
+    """``"alive"``, ``"gone"`` (stale) or ``"kept"`` (left up by the CLI)."""
+    tag = prefix.split("-")[1]
+    if tag == "kept":
+        return "kept"
+    return "alive" if tag.isdigit() and _alive(int(tag)) else "gone"
+
+
+def cleanup_stale(*, everything: bool = False) -> list[str]:
+    """Remove testnets whose creator is gone (every one of ours, kept ones too, if ``everything``)."""
+    stale = [n for prefix, names in testnets().items() if everything or _creator(prefix) == "gone" for n in names]
     delete_namespaces(stale)
     return stale
 
@@ -290,12 +302,14 @@ class Testnet:
 
     def __init__(self, topology: Topology | None = None, *, keep: bool = False, prefix: str | None = None) -> None:
         self.topology = topology or Topology()
-        self.prefix = prefix or new_prefix()
+        self.prefix = prefix or new_prefix(kept=keep)
         self.plan = plan(self.prefix, self.topology)
         self.hosts = self.plan.hosts
         self.keep = keep
         self._procs: list[subprocess.Popen[Any]] = []
         self._up = False
+        self._sigterm: Any = None
+        self.links = LinkImpairment(self)
 
     def __enter__(self) -> Testnet:
         self.up()
@@ -306,8 +320,11 @@ class Testnet:
             self.down()
 
     def up(self) -> None:
+        """Build the topology (first removing stale testnets of killed runs); on failure, undo it."""
+        cleanup_stale()
         if not self.keep:
             atexit.register(self.down)
+            self._exit_on_sigterm()
         self._up = True
         try:
             for cmd in self.plan.commands:
@@ -315,6 +332,7 @@ class Testnet:
                 if done.returncode != 0:
                     raise RuntimeError(f"testnet command failed ({done.returncode}): {shlex.join(cmd)}\n"
                                        f"{done.stderr.strip()}")
+            self.links.apply(self.topology.netem)
         except BaseException:
             self.down()
             raise
@@ -337,6 +355,19 @@ class Testnet:
                 proc.wait(2)
         with contextlib.suppress(Exception):
             atexit.unregister(self.down)
+        if self._sigterm is not None:
+            with contextlib.suppress(ValueError):  # not the main thread any more: leave it
+                signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
+
+    def _exit_on_sigterm(self) -> None:
+        """SIGTERM (a CI job cancelled, ``timeout``) would skip atexit: make it an exit, which
+        unwinds through ``with Testnet`` and atexit. Only where nobody handles SIGTERM yet."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            self._sigterm = signal.SIG_DFL
+            signal.signal(signal.SIGTERM, _sigterm_exit)
 
     # ---- using it ------------------------------------------------------------------------------
 
@@ -367,16 +398,11 @@ class Testnet:
 
     def set_netem(self, netem: Netem | None) -> None:
         """Change (or remove) the impairment of every link into the internet, on the fly."""
-        inet = self.ns("inet")
-        links = [(inet, f"p-{h.name}") for h in self.hosts.values() if h.role in ("public", "router")]
-        links += [(h.ns, "eth0" if h.role == "public" else "wan0") for h in self.hosts.values()
-                  if h.role in ("public", "router")]
-        for namespace, dev in links:
-            subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "del", "dev", dev, "root"],
-                           capture_output=True, check=False)
-            if netem is not None and netem.args():
-                subprocess.run(["ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", dev, "root",
-                                "netem", *netem.args()], capture_output=True, check=True)
+        self.links.apply(netem)
+
+
+def _sigterm_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _topology_from_args(args: argparse.Namespace) -> Topology:
@@ -397,8 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--delay-ms", type=float, default=0.0)
         p.add_argument("--loss-pct", type=float, default=0.0)
         p.add_argument("--rate-mbit", type=float, default=0.0)
+    sub.add_parser("list")
     down = sub.add_parser("down")
-    down.add_argument("prefix")
+    down.add_argument("prefix", help="as `up` or `list` print it: hynat-<pid|kept>-<hex>")
     clean = sub.add_parser("cleanup")
     clean.add_argument("--all", action="store_true", help=f"every {PREFIX}-* namespace, not only stale ones")
     args = parser.parse_args(argv)
@@ -409,9 +436,13 @@ def main(argv: list[str] | None = None) -> int:
         net.up()
         json.dump({"prefix": net.prefix, "hosts": {n: vars(h) for n, h in net.hosts.items()}}, sys.stdout, indent=1)
         sys.stdout.write("\n")
+    elif args.cmd == "list":
+        for prefix, names in sorted(testnets().items()):
+            hosts = " ".join(n[len(prefix) + 1:] for n in sorted(names))
+            sys.stdout.write(f"{prefix}  creator {_creator(prefix)}  {hosts}\n")
     elif args.cmd == "down":
-        if not args.prefix.startswith(PREFIX + "-"):
-            parser.error(f"not one of ours: {args.prefix!r} (ours start with {PREFIX}-)")
+        if args.prefix not in testnets():
+            parser.error(f"no testnet {args.prefix!r}; `list` shows ours")
         delete_namespaces(namespaces_of(args.prefix))
     else:
         for name in cleanup_stale(everything=args.all):

@@ -10,17 +10,29 @@ so packets leave in the order they came and one ``VERDICT_BATCH`` releases all t
 The netlink messages are the stable nfnetlink_queue ABI (``linux/netfilter/nfnetlink_queue.h``);
 no C library is needed. ``--queue-bypass`` plus fail-open mean that if this thread is not
 running, or the queue is full, packets pass instead of vanishing.
+
+It also runs as a program, for places that need one per network namespace (a netlink socket
+belongs to the namespace it was opened in): the netns harness (``deploy/netns/links.py``) starts
+``ip netns exec NS python _nfqueue.py --queue 0 --queue 1 --delay-ms 50 --loss 0.01`` where the
+kernel has no netem. It imports only the standard library, so it runs by path, outside the
+package. It prints ``ready`` once its queues are bound and runs until SIGTERM or SIGINT; with
+``--stdin`` it takes a new shape as one JSON line on stdin (``{"delay_ms": 100, "loss": 0.03}``)
+and exits at EOF (its parent died). Either way it releases what it holds before it exits.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import errno
+import json
 import logging
 import random
 import select
+import signal
 import socket
 import struct
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -228,3 +240,43 @@ class Delayer:
         except OSError as exc:
             self.stats["verdict_errors"] += 1
             log.warning("nfqueue %d: verdict for packet %d failed: %s", self.queue, packet_id, exc)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Delay the packets of each ``--queue`` until stdin closes (see the module docstring)."""
+    parser = argparse.ArgumentParser(description="NFQUEUE link emulator (delay, loss, rate)")
+    parser.add_argument("--queue", type=int, action="append", required=True, help="NFQUEUE number; repeatable")
+    parser.add_argument("--delay-ms", type=float, default=0.0)
+    parser.add_argument("--loss", type=float, default=0.0, help="fraction of packets dropped (0.01 = 1 %%)")
+    parser.add_argument("--rate-mbit", type=float, default=0.0, help="per queue; 0 = unlimited")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--stdin", action="store_true", help="read new shapes from stdin; exit at its EOF")
+    args = parser.parse_args(argv)
+    shape = LinkShape(args.delay_ms, args.loss, args.rate_mbit)
+    delayers: list[Delayer] = []
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        for queue in args.queue:  # one thread each: a direction's rate is its own, as with netem
+            delayers.append(Delayer(queue, shape, seed=args.seed + queue).start())
+        print("ready", flush=True)
+        if not args.stdin:
+            threading.Event().wait()
+        for line in sys.stdin:
+            if line.strip():
+                new = LinkShape(**json.loads(line))
+                for delayer in delayers:
+                    delayer.set_shape(new)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for delayer in delayers:
+            delayer.close()
+    return 0
+
+
+def _exit_cleanly(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")  # unwinds through main's finally: held packets go out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
