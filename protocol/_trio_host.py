@@ -149,6 +149,13 @@ class _BoundedValidator(Validator):
         return 0
 
 
+def live_connections(network: INetwork, peer_id: str) -> list[INetConn]:
+    """The peer's connections that are not closed. py-libp2p keeps listing a connection that
+    closed while the swarm was still starting it (and never says it disconnected)."""
+    conns = network.get_connections(ID.from_base58(peer_id))
+    return [c for c in conns if getattr(c, "event_closed", None) is None or not c.event_closed.is_set()]
+
+
 class _Notifee(INotifee):
     def __init__(self, owner: TrioHost) -> None:
         self._owner = owner
@@ -313,7 +320,7 @@ class TrioHost:
 
     def on_disconnected(self, conn: INetConn) -> None:
         peer_id = str(conn.muxed_conn.peer_id)
-        if self.host is not None and self.host.get_network().get_connections(ID.from_base58(peer_id)):
+        if self.host is not None and self._has_conn(peer_id):
             return  # another connection to the same peer is still up
         state = self.peers.pop(peer_id, None)
         if self.nat is not None:
@@ -333,15 +340,19 @@ class TrioHost:
         state = self.peers.get(peer_id)
         if state is not None and state.hello is None:
             if not self._has_conn(peer_id):
-                # Closed before py-libp2p finished registering it (no disconnect event comes):
-                # e.g. another node's dial-back check, which hangs up right after the handshake.
+                # Closed before py-libp2p finished registering it (no disconnect event comes, and
+                # the swarm goes on listing the dead connection): e.g. another node's dial-back
+                # check, which hangs up right after the handshake.
                 self.peers.pop(peer_id, None)
+                await self.disconnect(peer_id)  # drops the swarm's stale entry
                 return
             log.info("dropping %s: no hello within %.0f s (not a hyphae node?)", peer_id, HELLO_GRACE_S)
             await self.disconnect(peer_id)
+            if self.peers.get(peer_id) is state:  # the disconnect event can come while py-libp2p
+                self.peers.pop(peer_id, None)     # still lists the closing connection
 
     def _has_conn(self, peer_id: str) -> bool:
-        return bool(self.host.get_network().get_connections(ID.from_base58(peer_id)))
+        return bool(live_connections(self.host.get_network(), peer_id))
 
     async def _await_identify(self, peer_id: str) -> None:
         """Wait for identify (the DHT routing table refuses a peer until it has finished)."""

@@ -24,7 +24,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ._bridge import TrioThread
-from ._trio_host import TrioHost
+from ._trio_host import TrioHost, live_connections
 from .config import HostConfig
 from .errors import ClosedError, EndOfStream, PeerError, ProtocolViolation
 from .identity import Identity
@@ -166,7 +166,7 @@ class Host:
         now = time.time()
         out: list[PeerSnapshot] = []
         for peer_id, state in sorted(self._trio.peers.items()):
-            conns = network.get_connections(ID.from_base58(peer_id))
+            conns = live_connections(network, peer_id)
             remote = [str(a) for c in conns for a in c.get_transport_addresses()]
             hello = state.hello
             # Direct as soon as any connection is: after hole punching the relayed one lingers

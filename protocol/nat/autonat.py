@@ -141,6 +141,18 @@ class DialBack:
                         pass
         return False
 
+    async def hang_up(self, peer: ID) -> None:
+        """Close every connection to ``peer``. Needed after concurrent dials: when two of them
+        reach the peer, py-libp2p keeps one muxed connection for both and closing the duplicate
+        wrapper leaves it open, so the checked node kept a stranger connected."""
+        if self.host is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            try:
+                await self.host.get_network().close_peer(peer)
+            except Exception as exc:  # noqa: BLE001 — already gone is fine
+                log.debug("hang up on %s: %s", peer, exc)
+
 
 class AutoNatServer:
     """Answers dial-back requests (register :meth:`handle` for :data:`PROTOCOL_ID`)."""
@@ -200,9 +212,12 @@ class AutoNatServer:
             async def one(addr: str) -> None:
                 results[addr] = await self.dialback.dial(pid, addr)
 
-            async with trio.open_nursery() as nursery:
-                for addr in targets:
-                    nursery.start_soon(one, addr)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for addr in targets:
+                        nursery.start_soon(one, addr)
+            finally:
+                await self.dialback.hang_up(pid)
         reply["ok"] = [a for a in targets if results.get(a)]
         reply["failed"] = [a for a in targets if not results.get(a)]
         self.stats["answered"] += 1
