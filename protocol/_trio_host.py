@@ -18,6 +18,7 @@ peer book and redialed after a restart:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -300,7 +301,10 @@ class TrioHost:
         return [str(a) for a in self.host.get_addrs()]
 
     def local_hello(self) -> Hello:
-        listen = tuple(a.split("/p2p/")[0] for a in self.addrs())
+        own = f"/p2p/{self.peer_id}"
+        # Only our own id comes off: a relay address keeps its "/p2p/<relay>/p2p-circuit" (cut at
+        # the first /p2p/ it became the relay's own address, which peers then recorded as ours).
+        listen = tuple(a[: -len(own)] if a.endswith(own) else a for a in self.addrs())
         return Hello(agent=self.agent, network=self.config.network, roles=self.roles, listen=listen)
 
     # ---- connections -----------------------------------------------------------------------
@@ -704,9 +708,33 @@ class TrioHost:
     # ---- streams ---------------------------------------------------------------------------
 
     async def open_framed(self, peer_id: str, protocol: str, max_frame_bytes: int) -> TrioFramedStream:
+        if not self._has_conn(peer_id):
+            await self._reach(peer_id)
         with libp2p_errors_as_peer_errors(f"cannot open {protocol} to {peer_id}"):
             raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         return TrioFramedStream(raw, max_frame_bytes=max_frame_bytes)
+
+    async def _reach(self, peer_id: str) -> None:
+        """Connect to a peer we hold no connection to, through its relays too if need be.
+
+        py-libp2p's ``new_stream`` would dial on its own, but it knows no relays, and the LAN
+        addresses of a NATed peer never answer (the NAT drops the SYNs): measured in network
+        namespaces, a transfer to a peer behind a symmetric NAT hung for over a minute instead
+        of taking the relay. Raises PeerError when no known address connects.
+        """
+        with trio.move_on_after(self.config.dial_timeout_s):
+            while peer_id in self._dialing:  # someone dials it already: wait for that one
+                await trio.sleep(0.05)
+        if self._has_conn(peer_id):
+            return
+        known: list[str] = []
+        with contextlib.suppress(Exception):  # the peerstore raises for a peer it never heard of
+            known += [str(a) for a in self.host.get_peerstore().addrs(ID.from_base58(peer_id))]
+        record = self.peerbook.get(peer_id)
+        known += list(record.addrs) if record is not None else []
+        addrs = [multiaddr.Multiaddr(a) for a in dict.fromkeys(known)]
+        if not addrs or not await self.dial(peer_id, addrs, "stream"):
+            raise PeerError(f"cannot reach {peer_id}: not connected, and none of {len(addrs)} known addresses answered")
 
     async def request(self, peer_id: str, protocol: str, message: Any, max_frame_bytes: int) -> Any:
         """One request/response on a pooled stream; a stale pooled stream is retried once fresh."""
