@@ -49,6 +49,11 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api", metavar="HOST:PORT", help="local HTTP API (default 127.0.0.1:7700; port 0 picks one)")
     p.add_argument("--run", metavar="NAME", help="join (or create) this run (default: default)")
     p.add_argument("--run-owner", metavar="PEER_ID", help="pin the run owner (only it may change the run config)")
+    p.add_argument("--run-secret-file", type=Path, metavar="FILE",
+                   help="close the run: only peers that prove they know this secret are talked to "
+                        "(or set HYPHAE_RUN_SECRET)")
+    p.add_argument("--run-allowlist", type=Path, metavar="FILE",
+                   help="close the run to the peers in this signed list (make it with `hyphae run allowlist`)")
     p.add_argument("--no-mdns", action="store_true", help="do not look for peers on the LAN by mDNS")
     p.add_argument("--no-train", action="store_true",
                    help="network-only member (bootstrap, relay, DHT) for machines that should not train")
@@ -117,6 +122,8 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
         "net.name": args.network,
         "run": args.run,
         "run_owner": args.run_owner,
+        "run_secret_file": args.run_secret_file,
+        "run_allowlist": args.run_allowlist,
         "training.preset": args.preset,
         "training.algorithm": args.algorithm,
         "training.max_steps": args.max_steps,

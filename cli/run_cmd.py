@@ -16,6 +16,7 @@ from typing import Any
 
 from hyphae.node.client import ApiClient
 from hyphae.node.config import default_data_dir, load_config
+from hyphae.node.run_admission import write_allowlist
 from hyphae.node.runstate_service import parse_config_pairs, run_config_set, run_show
 
 __all__ = ["add_run_parser", "run_command"]
@@ -38,6 +39,12 @@ def add_run_parser(top: argparse._SubParsersAction) -> None:
     set_ = config.add_parser("set", help="set config keys (run owner only)")
     set_.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
     _add_target(set_)
+    allow = actions.add_parser("allowlist", help="sign a list of the peers admitted to a closed run "
+                                                 "(this node becomes the run's creator and owner)")
+    allow.add_argument("peers", nargs="*", metavar="PEER_ID", help="admitted peer ids (this node is always in)")
+    allow.add_argument("--run", required=True, metavar="NAME", help="the run the list is for")
+    allow.add_argument("--out", required=True, type=Path, metavar="FILE", help="where to write the list")
+    allow.add_argument("--data-dir", type=Path, default=None, help="whose key signs (default: this node's)")
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
@@ -48,6 +55,11 @@ def _client(args: argparse.Namespace) -> ApiClient:
 
 def run_command(args: argparse.Namespace) -> int:
     """Run ``hyphae run ...``; HyphaeErrors propagate to ``main`` (it prints them)."""
+    if args.action == "allowlist":
+        creator = write_allowlist(args.data_dir or load_config(flags={}).data_dir, args.run, args.peers, args.out)
+        print(f"wrote {args.out}: {len(set(args.peers) | {creator})} peer(s) admitted to run {args.run!r}, "
+              f"signed by {creator}; give it to every member (--run-allowlist {args.out})")
+        return 0
     client = _client(args)
     if args.action == "show":
         view = run_show(client)

@@ -110,6 +110,12 @@ class NodeConfig:
     run_owner: str | None = None
     """Pin the run owner's peer id (only it may change the run config); unpinned, the earliest
     creator owns the run."""
+    run_secret_file: Path | None = None
+    """Close the run with a pre-shared secret read from this file (or set ``HYPHAE_RUN_SECRET``):
+    only peers that prove they know it are talked to. The secret never crosses the wire."""
+    run_allowlist: Path | None = None
+    """Close the run to the peer ids in this file, signed by the run's creator
+    (``hyphae run allowlist``); its creator becomes the run owner."""
 
     def __post_init__(self) -> None:
         if self.log_level not in LOG_LEVELS:
@@ -124,7 +130,8 @@ class NodeConfig:
 
 # ---- loading -------------------------------------------------------------------------------
 
-_TOP_KEYS = {"data_dir", "log_level", "log_json", "train", "api", "network", "training", "run", "run_owner"}
+_TOP_KEYS = {"data_dir", "log_level", "log_json", "train", "api", "network", "training", "run", "run_owner",
+             "run_secret_file", "run_allowlist"}
 _NETWORK_KEYS = {"listen", "announce", "bootstrap", "mdns", "dht_mode", "name", "target_peers",
                  "max_connections", "ping_interval_s", "discovery_interval_s", "dial_timeout_s"}
 
@@ -172,7 +179,8 @@ def _from_file(path: Path) -> dict[str, Any]:
 def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     simple = {"HYPHAE_DATA_DIR": "data_dir", "HYPHAE_API": "api", "HYPHAE_LOG_LEVEL": "log_level",
-              "HYPHAE_NETWORK": "net.name", "HYPHAE_RUN": "run", "HYPHAE_RUN_OWNER": "run_owner"}
+              "HYPHAE_NETWORK": "net.name", "HYPHAE_RUN": "run", "HYPHAE_RUN_OWNER": "run_owner",
+              "HYPHAE_RUN_SECRET_FILE": "run_secret_file", "HYPHAE_RUN_ALLOWLIST": "run_allowlist"}
     for var, key in simple.items():
         if env.get(var):
             out[key] = env[var]
@@ -237,6 +245,11 @@ def _build(merged: dict[str, Any], training_overrides: dict[str, Any]) -> NodeCo
     kwargs: dict[str, Any] = {"host": host, "training": TrainConfig.from_dict(training_table)}
     if "data_dir" in merged:
         kwargs["data_dir"] = Path(str(merged["data_dir"])).expanduser()
+    for key in ("run_secret_file", "run_allowlist"):
+        if merged.get(key) is not None:
+            if not isinstance(merged[key], str | Path):
+                raise ConfigError(f"{key} must be a file path, got {merged[key]!r}")
+            kwargs[key] = Path(str(merged[key])).expanduser()
     if "api" in merged:
         kwargs["api"] = ApiAddress.parse(str(merged["api"]))
     for key, kind in (("log_level", str), ("log_json", bool), ("train", bool), ("run", str), ("run_owner", str)):

@@ -11,6 +11,7 @@ the lock released. Every step is bounded so the whole stop takes well under 5 s.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -19,12 +20,14 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from hyphae.protocol.admission import Admission
 from hyphae.protocol.host import Host, open_host
 from hyphae.protocol.identity import load_or_create_identity
 
 from .api import build_app, start_api
 from .config import NodeConfig, config_to_json
 from .datadir import DataDir
+from .run_admission import load_admission
 from .version import AGENT, __version__
 
 __all__ = ["Daemon", "Service"]
@@ -53,6 +56,7 @@ class Daemon:
         self.config = config
         self.datadir = DataDir(config.data_dir)
         self.host: Host | None = None
+        self.admission: Admission | None = None
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -77,8 +81,11 @@ class Daemon:
         try:
             identity = load_or_create_identity(self.datadir.identity_key)
             roles = ("trainer",) if self.config.train else ("network",)
+            self.admission, creator = load_admission(self.config)
+            if creator is not None and self.config.run_owner is None:
+                self.config = dataclasses.replace(self.config, run_owner=creator)
             async with open_host(identity, self.config.host, agent=AGENT, roles=roles,
-                                 peerbook_path=self.datadir.peerbook) as host:
+                                 peerbook_path=self.datadir.peerbook, admission=self.admission) as host:
                 self.host = host
                 self.services = [make(self) for make in self._service_factories]
                 await self._serve(on_ready)
@@ -137,6 +144,7 @@ class Daemon:
             "addrs": self.host.addrs,
             "uptime_s": round(time.time() - self.started_at, 1),
             "network": self.config.host.network,
+            "run_admission": self.admission.describe() if self.admission else {"closed": False},
             "roles": ["trainer"] if self.config.train else ["network"],
             "connections": len(peers),
             "routing_table_size": self.host.routing_table_size(),

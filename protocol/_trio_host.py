@@ -55,6 +55,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from .admission import Admission
 from ._addrs import is_dialable
 from ._yamux import LeanYamux, honor_muxer_opt
 from .config import HostConfig, parse_peer_multiaddr
@@ -80,6 +81,7 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DHT_VALUE_MAX_BYTES = 64 * 1024
 HELLO_GRACE_S = 15.0
+ADMIT_WAIT_S = 5.0
 IDENTIFY_WAIT_S = 5.0
 PEERBOOK_SAVE_S = 30.0
 POOL_MAX_IDLE_PER_KEY = 4
@@ -125,11 +127,15 @@ def mdns_fingerprint(network: str) -> str:
     return "h" + hashlib.sha256(network.encode()).hexdigest()[:10]
 
 
-def _gossip_validator(check: Callable[[str, bytes], bool]) -> Callable[[Any, Any], bool]:
-    """Adapt ``check(author, data)`` to gossipsub's ``validator(forwarder, message)``."""
+def _gossip_validator(check: Callable[[str, bytes], bool],
+                     forwarder_ok: Callable[[str], bool] | None = None) -> Callable[[Any, Any], bool]:
+    """Adapt ``check(author, data)`` to gossipsub's ``validator(forwarder, message)``;
+    ``forwarder_ok(peer)`` (closed runs) refuses whatever a non-member passes on."""
 
-    def validate(_forwarder: Any, message: Any) -> bool:
+    def validate(forwarder: Any, message: Any) -> bool:
         try:
+            if forwarder_ok is not None and not forwarder_ok(str(forwarder)):
+                return False
             author = ID(message.from_id).to_base58()
             return bool(check(author, bytes(message.data)))
         except Exception:  # noqa: BLE001 — a validator that fails refuses the message
@@ -225,8 +231,10 @@ class TrioHost:
         peerbook: PeerBook,
         peerbook_path: Path | None,
         on_event: Callable[[str, str], None],
+        admission: Admission | None = None,
     ) -> None:
         self.identity = identity
+        self.admission = admission
         self.peer_id = identity.peer_id
         self.config = config
         self.agent = agent
@@ -245,7 +253,7 @@ class TrioHost:
         self._dial_sources: dict[str, str] = {}
         self._pool: dict[tuple[str, str], list[TrioFramedStream]] = {}
         self._kick = trio.Event()
-        self.hello = HelloService(self.local_hello, self._on_hello)
+        self.hello = HelloService(self.local_hello, self._on_hello, me=self.peer_id, admission=admission)
         self.started_at = time.time()
         self.nat: NatService | None = None
         self._addrs_version = 0
@@ -300,12 +308,39 @@ class TrioHost:
             return []
         return [str(a) for a in self.host.get_addrs()]
 
-    def local_hello(self) -> Hello:
+    def local_hello(self, peer_id: str) -> Hello:
         own = f"/p2p/{self.peer_id}"
         # Only our own id comes off: a relay address keeps its "/p2p/<relay>/p2p-circuit" (cut at
         # the first /p2p/ it became the relay's own address, which peers then recorded as ours).
         listen = tuple(a[: -len(own)] if a.endswith(own) else a for a in self.addrs())
-        return Hello(agent=self.agent, network=self.config.network, roles=self.roles, listen=listen)
+        proof = self.admission.proof(self.peer_id, peer_id, self.config.network) if self.admission else b""
+        return Hello(agent=self.agent, network=self.config.network, roles=self.roles, listen=listen, proof=proof)
+
+    @property
+    def closed(self) -> bool:
+        """A closed run: only peers whose hello passed admission are served."""
+        return self.admission is not None and self.admission.closed
+
+    def admitted(self, peer_id: str) -> bool:
+        """Has ``peer_id`` passed hello (and so admission) on a live connection?"""
+        state = self.peers.get(peer_id)
+        return state is not None and state.hello is not None
+
+    async def _check_admitted(self, peer_id: str) -> None:
+        """In a closed run nothing is asked of (or sent to) a peer that has not passed admission:
+        its answers could carry a stranger's writes into our run state."""
+        if self.closed and self._has_conn(peer_id) and not await self.wait_admitted(peer_id):
+            raise PeerError(f"{peer_id} is not admitted to this closed run")
+
+    async def wait_admitted(self, peer_id: str, timeout_s: float = ADMIT_WAIT_S) -> bool:
+        """A peer that just connected may still be in its hello: wait for it a little."""
+        with trio.move_on_after(timeout_s):
+            while not self.admitted(peer_id):
+                if not self._has_conn(peer_id):
+                    return False
+                await trio.sleep(0.02)
+            return True
+        return False
 
     # ---- connections -----------------------------------------------------------------------
 
@@ -674,12 +709,31 @@ class TrioHost:
         """
         if topic in self._subscriptions:
             raise ValueError(f"already subscribed to {topic!r}")
+        if self.closed:
+            validator = self._members_only(validator)
         if validator is not None:
-            self.pubsub.set_topic_validator(topic, _gossip_validator(validator), False)
+            forwarder_ok = self._admitted_or_me if self.closed else None
+            self.pubsub.set_topic_validator(topic, _gossip_validator(validator, forwarder_ok), False)
         subscription = await self.pubsub.subscribe(topic)
         scope = trio.CancelScope()
         self._subscriptions[topic] = scope
         self._nursery.start_soon(self._pump, subscription, scope, deliver)
+
+    def _admitted_or_me(self, peer_id: str) -> bool:
+        return peer_id == self.peer_id or self.admitted(peer_id)
+
+    def _members_only(self, check: Callable[[str, bytes], bool] | None) -> Callable[[str, bytes], bool]:
+        """In a closed run a message must come from an admitted author: one on the allowlist, or
+        (secret) one we met. Gossip only travels between admitted peers, so a member's message
+        reaches us through members even when we have not met its author yet."""
+        allowlist = self.admission.allowlist if self.admission else None
+
+        def validate(author: str, data: bytes) -> bool:
+            if allowlist is not None and author not in allowlist:
+                return False
+            return check(author, data) if check is not None else True
+
+        return validate
 
     async def _pump(self, subscription: Any, scope: trio.CancelScope, deliver: Callable[[str, bytes], None]) -> None:
         with scope:
@@ -710,6 +764,7 @@ class TrioHost:
     async def open_framed(self, peer_id: str, protocol: str, max_frame_bytes: int) -> TrioFramedStream:
         if not self._has_conn(peer_id):
             await self._reach(peer_id)
+        await self._check_admitted(peer_id)
         with libp2p_errors_as_peer_errors(f"cannot open {protocol} to {peer_id}"):
             raw = await self.host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
         return TrioFramedStream(raw, max_frame_bytes=max_frame_bytes)
@@ -738,6 +793,7 @@ class TrioHost:
 
     async def request(self, peer_id: str, protocol: str, message: Any, max_frame_bytes: int) -> Any:
         """One request/response on a pooled stream; a stale pooled stream is retried once fresh."""
+        await self._check_admitted(peer_id)
         key = (peer_id, protocol)
         idle = self._pool.setdefault(key, [])
         stream = idle.pop() if idle else None

@@ -24,6 +24,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ._bridge import TrioThread
+from .admission import Admission
 from ._trio_host import TrioHost, live_connections
 from .config import HostConfig
 from .errors import ClosedError, EndOfStream, PeerError, ProtocolViolation
@@ -63,14 +64,14 @@ class Host:
     """A running libp2p host, used from asyncio. Build it with :func:`open_host`."""
 
     def __init__(self, identity: Identity, config: HostConfig, *, agent: str, roles: tuple[str, ...] = (),
-                 peerbook_path: Path | None = None) -> None:
+                 peerbook_path: Path | None = None, admission: Admission | None = None) -> None:
         self.identity = identity
         self.config = config
         self.peer_id = identity.peer_id
         self._bridge = TrioThread(name=f"libp2p-{self.peer_id[-6:]}")
         peerbook = PeerBook.load(peerbook_path) if peerbook_path else PeerBook()
         self._trio = TrioHost(identity, config, agent=agent, roles=roles, peerbook=peerbook,
-                              peerbook_path=peerbook_path, on_event=self._from_trio_event)
+                              peerbook_path=peerbook_path, on_event=self._from_trio_event, admission=admission)
         self._cancel_run: trio.CancelScope | None = None
         self._run_done: trio.Event | None = None
         self._listeners: list[EventListener] = []
@@ -239,8 +240,21 @@ class Host:
                 await framed.reset()
 
     def _register(self, protocol: str, on_stream: Callable[[INetStream], Awaitable[None]]) -> None:
+        trio_host = self._trio
+
+        async def members_only(raw: INetStream) -> None:
+            # In a closed run only admitted peers are served: a stranger's stream is reset
+            # before a byte of it is read (it is disconnected anyway once its hello fails).
+            peer = str(raw.muxed_conn.peer_id)
+            if trio_host.closed and not await trio_host.wait_admitted(peer):
+                log.info("refused %s stream from %s: not admitted to this closed run", protocol, peer)
+                with contextlib.suppress(Exception):
+                    await raw.reset()
+                return
+            await on_stream(raw)
+
         def install() -> None:
-            self._trio.host.set_stream_handler(TProtocol(protocol), on_stream)
+            self._trio.host.set_stream_handler(TProtocol(protocol), members_only)
 
         if self._trio.host is None:
             raise ClosedError("register protocol handlers after start()")
@@ -359,9 +373,10 @@ def _sync_as_async(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
 
 @contextlib.asynccontextmanager
 async def open_host(identity: Identity, config: HostConfig, *, agent: str, roles: tuple[str, ...] = (),
-                    peerbook_path: Path | None = None) -> AsyncIterator[Host]:
-    """Start a :class:`Host`, yield it once it listens, close it on exit."""
-    host = Host(identity, config, agent=agent, roles=roles, peerbook_path=peerbook_path)
+                    peerbook_path: Path | None = None, admission: Admission | None = None) -> AsyncIterator[Host]:
+    """Start a :class:`Host`, yield it once it listens, close it on exit. With a closed
+    ``admission`` it talks only to peers admitted to the run (:mod:`.admission`)."""
+    host = Host(identity, config, agent=agent, roles=roles, peerbook_path=peerbook_path, admission=admission)
     await host.start()
     try:
         yield host

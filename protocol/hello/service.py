@@ -17,6 +17,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from ..admission import Admission
 from ..errors import PeerError, ProtocolViolation
 from ..ratelimit import KeyedLimiter, KeyedSlots, RateLimit
 from ..scoring import PeerScores, Severity, scores_for
@@ -36,21 +37,29 @@ MAX_OPEN = 256
 class HelloService:
     """Exchanges hellos and reports each outcome to ``on_result(peer_id, hello_or_error)``.
 
-    A result is either a :class:`Hello` from a peer of our network, or a :class:`PeerError`
-    saying why the peer should be dropped (wrong network, malformed hello, no answer).
+    A result is either a :class:`Hello` from a peer of our network (and, in a closed run, an
+    admitted one), or a :class:`PeerError` saying why the peer should be dropped (wrong network,
+    not admitted, malformed hello, no answer). ``local(peer_id)`` is our hello to that peer.
     """
 
-    def __init__(self, local: Callable[[], Hello], on_result: Callable[[str, Hello | PeerError], None]) -> None:
+    def __init__(self, local: Callable[[str], Hello], on_result: Callable[[str, Hello | PeerError], None], *,
+                 me: str = "", admission: Admission | None = None) -> None:
         self._local = local
         self._on_result = on_result
+        self._me = me
+        self._admission = admission
         self._rate = KeyedLimiter(HELLO_RATE)
         self._open = KeyedSlots(per_key=MAX_OPEN_PER_PEER, total=MAX_OPEN)
         self._own_scores: PeerScores | None = None
 
     def _judge(self, peer_id: str, hello: Hello) -> Hello | PeerError:
-        ours = self._local()
+        ours = self._local(peer_id)
         if hello.network != ours.network:
             return PeerError(f"peer is on network {hello.network!r}, we are on {ours.network!r}")
+        if self._admission is not None and self._admission.closed:
+            refusal = self._admission.refusal(peer_id, self._me, ours.network, hello.proof)
+            if refusal is not None:
+                return PeerError(f"not admitted: {refusal}")
         return hello
 
     def _scores(self, stream: INetStream) -> PeerScores:
@@ -81,8 +90,14 @@ class HelloService:
         try:
             with trio.fail_after(HELLO_TIMEOUT_S):
                 theirs = Hello.from_wire(await framed.recv())
-                await framed.send(self._local().to_wire())
-            self._on_result(framed.peer_id, self._judge(framed.peer_id, theirs))
+                verdict = self._judge(framed.peer_id, theirs)
+                if isinstance(verdict, PeerError):  # a refused peer learns nothing about us
+                    self._scores(stream).report(framed.peer_id, "hello.refused", Severity.MINOR, str(verdict))
+                    await framed.reset()
+                    self._on_result(framed.peer_id, verdict)
+                    return
+                await framed.send(self._local(framed.peer_id).to_wire())
+            self._on_result(framed.peer_id, verdict)
         except ProtocolViolation as exc:
             log.warning("hello from %s violates the protocol, closing: %s", framed.peer_id, exc)
             self._scores(stream).report(framed.peer_id, "hello.malformed", Severity.MAJOR, str(exc))
@@ -102,7 +117,7 @@ class HelloService:
                 with libp2p_errors_as_peer_errors("cannot open hello stream"):
                     raw = await host.new_stream(ID.from_base58(peer_id), [TProtocol(PROTOCOL_ID)])
                 framed = TrioFramedStream(raw, max_frame_bytes=MAX_FRAME_BYTES)
-                theirs = Hello.from_wire(await framed.request(self._local().to_wire()))
+                theirs = Hello.from_wire(await framed.request(self._local(peer_id).to_wire()))
             result: Hello | PeerError = self._judge(peer_id, theirs)
         except ProtocolViolation as exc:
             log.warning("hello reply from %s violates the protocol: %s", peer_id, exc)

@@ -20,6 +20,7 @@ _MAX_ROLES = 8
 _MAX_ROLE = 32
 _MAX_ADDRS = 16
 _MAX_ADDR = 256
+_MAX_PROOF = 64
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,20 @@ class Hello:
     network: str
     roles: tuple[str, ...] = ()
     listen: tuple[str, ...] = field(default=())
+    proof: bytes = b""
+    """Proof of a closed run's secret, made for the one receiver (:mod:`..admission`)."""
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "v": WIRE_VERSION,
             "agent": self.agent,
             "network": self.network,
             "roles": list(self.roles),
             "listen": list(self.listen)[:_MAX_ADDRS],
         }
+        if self.proof:
+            wire["proof"] = self.proof
+        return wire
 
     @classmethod
     def from_wire(cls, message: Any) -> Hello:
@@ -48,14 +54,17 @@ class Hello:
             ProtocolViolation: wrong version, unknown field, wrong type or a bound exceeded.
         """
         m = expect_map(message, {"v": int, "agent": str, "network": str, "roles": list, "listen": list},
-                       what="hello")
+                       {"proof": bytes}, what="hello")
         if m["v"] != WIRE_VERSION:
             raise ProtocolViolation(f"hello version {m['v']} is not supported (this node speaks {WIRE_VERSION})")
         _bounded_str(m["agent"], _MAX_AGENT, "agent")
         _bounded_str(m["network"], _MAX_NETWORK, "network")
         roles = _bounded_list(m["roles"], _MAX_ROLES, _MAX_ROLE, "roles")
         listen = _bounded_list(m["listen"], _MAX_ADDRS, _MAX_ADDR, "listen")
-        return cls(agent=m["agent"], network=m["network"], roles=roles, listen=listen)
+        proof = m.get("proof", b"")
+        if len(proof) > _MAX_PROOF:
+            raise ProtocolViolation(f"hello proof is {len(proof)} bytes, limit {_MAX_PROOF}")
+        return cls(agent=m["agent"], network=m["network"], roles=roles, listen=listen, proof=proof)
 
 
 def _bounded_str(value: str, limit: int, name: str) -> None:

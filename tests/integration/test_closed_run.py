@@ -1,0 +1,130 @@
+"""A closed run: without the secret (or off the allowlist) a node cannot join, write or fetch;
+with it, it can. Real daemons and real hosts on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hyphae.node.client import ApiClient
+from hyphae.node.testing import DaemonProcess, sync_wait
+from hyphae.protocol.admission import Admission, load_allowlist, make_allowlist
+from hyphae.protocol.config import HostConfig
+from hyphae.protocol.errors import HyphaeError
+from hyphae.protocol.host import open_host
+from hyphae.protocol.identity import Identity
+from hyphae.protocol.tensor import TensorConfig, open_tensor_plane
+from hyphae.protocol.tensor.blobs import BlobConfig, BlobService
+from hyphae.protocol.testing import wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+
+RUN = "closed-test"
+
+
+def _ready_peers(d: DaemonProcess) -> set[str]:
+    return {p["peer_id"] for p in ApiClient(d.info["api_url"]).peers() if p["agent"]}
+
+
+def _members(d: DaemonProcess) -> set[str]:
+    return {m["peer_id"] for m in ApiClient(d.info["api_url"]).get("/api/v1/run").get("members", [])}
+
+
+def test_daemons_without_the_secret_cannot_join_or_write_and_with_it_can(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(32).hex())
+    wrong = tmp_path / "wrong"
+    wrong.write_text(os.urandom(32).hex())
+    closed = ["--run", RUN, "--run-secret-file", str(secret)]
+    a = DaemonProcess(tmp_path / "a", closed).start()
+    daemons = [a]
+    try:
+        boot = ["--bootstrap", a.multiaddr]
+        b = DaemonProcess(tmp_path / "b", [*closed, *boot]).start()
+        stranger = DaemonProcess(tmp_path / "c", ["--run", RUN, *boot]).start()
+        guesser = DaemonProcess(tmp_path / "d", ["--run", RUN, "--run-secret-file", str(wrong), *boot]).start()
+        daemons += [b, stranger, guesser]
+        sync_wait(lambda: b.peer_id in _ready_peers(a) and {a.peer_id, b.peer_id} <= _members(a)
+                  and {a.peer_id, b.peer_id} <= _members(b), 60, "a and b meet and share the run")
+        # The outsiders have had as long as b; give them a few more seconds of trying.
+        sync_wait(lambda: "not admitted" in a.log(), 30, "a refused someone")
+        for outsider in (stranger, guesser):
+            assert outsider.peer_id not in _ready_peers(a) | _ready_peers(b)
+            assert a.peer_id not in _ready_peers(outsider)
+            # Its own run state names it a member; nobody else's does: its writes went nowhere.
+            assert outsider.peer_id in _members(outsider)
+            assert outsider.peer_id not in _members(a) | _members(b)
+        info = ApiClient(a.info["api_url"]).get("/api/v1/node")
+        assert info["run_admission"] == {"closed": True, "secret": True, "allowlist": None}
+        assert secret.read_text() not in json.dumps(info) + a.log()  # the secret is never shown
+    finally:
+        for d in daemons:
+            d.kill()
+
+
+async def _blob_host(stack_host, tmp_path: Path, name: str, admission: Admission | None, identity: Identity,
+                     bootstrap: tuple[str, ...] = ()):
+    host = await stack_host(open_host(identity, HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False,
+                                                           bootstrap=bootstrap), agent="closed-test/1",
+                                      admission=admission))
+    plane = await stack_host(open_tensor_plane(host, TensorConfig(listen=("/ip4/127.0.0.1/tcp/0",))))
+    return host, BlobService(plane, BlobConfig(directory=tmp_path / name))
+
+
+@pytest.mark.parametrize("closed_by", ["secret", "allowlist"])
+async def test_an_outsider_cannot_fetch_a_blob_of_a_closed_run_and_a_member_can(tmp_path: Path, closed_by: str) -> None:
+    from contextlib import AsyncExitStack
+
+    ids = {n: Identity.generate() for n in ("owner", "member", "outsider")}
+    if closed_by == "secret":
+        key = os.urandom(32)
+        admit = {n: Admission.closed_by(RUN, secret=key) for n in ("owner", "member")}
+        admit["outsider"] = Admission.closed_by(RUN, secret=os.urandom(32))
+    else:
+        path = tmp_path / "allow.json"
+        make_allowlist(ids["owner"], RUN, [ids["member"].peer_id], path)
+        _, peers = load_allowlist(path, RUN, ids["owner"].peer_id)
+        admit = {n: Admission.closed_by(RUN, allowlist=peers) for n in ids}
+    async with AsyncExitStack() as stack:
+        owner, owner_blobs = await _blob_host(stack.enter_async_context, tmp_path, "o", admit["owner"], ids["owner"])
+        blob_id = await owner_blobs.put(os.urandom(300_000))
+        boot = (owner.addrs[0],)
+        member, member_blobs = await _blob_host(stack.enter_async_context, tmp_path, "m", admit["member"],
+                                                ids["member"], boot)
+        outsider, outsider_blobs = await _blob_host(stack.enter_async_context, tmp_path, "x", admit["outsider"],
+                                                    ids["outsider"], boot)
+        assert await member_blobs.get(blob_id, providers=[owner.peer_id], timeout_s=30)
+        with pytest.raises((HyphaeError, TimeoutError, asyncio.TimeoutError)):
+            await outsider_blobs.get(blob_id, providers=[owner.peer_id], timeout_s=8)
+        assert not outsider_blobs.has(blob_id)
+        await wait_for(lambda: _sees(owner, member.peer_id), 10, "the owner sees the member")
+        assert not await _sees(owner, outsider.peer_id)  # the owner never admitted it
+
+
+async def _sees(host, peer_id: str) -> bool:
+    return any(p.peer_id == peer_id and p.agent for p in await host.peers())
+
+
+def test_allowlist_cli_signs_a_list_that_checks_out_and_a_tampered_one_does_not(tmp_path: Path) -> None:
+    other = Identity.generate().peer_id
+    out = tmp_path / "allow.json"
+    done = subprocess.run([sys.executable, "-m", "hyphae.cli", "run", "allowlist", other, "--run", RUN,
+                           "--out", str(out), "--data-dir", str(tmp_path / "node")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    creator, peers = load_allowlist(out, RUN, None)
+    assert peers == {creator, other}
+    data = json.loads(out.read_text())
+    data["peers"].append(Identity.generate().peer_id)
+    out.write_text(json.dumps(data))
+    bad = subprocess.run([sys.executable, "-m", "hyphae.cli", "node", "join", "--no-train", "--run", RUN,
+                          "--run-allowlist", str(out), "--data-dir", str(tmp_path / "n2"), "--api", "127.0.0.1:0",
+                          "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "not signed by" in bad.stderr, bad.stderr
