@@ -102,6 +102,12 @@ class Reachability:
             self.saw(probe.observed)
         return self._update()
 
+    def forget(self, servers: list[str]) -> bool:
+        """Drop these servers' answers (they cannot judge us any more); True if the verdict changed."""
+        for server in servers:
+            self.probes.pop(server, None)
+        return self._update()
+
     def saw(self, addr: str) -> None:
         """A peer reported seeing us at ``addr`` (identify's observed address or a probe)."""
         self.observed[addr] = self.clock()

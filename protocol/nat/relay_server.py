@@ -297,6 +297,7 @@ class RelayServer:
                 await self._total.take(len(data))
                 await dst.write(data)
                 self._bytes += len(data)
+                self.stats["bytes_relayed"] = self._bytes  # live: the rest is published per circuit
         except Exception as exc:  # noqa: BLE001 — a reset or broken side ends the circuit
             circuit.failed = circuit.failed or "broken"
             log.debug("relayed connection %s -> %s: %s", circuit.src, circuit.dst, exc)

@@ -36,6 +36,7 @@ from .._addrs import expand_wildcards, interface_ipv4s
 from ..config import HostConfig, parse_peer_multiaddr
 from . import autonat
 from ._relay_wire import is_circuit, is_relayed_conn
+from .addrs import is_lan_ip
 from .dht import find_providers, provide
 from .holepunch import HolePuncher
 from .reachability import PRIVATE, PUBLIC, UNKNOWN, Probe, Reachability
@@ -91,6 +92,7 @@ class NatService:
         self._relay_providers: list[tuple[str, list[multiaddr.Multiaddr]]] = []
         self._relay_lookup_at = -1e9
         self._pending: list[Probe] = []
+        self._lan_servers: set[str] = set()
         self._nursery: trio.Nursery | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -181,9 +183,11 @@ class NatService:
     def _servers(self) -> list[str]:
         now = time.monotonic()
         network = self.host.get_network()
+        outside_only = self._behind_nat()
         ready = [p for p in self.owner.ready_peers()
                  if any(not is_relayed_conn(c) for c in network.get_connections(ID.from_base58(p)))
-                 and now - self._asked.get(p, -1e9) > autonat.PER_PEER_INTERVAL_S + 1]
+                 and now - self._asked.get(p, -1e9) > autonat.PER_PEER_INTERVAL_S + 1
+                 and not (outside_only and self._on_our_lan(p))]
         random.shuffle(ready)
         ready.sort(key=lambda p: self._asked.get(p, -1e9))
         return ready[:SERVERS_PER_ROUND]
@@ -195,6 +199,8 @@ class NatService:
                 await self._probe_kick.wait()
             self._probe_kick = trio.Event()
             changed = self.reach.expire()
+            if self._behind_nat():
+                changed = self.reach.forget([p for p in self.reach.probes if p in self._lan_servers]) or changed
             servers = self._servers()
             if servers:
                 addrs = self.probe_addrs()
@@ -216,6 +222,7 @@ class NatService:
                 delay = self.config.autonat_interval_s
 
     async def _probe_one(self, server: str, addrs: list[str]) -> None:
+        self._on_our_lan(server)  # remembered: its answer is forgotten if a NAT shows up later
         result = await autonat.probe(self.host, server, addrs)
         self._pending.append(result)
         log.debug("autonat via %s: %s (ok %s, failed %s%s)", server, result.verdict, list(result.ok),
@@ -268,6 +275,23 @@ class NatService:
         self.owner.on_addrs_changed()
 
     # ---- relays ----------------------------------------------------------------------------
+
+    def _on_our_lan(self, peer_id: str) -> bool:
+        """Does ``peer_id`` reach us from a LAN range (it sits on our side of the NAT)?
+
+        Such a peer dials our LAN address back and gets through, which says nothing about the
+        internet: measured in the netns testnets, two trainers behind one NAT each confirmed the
+        other "public", which then dropped its relay reservation and was never reached by the
+        trainers behind the other NAT. Once a NAT is known to be in between, only peers outside
+        it may judge (and what LAN peers said before is forgotten).
+        """
+        for conn in self.host.get_network().get_connections(ID.from_base58(peer_id)):
+            for addr in conn.get_transport_addresses():
+                parts = str(addr).split("/")
+                if len(parts) > 2 and parts[1] in ("ip4", "ip6") and is_lan_ip(parts[2]):
+                    self._lan_servers.add(peer_id)
+                    return True
+        return peer_id in self._lan_servers
 
     def _behind_nat(self) -> bool:
         """Some peer sees us at an IP that is not ours: a NAT is in the way (maybe forwarded)."""

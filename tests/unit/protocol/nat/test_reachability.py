@@ -75,3 +75,14 @@ def test_too_many_servers_keep_the_newest_answers() -> None:
         clock.now += 1
         reach.record(Probe(f"s{i}", clock(), failed=("/ip4/1.2.3.4/tcp/1",)))
     assert len(reach.probes) == 8 and "s0" not in reach.probes and "s11" in reach.probes
+
+
+def test_forgetting_a_lan_neighbours_public_answer_leaves_the_outside_verdict() -> None:
+    # A peer on our side of the NAT reached our LAN address ("public"); the peer outside did not.
+    reach, clock = make()
+    reach.record(Probe("lan", clock(), ok=("/ip4/10.1.0.10/tcp/4001",)))
+    reach.record(Probe("outside", clock(), failed=("/ip4/198.51.100.101/tcp/4001",)))
+    assert reach.state == PUBLIC
+    assert reach.forget(["lan", "never-asked"])
+    assert reach.state == PRIVATE and reach.confirmed() == [] and list(reach.probes) == ["outside"]
+    assert not reach.forget(["lan"])  # nothing left to forget: no change
