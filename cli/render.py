@@ -52,6 +52,13 @@ def print_status(node: dict[str, Any], peers: list[dict[str, Any]], training: di
     for addr in node["addrs"]:
         facts.add_row("address", addr)
     facts.add_row("peers", f"{len(peers)} connected, {node['routing_table_size']} in the DHT routing table")
+    reach = node.get("reachability", "unknown")
+    relayed = node.get("relay_addrs") or []
+    facts.add_row("reachability", reach + (f"   reachable through {len(relayed)} relay address(es)" if relayed else ""))
+    admission = node.get("run_admission") or {}
+    if admission.get("closed"):
+        how = [w for w, on in (("secret", admission.get("secret")), ("allowlist", admission.get("allowlist"))) if on]
+        facts.add_row("run", f"closed ({' + '.join(how)})")
     console.print(facts)
     if training:
         t = Table(title="training", title_justify="left", show_edge=False)

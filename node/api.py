@@ -107,12 +107,16 @@ def build_app(daemon: Daemon, *, token: str | None) -> web.Application:
     async def peers(_: web.Request) -> web.Response:
         return web.json_response({"peers": await daemon.peers_info()})
 
+    async def reachability(_: web.Request) -> web.Response:
+        return web.json_response(await daemon.host.reachability())
+
     async def leave(_: web.Request) -> web.Response:
         daemon.request_stop("leave requested over the API")
         return web.json_response({"ok": True, "stopping": True})
 
     app.router.add_get("/api/v1/node", node)
     app.router.add_get("/api/v1/peers", peers)
+    app.router.add_get("/api/v1/reachability", reachability)
     app.router.add_post("/api/v1/node/leave", leave)
     for extra in daemon.api_routes():
         extra(app)

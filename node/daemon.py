@@ -139,11 +139,15 @@ class Daemon:
 
     async def node_info(self) -> dict[str, Any]:
         peers = await self.host.peers()
+        reach = await self.host.reachability()
         return {
             **self.ready_info(),
             "addrs": self.host.addrs,
             "uptime_s": round(time.time() - self.started_at, 1),
             "network": self.config.host.network,
+            "reachability": reach.get("state", "unknown"),
+            "relay_addrs": reach.get("relay_addrs", []),
+            "connections_by_path": {path: sum(p.connection == path for p in peers) for path in ("direct", "relayed")},
             "run_admission": self.admission.describe() if self.admission else {"closed": False},
             "roles": ["trainer"] if self.config.train else ["network"],
             "connections": len(peers),

@@ -104,5 +104,5 @@ def test_openapi_document_lists_every_route(make_daemon) -> None:
     d = make_daemon("a")
     spec = d.api("/api/v1/openapi.json")
     assert spec["openapi"].startswith("3.")
-    assert {"/api/v1/node", "/api/v1/peers", "/api/v1/training", "/api/v1/events", "/metrics"} <= set(spec["paths"])
+    assert {"/api/v1/node", "/api/v1/peers", "/api/v1/reachability", "/api/v1/training", "/api/v1/events", "/metrics"} <= set(spec["paths"])
     json.dumps(spec)
