@@ -57,6 +57,7 @@ class Daemon:
         self.datadir = DataDir(config.data_dir)
         self.host: Host | None = None
         self.admission: Admission | None = None
+        self._control_seen: dict[str, tuple[float, int]] = {}
         self.api_url: str | None = None
         self.started_at = time.time()
         self._stop = asyncio.Event()
@@ -156,7 +157,14 @@ class Daemon:
         }
 
     async def peers_info(self) -> list[dict[str, Any]]:
-        return [p.to_json() for p in await self.host.peers()]
+        """Connected peers; ``path`` refines ``connection``: a direct connection that hole
+        punching made is ``hole-punched``."""
+        punched = (await self.host.reachability()).get("hole_punching", {}).get("peers", {})
+        rows = [p.to_json() for p in await self.host.peers()]
+        for row in rows:
+            was_punched = punched.get(row["peer_id"], {}).get("state") == "direct"
+            row["path"] = "hole-punched" if row["connection"] == "direct" and was_punched else row["connection"]
+        return rows
 
     def api_routes(self) -> list[Callable[[web.Application], None]]:
         from .dashboard import dashboard_routes
@@ -169,11 +177,25 @@ class Daemon:
         """The running service called ``name`` (e.g. "runstate", "training"), if any."""
         return next((svc for svc in self.services if svc.name == name), None)
 
+    async def _control_traffic(self) -> list[dict[str, Any]]:
+        """The control plane's bytes per peer (libp2p connections), with the rate since last asked."""
+        now, rows = time.monotonic(), []
+        last, self._control_seen = self._control_seen, {}
+        for p in await self.host.peers():
+            total = p.bytes_in + p.bytes_out
+            before = last.get(p.peer_id)
+            rate = (total - before[1]) / (now - before[0]) if before and now > before[0] and total >= before[1] else 0.0
+            self._control_seen[p.peer_id] = (now, total)
+            rows.append({"plane": "control", "peer": p.peer_id, "sent": p.bytes_out, "received": p.bytes_in,
+                         "rate_bps": round(rate, 1)})
+        return rows
+
     async def metric_extras(self) -> dict[str, Any]:
         """What services add to the dashboard and /metrics: each may offer ``status()``
         returning a dict whose keys (``training``, ``run``, ``traffic``, ``links``,
         ``counters``) are merged here."""
-        extras: dict[str, Any] = {"traffic": [], "links": [], "counters": {}, "downloads": []}
+        extras: dict[str, Any] = {"traffic": await self._control_traffic(), "links": [], "counters": {},
+                                  "downloads": []}
         for svc in self.services:
             status = getattr(svc, "status", None)
             if status is None:

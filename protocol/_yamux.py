@@ -356,6 +356,10 @@ class LeanYamux(IMuxedConn):
         self._dead: str | None = None  # why the connection ended; None while it is up
         self._closed_transport = False
         self._on_close_called = False
+        self.bytes_sent = 0
+        """Bytes written to / read from the secured connection (frames and headers): the
+        control plane's traffic with this peer, for the dashboard and /metrics."""
+        self.bytes_received = 0
 
     # ---- lifecycle -----------------------------------------------------------------------------
 
@@ -473,6 +477,7 @@ class LeanYamux(IMuxedConn):
             if self._dead is not None:
                 raise MuxedConnUnavailable(f"connection to {self.peer_id} is closed: {self._dead}")
             await self._write(frame)  # atomic: completes, or fails and we close the connection
+            self.bytes_sent += len(frame)
         except MuxedConnUnavailable:
             raise
         except Exception as exc:  # noqa: BLE001 -- any failed write leaves a torn frame behind
@@ -504,6 +509,7 @@ class LeanYamux(IMuxedConn):
                 chunk = await read_chunk()
                 if not chunk:
                     return "connection closed by peer"
+                self.bytes_received += len(chunk)
                 buf += chunk
                 if len(buf) >= HEADER_SIZE:
                     del buf[:self._dispatch(buf)]

@@ -55,6 +55,9 @@ class PeerSnapshot:
     agent: str | None
     roles: list[str]
     sources: list[str]
+    bytes_out: int = 0
+    """Control-plane bytes sent to the peer over its current connections (yamux frames)."""
+    bytes_in: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -183,6 +186,8 @@ class Host:
                 agent=hello.agent if hello else None,
                 roles=list(hello.roles) if hello else [],
                 sources=sorted(state.sources),
+                bytes_out=sum(getattr(c.muxed_conn, "bytes_sent", 0) for c in conns),
+                bytes_in=sum(getattr(c.muxed_conn, "bytes_received", 0) for c in conns),
             ))
         return out
 

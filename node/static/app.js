@@ -128,7 +128,7 @@ function renderPeers(peers, traffic) {
   body.replaceChildren();
   for (const p of peers) {
     const b = bytes.get(p.peer_id) || {};
-    const cells = [short(p.peer_id), p.connection, p.direction, fmtNum(p.rtt_ms, 2), fmtBytes(b.sent),
+    const cells = [short(p.peer_id), p.path ?? p.connection, p.direction, fmtNum(p.rtt_ms, 2), fmtBytes(b.sent),
                    fmtBytes(b.received), b.rate ? `${fmtBytes(b.rate)}/s` : "–", p.agent ?? "(hello pending)",
                    p.sources.join(", "), fmtDur(p.connected_s)];
     const tr = document.createElement("tr");
