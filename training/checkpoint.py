@@ -12,7 +12,8 @@ Atomicity: a checkpoint is written into a hidden `.tmp-*` directory — each fil
 flushed and fsynced, the manifest last — then renamed to `step-XXXXXXXX` and the parent
 directory fsynced. A crash at any point leaves either no new checkpoint or a complete one; a
 directory without a manifest is never listed, stale temp directories are removed on the next
-save. The last `keep_last` checkpoints are kept.
+save. The last `keep_last` checkpoints are kept; an old one is renamed to a hidden name before it
+is deleted, so a crash mid-delete never leaves a listed checkpoint with files missing.
 
 Safety: loading never unpickles arbitrary objects (`torch.load(weights_only=True)`), and both
 files are hashed and compared with the manifest before they are parsed.
@@ -203,7 +204,12 @@ class CheckpointStore:
 
     def _prune(self) -> None:
         for step in self.steps()[: -self.keep_last]:
-            shutil.rmtree(self.path_of(step), ignore_errors=True)
+            # Hide it (one atomic rename) before deleting: a kill in the middle of rmtree would
+            # otherwise leave a listed checkpoint with its manifest but not all of its files.
+            path = self.path_of(step)
+            doomed = path.with_name(f".tmp-prune-{path.name}-{os.getpid()}")
+            os.rename(path, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def _remove_stale_temps(self) -> None:
         for child in self.directory.iterdir():
