@@ -13,7 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DaemonProcess", "sync_wait", "process_cpu_s"]
+__all__ = ["DaemonProcess", "sync_wait", "process_cpu_s", "process_memory_kib", "tagged_pids"]
+
+TAG_ENV = "HYPHAE_TEST_DAEMON_DIR"
+"""Set on every daemon a test starts; its worker inherits it, so the whole family can be found
+(and killed) even after the daemon died and the worker was reparented."""
 
 
 def sync_wait(predicate: Callable[[], Any], timeout_s: float, what: str, interval_s: float = 0.05) -> Any:
@@ -32,6 +36,31 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds a process has used (Linux /proc)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_memory_kib(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` (peak RSS) of a live process in KiB, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries ``TAG_ENV=tag``."""
+    needle = f"{TAG_ENV}={tag}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except OSError:  # gone, or not ours
+            continue
+    return found
 
 
 class DaemonProcess:
@@ -54,13 +83,19 @@ class DaemonProcess:
             cmd += ["--threads", "1"]  # tests start several trainers on one machine
         return cmd + self.args
 
-    def start(self, timeout_s: float = 90.0) -> DaemonProcess:
-        """Spawn the daemon and wait for its ``node.json``."""
+    def spawn(self) -> DaemonProcess:
+        """Start the daemon without waiting for it (a crash test may kill it mid-startup)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "node.json").unlink(missing_ok=True)
+        env = dict(os.environ, **{TAG_ENV: str(self.data_dir)})
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)
+                                         stdin=subprocess.DEVNULL, env=env)
+        return self
+
+    def start(self, timeout_s: float = 90.0) -> DaemonProcess:
+        """Spawn the daemon and wait for its ``node.json``."""
+        self.spawn()
         ready = False
         try:
             sync_wait(self._ready, timeout_s, f"daemon in {self.data_dir} to write node.json")
@@ -114,3 +149,18 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(5)
+
+    def family(self) -> list[int]:
+        """The daemon and its live descendants (its worker, even once orphaned)."""
+        return tagged_pids(str(self.data_dir))
+
+    def kill_family(self) -> None:
+        """SIGKILL the daemon and its worker at once, as the OOM killer or a power cut would:
+        whatever either was writing stops mid-write."""
+        others = [pid for pid in self.family() if self.proc is None or pid != self.proc.pid]
+        for pid in others:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.kill()
