@@ -53,7 +53,9 @@ def _connection(peer: NetnsPeer, other: NetnsPeer) -> str | None:
 
 def _start(net: Testnet, logs: Path, relay_limits: dict[str, int]) -> tuple[NetnsPeer, list[NetnsPeer], dict[str, float]]:
     """The public host, then one host per NAT; their names and the moment each was up."""
-    public = NetnsPeer(net, "p1", nat={"relay_limits": relay_limits}, log_dir=logs).start()
+    # relay_service "on", as an operator running a relay sets it: with "auto" it would wait for
+    # its first peers to confirm it public, and the hosts' first reservations would be refused.
+    public = NetnsPeer(net, "p1", nat={"relay_limits": relay_limits, "relay_service": "on"}, log_dir=logs).start()
     up: dict[str, float] = {}
     private = []
     for host in sorted(h.name for h in net.hosts.values() if h.role == "private"):
