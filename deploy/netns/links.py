@@ -171,10 +171,13 @@ class LinkImpairment:
                     "--rate-mbit", str(shape["rate_mbit"]), "--seed", str(100 * i)]
             # A kept testnet (the CLI's `up`) outlives this process: its emulators run until
             # `down` kills what is in the namespaces. Otherwise they also end with our stdin pipe.
+            # Detached from our stdin, stderr and session too: a caller waiting for our output
+            # (`harness.py up` run by a script) must not wait for them as well.
             follow = not getattr(self.net, "keep", False)
+            detached = {} if follow else {"stderr": subprocess.DEVNULL, "start_new_session": True}
             proc = self.net.popen(host, argv + (["--stdin"] if follow else []),
                                   stdin=subprocess.PIPE if follow else subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, text=True, bufsize=1)
+                                  stdout=subprocess.PIPE, text=True, bufsize=1, **detached)
             self._emulators[host] = proc
             _await_ready(proc, host)
             for cmd in nfqueue_rules(ns, dev):
