@@ -29,7 +29,9 @@ checkpoint_every = 10
 
 ALGO = {
     "noloco": ("tiny", "", "inner_steps = 10\ntimeout_s = 8.0"),
-    "dadao": ("tiny", "", "gossip_interval_s = 0.5\ntimeout_s = 4.0"),
+    # A gossip tick is attended between training steps (same event loop), so the tick grace
+    # (timeout_s / 2) must exceed a step: 5 trainers on 2 cores take ~2 s a step here.
+    "dadao": ("tiny", "", "gossip_interval_s = 2.0\ntimeout_s = 12.0"),
 }
 
 
@@ -87,7 +89,10 @@ def test_four_daemons_keep_training_through_a_kill_and_a_join(tmp_path, algorith
             state = _t(live[0])["algorithm_state"]
             assert state["outer_steps"] >= 4
         else:
-            assert _t(live[0])["algorithm_state"]["gossips"] > 0
+            # Right after a kill and a join, pairings that name the dead peer (until membership
+            # marks it gone) or that differ between views fail by timeout; gossip resumes after.
+            sync_wait(lambda: all(_t(n)["algorithm_state"]["gossips"] > 0 for n in live), 150,
+                      "a completed gossip on every live member")
         steps = {n.peer_id: _t(n)["step"] for n in live}
         sync_wait(lambda: all(_t(n)["step"] > steps[n.peer_id] for n in live), 120, "everyone still training")
     finally:
