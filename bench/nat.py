@@ -88,6 +88,24 @@ def _watch_pairs(net: Testnet, private: list[NetnsPeer], up: dict[str, float], w
     return pairs
 
 
+def _verdicts(peers: list[NetnsPeer], wait_s: float) -> dict[str, str]:
+    """Each host's reachability verdict, once none is "unknown" (or after ``wait_s``): the hosts
+    may meet and punch before their dial-back checks (a few seconds each) have answered."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        states = {p.host: p.reach()["state"] for p in peers}
+        if "unknown" not in states.values() or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
+
+
+def _tensor_path(sender: NetnsPeer, receiver: NetnsPeer, size_bytes: int = 8 << 20) -> dict[str, Any]:
+    """The tensor plane between two cone-NATed hosts: which path it took (its TCP punch) and its rate."""
+    sent = sender.call("send", timeout_s=60, peer=receiver.peer_id, bytes=size_bytes, tag="cone")
+    receiver.call("recv", timeout_s=60, peer=sender.peer_id, tag="cone")
+    return {"path": sent["path"], "bytes": size_bytes, "seconds_with_setup": round(sent["seconds"], 3)}
+
+
 def _relay_limits(sender: NetnsPeer, receiver: NetnsPeer, public: NetnsPeer, limits: dict[str, int],
                   size_bytes: int) -> dict[str, Any]:
     """Rate through the relay against its per-circuit limit; a transfer over the byte budget is cut."""
@@ -126,12 +144,14 @@ def run_round(index: int, args: argparse.Namespace, scratch: Path) -> dict[str, 
         public, private, up = _start(net, logs, limits)
         pairs = _watch_pairs(net, private, up, args.wait_s)
         punch = {p.host: p.reach()["hole_punching"] for p in private}
-        reach = {p.host: p.reach()["state"] for p in private}
-        relay = None
+        reach = _verdicts(private, 20.0)
+        relay = tensor = None
+        cones = [p for p in private if net.hosts[p.host].nat == "cone"]
+        if index == 0 and len(cones) >= 2:
+            tensor = _tensor_path(cones[0], cones[1])
         if index == 0 and args.relay_mib > 0:
-            cone = next(p for p in private if net.hosts[p.host].nat == "cone")
             symmetric = next(p for p in private if net.hosts[p.host].nat == "symmetric")
-            relay = _relay_limits(cone, symmetric, public, limits, args.relay_mib << 20)
+            relay = _relay_limits(cones[0], symmetric, public, limits, args.relay_mib << 20)
         public_state = public.reach()["state"]
         for peer in (*private, public):
             peer.stop()
@@ -141,7 +161,7 @@ def run_round(index: int, args: argparse.Namespace, scratch: Path) -> dict[str, 
             "punch_time_to_direct_s": sorted(t for s in punch.values() for t in s.get("time_to_direct_s", [])),
             "punch_attempts": sum(s.get("attempts", 0) for s in punch.values()),
             "punch_failed": sum(s.get("failed", 0) for s in punch.values()),
-            "reachability": {"p1": public_state, **reach}, "relay": relay}
+            "reachability": {"p1": public_state, **reach}, "relay": relay, "tensor_cone_pair": tensor}
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -192,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{sym} (load {rounds[-1]['load_avg_1min_before']})", flush=True)
     summary = summarize(rounds)
     result = {"bench": "nat", "cpus": os.cpu_count(), "params": {k: v for k, v in vars(args).items() if k != "json"},
-              "summary": summary, "relay": rounds[0]["relay"], "rounds": rounds,
+              "summary": summary, "relay": rounds[0]["relay"], "tensor_cone_pair": rounds[0]["tensor_cone_pair"],
+              "rounds": rounds,
               "logs": str(scratch) if args.keep_logs else None,
               "python": sys.version.split()[0]}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
           f"relayed->direct by the puncher median {summary['punch_relayed_to_direct_s_median']} s")
     print(f"every NAT pair (with the symmetric NAT too): {summary['all_nat_pairs_direct_share']:.0%} direct; "
           f"reachability verdicts right: {summary['reachability_right']}")
+    tensor = rounds[0]["tensor_cone_pair"]
+    if tensor:
+        print(f"tensor plane between two cone-NATed hosts: path {tensor['path']}, {tensor['bytes'] >> 20} MiB in "
+              f"{tensor['seconds_with_setup']} s including the connection setup")
     relay = rounds[0]["relay"]
     if relay:
         print(f"relay: {relay['bytes'] >> 20} MiB over {relay['path']} at {relay['measured_bytes_s'] / 1024:.0f} KiB/s "
