@@ -44,6 +44,20 @@ class _TextFormatter(logging.Formatter):
         return line
 
 
+_ROUTINE_LIBP2P = ("Failed to open stream", "Failed to open TCP stream", "MultiselectClient handshake",
+                   "[ADDCONN_FAIL]", "Error sending ADD_PROVIDER", "Error getting providers",
+                   "Failed to read DHT message")
+"""py-libp2p logs these at ERROR, yet in a peer-to-peer network they are routine (a dial to an
+address that no longer answers, a peer that hung up mid-handshake); hyphae logs what they mean
+for the node itself."""
+
+
+def _drop_routine_libp2p_errors(record: logging.LogRecord) -> bool:
+    if not record.name.startswith("libp2p"):
+        return True
+    return not str(record.msg).startswith(_ROUTINE_LIBP2P)
+
+
 def setup_logging(level: str = "info", *, json_lines: bool = False) -> None:
     """Configure the root logger once for the process (idempotent)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -60,4 +74,6 @@ def setup_logging(level: str = "info", *, json_lines: bool = False) -> None:
             lib.propagate = True
     for name in ("libp2p", "multiaddr", "zeroconf"):
         logging.getLogger(name).setLevel(noisy_level)
+    if level != "debug":
+        handler.addFilter(_drop_routine_libp2p_errors)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
