@@ -135,6 +135,14 @@ async def flood(target: str, duration_s: float, seed: int, push_mib_per_s: float
             async def push() -> None:
                 await plane.send(node, f"flood/{rng.randrange(1 << 30)}", [Tensor.from_numpy("junk", payload)])
 
+            # Open the tensor-plane session first, with time to spare: a dial cancelled by the
+            # 10 s per-request timeout below starts over, and under this load may never finish.
+            setup = time.monotonic()
+            try:
+                await asyncio.wait_for(plane.request(node, ROUTE_HAVE, {"id": "00" * 32}), 60)
+                counts["tensor_setup_ms"] = int((time.monotonic() - setup) * 1000)
+            except Exception as exc:  # noqa: BLE001 — recorded; the flood goes on without it
+                counts[f"tensor_setup_failed_{type(exc).__name__}"] = 1
             started.touch()
             deadline = time.monotonic() + duration_s
             jobs = [
@@ -396,7 +404,9 @@ def summary(result: dict[str, Any]) -> str:
     totals: dict[str, int] = {}
     for c in result["flooders"]:
         for k, v in c.items():
-            totals[k] = totals.get(k, 0) + v
+            if k != "tensor_setup_ms":
+                totals[k] = totals.get(k, 0) + v
+    setup_ms = [c.get("tensor_setup_ms") for c in result["flooders"]]
     fmt = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
     return "\n".join([
         f"load: {result['params']['nodes']} nodes flooded for {result['flood_s']} s; "
@@ -413,6 +423,7 @@ def summary(result: dict[str, Any]) -> str:
         f"  held for peers (unclaimed transfers + buffer pool) {m['held_after_warmup_per_node']} -> "
         f"{m['held_end_per_node']}; growth beyond that {m['unexplained_growth_per_node']}",
         f"  flooder totals: {dict(sorted(totals.items()))}",
+        f"  tensor-plane session setup per flooder (ms, before its flood): {setup_ms}",
         f"  scores: {result['scores']}",
     ])
 
