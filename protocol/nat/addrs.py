@@ -21,7 +21,6 @@ instead of after the direct dial's timeout.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,17 +32,11 @@ import trio
 from .._addrs import expand_wildcards, interface_ipv4s, is_dialable
 from ._relay_wire import is_circuit
 
-__all__ = ["advertised", "install_get_addrs", "dial_any", "is_lan_ip", "RELAY_HEAD_START_S"]
+__all__ = ["advertised", "install_get_addrs", "dial_any", "RELAY_HEAD_START_S"]
 
 log = logging.getLogger(__name__)
 
 RELAY_HEAD_START_S = 1.0
-# Networks a home router or a carrier NAT puts its own side in (RFC 1918, RFC 6598 CGNAT,
-# link-local, loopback, IPv6 ULA and link-local). Not ipaddress's is_private, which also counts
-# the documentation ranges (RFC 5737) that the netns testnets use as their "internet".
-_LAN_NETS = tuple(ipaddress.ip_network(n) for n in (
-    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "169.254.0.0/16", "127.0.0.0/8",
-    "fc00::/7", "fe80::/10", "::1/128"))
 _LOCAL_TTL_S = 2.0
 _local_cache: tuple[float, frozenset[str]] = (-1e9, frozenset())
 
@@ -61,15 +54,6 @@ def _is_local(addr: multiaddr.Multiaddr) -> bool:
     if len(parts) < 3 or parts[1] != "ip4":
         return True  # IPv6 and DNS candidates come from configuration, not observation
     return parts[2] == "0.0.0.0" or parts[2] in _local_ips()
-
-
-def is_lan_ip(ip: str) -> bool:
-    """Is ``ip`` in a range that stays on the inside of a NAT (see ``_LAN_NETS``)?"""
-    try:
-        address = ipaddress.ip_address(ip)
-    except ValueError:
-        return False
-    return any(address in net for net in _LAN_NETS if net.version == address.version)
 
 
 def advertised(candidates: list[multiaddr.Multiaddr], *, announce: list[multiaddr.Multiaddr],

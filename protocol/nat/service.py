@@ -36,7 +36,6 @@ from .._addrs import expand_wildcards, interface_ipv4s
 from ..config import HostConfig, parse_peer_multiaddr
 from . import autonat
 from ._relay_wire import is_circuit, is_relayed_conn
-from .addrs import is_lan_ip
 from .dht import find_providers, provide
 from .holepunch import HolePuncher
 from .reachability import PRIVATE, PUBLIC, UNKNOWN, Probe, Reachability
@@ -92,7 +91,7 @@ class NatService:
         self._relay_providers: list[tuple[str, list[multiaddr.Multiaddr]]] = []
         self._relay_lookup_at = -1e9
         self._pending: list[Probe] = []
-        self._lan_servers: set[str] = set()
+        self._inside: set[str] = set()  # servers that saw us at our own address: our side of the NAT
         self._nursery: trio.Nursery | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -183,11 +182,10 @@ class NatService:
     def _servers(self) -> list[str]:
         now = time.monotonic()
         network = self.host.get_network()
-        outside_only = self._behind_nat()
+        inside = self._inside if self._behind_nat() else set()
         ready = [p for p in self.owner.ready_peers()
                  if any(not is_relayed_conn(c) for c in network.get_connections(ID.from_base58(p)))
-                 and now - self._asked.get(p, -1e9) > autonat.PER_PEER_INTERVAL_S + 1
-                 and not (outside_only and self._on_our_lan(p))]
+                 and now - self._asked.get(p, -1e9) > autonat.PER_PEER_INTERVAL_S + 1 and p not in inside]
         random.shuffle(ready)
         ready.sort(key=lambda p: self._asked.get(p, -1e9))
         return ready[:SERVERS_PER_ROUND]
@@ -200,7 +198,7 @@ class NatService:
             self._probe_kick = trio.Event()
             changed = self.reach.expire()
             if self._behind_nat():
-                changed = self.reach.forget([p for p in self.reach.probes if p in self._lan_servers]) or changed
+                changed = self.reach.forget([p for p in self.reach.probes if p in self._inside]) or changed
             servers = self._servers()
             if servers:
                 addrs = self.probe_addrs()
@@ -222,7 +220,6 @@ class NatService:
                 delay = self.config.autonat_interval_s
 
     async def _probe_one(self, server: str, addrs: list[str]) -> None:
-        self._on_our_lan(server)  # remembered: its answer is forgotten if a NAT shows up later
         result = await autonat.probe(self.host, server, addrs)
         self._pending.append(result)
         log.debug("autonat via %s: %s (ok %s, failed %s%s)", server, result.verdict, list(result.ok),
@@ -231,7 +228,16 @@ class NatService:
     def _update_after_probes(self) -> bool:
         changed = False
         pending, self._pending = self._pending, []
+        local = set(interface_ipv4s())
+        for result in pending:  # every observed address first: one of them may show the NAT
+            if result.observed:
+                self.reach.saw(result.observed)
+                if _ip(result.observed) in local:
+                    self._inside.add(result.server)
+        behind = self._behind_nat()
         for result in pending:
+            if behind and result.server in self._inside:
+                continue  # see _behind_nat: a neighbour on our LAN cannot judge the internet
             changed = self.reach.record(result) or changed
         return changed
 
@@ -276,25 +282,15 @@ class NatService:
 
     # ---- relays ----------------------------------------------------------------------------
 
-    def _on_our_lan(self, peer_id: str) -> bool:
-        """Does ``peer_id`` reach us from a LAN range (it sits on our side of the NAT)?
-
-        Such a peer dials our LAN address back and gets through, which says nothing about the
-        internet: measured in the netns testnets, two trainers behind one NAT each confirmed the
-        other "public", which then dropped its relay reservation and was never reached by the
-        trainers behind the other NAT. Once a NAT is known to be in between, only peers outside
-        it may judge (and what LAN peers said before is forgotten).
-        """
-        for conn in self.host.get_network().get_connections(ID.from_base58(peer_id)):
-            for addr in conn.get_transport_addresses():
-                parts = str(addr).split("/")
-                if len(parts) > 2 and parts[1] in ("ip4", "ip6") and is_lan_ip(parts[2]):
-                    self._lan_servers.add(peer_id)
-                    return True
-        return peer_id in self._lan_servers
-
     def _behind_nat(self) -> bool:
-        """Some peer sees us at an IP that is not ours: a NAT is in the way (maybe forwarded)."""
+        """Some peer sees us at an IP that is not ours: a NAT is in the way (maybe forwarded).
+
+        Then a dial-back server that saw us at our own address sits on our side of it, and its
+        "reachable" only means reachable from our LAN: measured in the netns testnets, two
+        trainers behind one NAT confirmed each other "public", which dropped their relay
+        reservations, and the trainers behind the other NAT never reached them. Such servers
+        are not asked (and what they said is forgotten) while a NAT is in the way.
+        """
         local = set(interface_ipv4s())
         return any(ip not in local for ip in self.reach.observed_ips())
 
@@ -352,3 +348,8 @@ class NatService:
                     log.debug("relay announcement failed: %s", exc)
             await trio.sleep(5.0)
 
+
+def _ip(addr: str) -> str:
+    """The IP of ``/ip4/<ip>/tcp/<port>`` (empty for anything else)."""
+    parts = addr.split("/")
+    return parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else ""
