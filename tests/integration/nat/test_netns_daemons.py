@@ -37,6 +37,9 @@ def test_two_nodes_behind_two_cone_nats_meet_through_the_relay_and_end_direct(tm
         # scan, a moment after the API shows the direct connection).
         wait_until(lambda: _punched(a.log() + b.log()), 5, "the hole-punch log lines")
         print(f"\ncone <-> cone: direct {elapsed:.1f} s after both daemons were started")
+        wait_until(lambda: [d.api("/api/v1/reachability")["state"] for d in (boot, a, b)] == ["public", "private",
+                                                                                            "private"],
+                   20, "the API's reachability verdicts")
         assert elapsed < 30  # the 10 s target is measured by bench/nat.py, on a quiet machine
 
 
@@ -71,6 +74,11 @@ def test_with_50ms_delay_and_1pct_loss_joining_and_the_run_state_converge(tmp_pa
         wait_until(converged, 150, "the same run owner and all four members everywhere")
         print(f"\nWAN 50 ms / 1 % ({net.links.mode}): joined in {join_s:.1f} s, "
               f"run state converged {time.monotonic() - start:.1f} s")
+        # The node behind the symmetric NAT: private, and reached through the relay, says the API.
+        symmetric = nodes[2]
+        assert {symmetric.peers()[n.peer_id]["connection"] for n in nodes[:2]} == {"relayed"}
+        wait_until(lambda: symmetric.api("/api/v1/reachability")["state"] == "private", 20, "c1 private")
+        assert symmetric.api("/api/v1/reachability")["relays"][0]["peer_id"] == boot.peer_id
         # cone <-> cone punched even with delay and loss (the punch may need another round)
         wait_until(lambda: both_direct(nodes[0], nodes[1]), 60, "a1 and b1 direct despite delay and loss")
         print(f"a1 <-> b1 direct {time.monotonic() - start:.1f} s after the start")
