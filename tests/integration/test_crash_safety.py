@@ -4,9 +4,9 @@ restart resumes from the newest complete checkpoint and keeps training.
 One daemon trains the tiny model with a checkpoint every step, so most of its training time is
 spent writing checkpoints (and announcing their weights: blobs and a run-state write). Each round
 starts the daemon, waits a delay drawn from a seeded RNG — a quarter of the rounds somewhere in
-daemon or worker startup (before ``node.json``, during the torch import or the resume), the rest
-shortly after the round's first new checkpoint, while checkpoints are being written — then
-kills it, either
+daemon or worker startup (before ``node.json``, during the torch import or the resume), half
+aimed at a checkpoint write (a few ms after its temp directory appears), the rest anywhere in
+training — then kills it, either
 
 * the whole family at once (daemon and worker SIGKILLed together, as the OOM killer or a power
   cut would): whatever the worker was writing stops mid-write; or
@@ -45,9 +45,14 @@ STARTUP_SHARE = 0.25
 """Share of kills aimed at startup: uniform in [0, STARTUP_S) after the spawn. The daemon is up
 after ~1 s, the worker (torch import, resume) trains from ~4-5 s on a 2-core machine."""
 STARTUP_S = 5.0
+AIMED_SHARE = 0.5
+AIMED_S = 0.03
+"""Share of kills aimed at a checkpoint write: once the round has checkpointed, wait for the next
+``.tmp-step-*`` directory to appear, then kill uniform in [0, AIMED_S) later — mid-file, between
+files, at the rename or in the prune."""
 TRAINING_S = 1.5
-"""The other kills land uniform in [0, TRAINING_S) after the round's first new checkpoint, when
-a checkpoint is being written most of the time (one per ~0.1 s step)."""
+"""The remaining kills land uniform in [0, TRAINING_S) after the round's first new checkpoint:
+anywhere in a step, the checkpoint or the announcement of its weights (blobs, run state)."""
 ORPHAN_DEADLINE_S = 20.0
 """A worker whose daemon died must be gone by then (its own timer ends it after 10 s)."""
 RUN = "default"
@@ -73,6 +78,7 @@ class Tally:
     daemon_only: int = 0
     training: int = 0
     during_write: int = 0
+    during_atomic_write: int = 0
     resumes_checked: int = 0
     delays_s: list[float] = field(default_factory=list)
 
@@ -88,27 +94,8 @@ def test_kill_9_at_random_moments_never_leaves_a_half_written_file_and_always_re
     newest = 0
     try:
         for round_no in range(KILLS):
-            stale = _temp_dirs(store)
             log_start = len(daemon.log())
-            daemon.spawn()
-            if rng.random() < STARTUP_SHARE:
-                delay = rng.uniform(0.0, STARTUP_S)  # daemon or worker still starting
-            else:  # training: wait for this round's first checkpoint, then a little more
-                sync_wait(lambda: (store.latest_step() or 0) > newest or daemon.proc.poll() is not None, 90,
-                          f"round {round_no}: a new checkpoint")
-                delay = rng.uniform(0.0, TRAINING_S)
-                tally.training += 1
-            tally.delays_s.append(round(delay, 2))
-            time.sleep(delay)
-            whole_family = rng.random() < 2 / 3
-            if whole_family:
-                daemon.kill_family()
-                tally.family += 1
-            else:
-                daemon.kill()
-                tally.daemon_only += 1
-            if _temp_dirs(store) - stale:
-                tally.during_write += 1  # a checkpoint was being written when the kill landed
+            _start_and_kill(daemon, store, rng, tally, newest, round_no)
             sync_wait(lambda: not daemon.family(), ORPHAN_DEADLINE_S, f"round {round_no}: the worker to exit")
             peer_id = _check_files(daemon.data_dir, store, peer_id)
             tally.resumes_checked += _check_resume(daemon.log()[log_start:], newest, round_no)
@@ -123,10 +110,50 @@ def test_kill_9_at_random_moments_never_leaves_a_half_written_file_and_always_re
     assert "skipping corrupt checkpoint" not in log and "no loadable checkpoint" not in log
     print(f"\ncrash safety: {KILLS} kills ({tally.family} daemon+worker, {tally.daemon_only} daemon only; "
           f"{KILLS - tally.training} in startup, {tally.training} while training), "
-          f"{tally.during_write} with a checkpoint being written, {tally.resumes_checked} resumes checked, "
+          f"{tally.during_write} with a checkpoint being written, {tally.during_atomic_write} during another "
+          f"file's atomic write, {tally.resumes_checked} resumes checked, "
           f"newest checkpoint step {newest}; delays {tally.delays_s}")
     assert tally.during_write >= 1, "no kill landed during a checkpoint write; the test proves little"
     shutil.rmtree(daemon.data_dir / "blobs", ignore_errors=True)  # every checkpoint's weights: GBs
+
+
+def _start_and_kill(daemon: DaemonProcess, store: CheckpointStore, rng: random.Random, tally: Tally,
+                    newest: int, round_no: int) -> None:
+    """Start the daemon, wait a random moment (in startup, or while checkpoints are written),
+    SIGKILL it (with its worker, or alone) and note whether a checkpoint write was cut."""
+    stale, stale_files = _temp_dirs(store), _atomic_temps(daemon.data_dir)
+    daemon.spawn()
+    phase = rng.random()
+    if phase < STARTUP_SHARE:
+        delay = rng.uniform(0.0, STARTUP_S)  # daemon or worker still starting
+    else:  # training: wait for this round's first checkpoint, then a little more
+        sync_wait(lambda: (store.latest_step() or 0) > newest or daemon.proc.poll() is not None, 90,
+                  f"round {round_no}: a new checkpoint")
+        tally.training += 1
+        if phase < STARTUP_SHARE + AIMED_SHARE:  # aim: as soon as a checkpoint write begins
+            before = _temp_dirs(store)
+            sync_wait(lambda: _temp_dirs(store) - before or daemon.proc.poll() is not None, 30,
+                      f"round {round_no}: a checkpoint write to begin", interval_s=0.002)
+            delay = rng.uniform(0.0, AIMED_S)
+        else:
+            delay = rng.uniform(0.0, TRAINING_S)
+    tally.delays_s.append(round(delay, 2))
+    time.sleep(delay)
+    if rng.random() < 2 / 3:
+        daemon.kill_family()
+        tally.family += 1
+    else:
+        daemon.kill()
+        tally.daemon_only += 1
+    if _temp_dirs(store) - stale:
+        tally.during_write += 1  # a checkpoint was being written (or pruned) when the kill landed
+    if _atomic_temps(daemon.data_dir) - stale_files:
+        tally.during_atomic_write += 1  # a blob, run-state or key file was being replaced
+
+
+def _atomic_temps(data_dir: Path) -> set[Path]:
+    """Temp files of protocol.atomic's writes (``.<name>.<random>.tmp``), left by a cut write."""
+    return set(data_dir.rglob(".*.tmp")) if data_dir.is_dir() else set()
 
 
 def _temp_dirs(store: CheckpointStore) -> set[str]:
