@@ -21,19 +21,31 @@ in general (oracle 2): the canonical state comes only from replaying the log.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
+import queue
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from hyphae.kernels import _triton
 from hyphae.kernels._common import check_params, fp32_scalar, scratch, storage_kind
-from hyphae.kernels.perturb import ELEMENTS_PER_HASH, SPAN_ELEMS, expand_bytes, hash_bytes, seed_keys
+from hyphae.kernels.perturb import (
+    ELEMENTS_PER_HASH,
+    expand_bytes,
+    hash_buffers,
+    hash_bytes,
+    hash_into,
+    philox_keys,
+    seed_keys,
+)
 
 __all__ = ["zo_apply_", "zo_apply_ref_", "zo_apply_triton_", "zo_perturb_", "zo_unperturb_"]
 
-_CHUNK = 1 << 21  # elements per pass: big enough that per-op overhead (and OpenMP barriers) stay small
-_HASH_BUDGET = 1 << 24  # seeds x elements hashed per span (hash scratch <= ~8 MB)
+_TILE = 1 << 20  # elements updated per step: the tile's fp32 z (4 MB) is still in cache (L3) when added
+_HASH_BLOCKS = 1 << 14  # seeds x 128-element blocks hashed per span: Philox temporaries (~0.7 MB) fit L2
 _ROWS = 32  # Triton: 128-element hash blocks per program (4096 elements)
 
 Piece = tuple[torch.Tensor, int]  # (contiguous tensor, global index of its first element)
@@ -108,31 +120,130 @@ def _prepare(
 
 @torch.no_grad()
 def _apply_ref(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> None:
-    """Torch reference: hash a span of the index space for all seeds, then walk it in chunks.
-
-    Hashing is done for a large span at once (one Philox evaluation per 128 elements, as
-    vectorized int64 ops whose per-call overhead would dominate on small chunks); the update
-    itself walks each tensor in cache-sized chunks so every seed's add hits cache and main
-    memory sees x once per call, like a copy.
-    """
+    """Reference path: fp32 host tensors take `_apply_host_f32`, the rest `_apply_ref_device`."""
     if not pieces or not seeds:
         return
-    for device in {p.device for p, _ in pieces}:
-        group = sorted(((p, s) for p, s in pieces if p.device == device), key=lambda pc: pc[1])
+    host = [pc for pc in pieces if pc[0].device.type == "cpu" and pc[0].dtype == torch.float32]
+    if host:
+        _apply_host_f32(host, seeds, coefs)
+    rest = [pc for pc in pieces if not (pc[0].device.type == "cpu" and pc[0].dtype == torch.float32)]
+    for device in {p.device for p, _ in rest}:
+        group = sorted(((p, s) for p, s in rest if p.device == device), key=lambda pc: pc[1])
         _apply_ref_device(group, seeds, coefs, device)
 
 
+def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> None:
+    """fp32 CPU tensors: numpy over spans of the index space, spans shared by helper threads.
+
+    Every op here is single-threaded numpy that releases the GIL, so up to
+    torch.get_num_threads() threads each take whole spans (hash, then update) from a shared
+    list. Nothing waits on an OpenMP barrier, which on a busy machine cost the torch
+    formulation (hundreds of parallel regions per call) more than the work itself. z enters
+    as `_signed_rows`: one gather of 8 fp32 values (+-coef) per byte of the bit stream, then
+    one add, so x is read and written once per call, like a copy.
+    """
+    pieces = sorted(pieces, key=lambda pc: pc[1])
+    flats = [(p.detach().view(-1).numpy(), s) for p, s in pieces]  # share memory with the params
+    k = len(seeds)
+    span = max(_TILE, _HASH_BLOCKS // k * ELEMENTS_PER_HASH)
+    begin, end = pieces[0][1], max(s + p.numel() for p, s in pieces)
+    spans = [(g0, min(g0 + span, end)) for g0 in range(begin - begin % ELEMENTS_PER_HASH, end, span)]
+    spans = [(g0, g1) for g0, g1 in spans if any(s < g1 and s + x.size > g0 for x, s in flats)]
+    workers = max(1, min(torch.get_num_threads(), len(spans)))
+    nblocks = span // ELEMENTS_PER_HASH + 1
+    free: queue.SimpleQueue[_HostBuffers] = queue.SimpleQueue()
+    for w in range(workers):
+        free.put(_HostBuffers.scratch(k * nblocks, min(_TILE, end - begin), str(w)))
+    keys, tables = philox_keys(seeds), [_signed_rows(c) for c in coefs]
+
+    def run(edges: tuple[int, int]) -> None:
+        bufs = free.get()  # one set per worker thread, so never waits
+        try:
+            _apply_span_host(flats, *edges, keys, tables, bufs)
+        finally:
+            free.put(bufs)
+
+    if workers == 1:
+        for edges in spans:
+            run(edges)
+    else:  # threads live for this call only: nothing is left running (or forked) in between
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="hyphae-zo") as pool:
+            list(pool.map(run, spans))
+    for p, _ in pieces:
+        torch.autograd.graph.increment_version(p)  # numpy wrote behind autograd's back
+
+
+@dataclasses.dataclass
+class _HostBuffers:
+    """One worker's scratch for `_apply_span_host`: Philox output and temporaries, gather buffers."""
+
+    words: np.ndarray
+    work: list[np.ndarray]
+    idx: np.ndarray  # intp [tile / 8]: bytes of the bit stream as gather indices
+    rows: np.ndarray  # float32 [tile / 8, 8]: gathered +-coef
+
+    @classmethod
+    def scratch(cls, num_words: int, tile: int, tag: str) -> _HostBuffers:
+        cpu = torch.device("cpu")
+        words, work = hash_buffers(num_words, tag)
+        m = tile // 8 + 2
+        idx = scratch(f"zo_idx{tag}", m, torch.int64, cpu).numpy().view(np.intp)
+        rows = scratch(f"zo_rows{tag}", 8 * m, torch.float32, cpu).numpy().reshape(m, 8)
+        return cls(words, work, idx, rows)
+
+
+def _signed_rows(coef: float) -> np.ndarray:
+    """float32 [256, 8]: row v is coef * z for the 8 elements whose bits are byte v.
+
+    coef * (+-1) is exact, so adding a gathered row is the same single IEEE add per element as
+    x + coef * z (and as the Triton kernel's x + where(bit, -coef, coef)).
+    """
+    bits = (np.arange(256)[:, None] >> np.arange(8)) & 1
+    return np.where(bits == 1, np.float32(-coef), np.float32(coef)).astype(np.float32)
+
+
+def _apply_span_host(
+    flats: list[tuple[np.ndarray, int]],
+    g0: int,
+    g1: int,
+    keys: list[tuple[np.ndarray, np.ndarray]],
+    tables: list[np.ndarray],
+    bufs: _HostBuffers,
+) -> None:
+    """Hash global elements [g0, g1) for every seed, then add z to each overlapping tensor."""
+    first = g0 // ELEMENTS_PER_HASH
+    stream = hash_into(keys, first, -(-g1 // ELEMENTS_PER_HASH) - first, bufs.words, bufs.work)
+    for x, s in flats:
+        lo, hi = max(s, g0), min(s + x.size, g1)
+        while lo < hi:
+            top = min(hi, lo - lo % _TILE + _TILE)  # tile edges on multiples of _TILE
+            tile = x[lo - s : top - s]
+            shift, r0, r1 = (lo - g0) % 8, (lo - g0) // 8, (top - g0 + 7) // 8
+            idx, rows = bufs.idx[: r1 - r0], bufs.rows[: r1 - r0]
+            for k, table in enumerate(tables):  # seeds in order: one rounding per seed, like K calls
+                np.copyto(idx, stream[k, r0:r1])
+                np.take(table, idx, axis=0, out=rows, mode="wrap")  # "wrap": unbuffered; idx < 256
+                np.add(tile, rows.reshape(-1)[shift : shift + top - lo], out=tile)
+            lo = top
+
+
 def _apply_ref_device(pieces: list[Piece], seeds: list[int], coefs: list[float], device: torch.device) -> None:
-    span = max(1 << 13, min(SPAN_ELEMS, _HASH_BUDGET // len(seeds))) // 1024 * 1024
+    """Torch reference for other devices and bf16/fp16: hash a span for all seeds, walk it in tiles.
+
+    Every seed's z is expanded and added while the tile is in cache, so main memory sees x
+    once per call.
+    """
+    span = max(_TILE, _HASH_BLOCKS // len(seeds) * ELEMENTS_PER_HASH)  # elements hashed per call
     begin = pieces[0][1]
     end = max(s + p.numel() for p, s in pieces)
-    chunk = min(_CHUNK, end - begin)
+    tile = min(_TILE, end - begin)
     bufs = {
-        "idx": scratch("zo_idx", chunk // 8 + 2, torch.int32, device),
-        "z": scratch("zo_z", chunk // 8 + 2, torch.int64, device),
+        "idx": scratch("zo_idx", tile // 8 + 2, torch.int32, device),
+        "z": scratch("zo_z", tile // 8 + 2, torch.int64, device),
+        "zf": scratch("zo_zf", tile, torch.float32, device),
     }
     if any(p.dtype != torch.float32 for p, _ in pieces):
-        bufs["acc"] = scratch("zo_acc", chunk, torch.float32, device)
+        bufs["acc"] = scratch("zo_acc", tile, torch.float32, device)
     for g0 in range(begin - begin % ELEMENTS_PER_HASH, end, span):
         g1 = min(g0 + span, end)
         active = [(p, s) for p, s in pieces if s < g1 and s + p.numel() > g0]
@@ -157,18 +268,21 @@ def _apply_piece(
     """Update global elements [lo, hi) of one tensor (first element at `start`) from `stream`.
 
     `stream[k, b]` holds the bits of global elements g0 + 8b .. g0 + 8b + 7 for seed k.
+    z is widened to an fp32 scratch tile before the add: a mixed int8 + fp32 add would
+    allocate that temporary itself on every call.
     """
     while lo < hi:
-        top = min(hi, lo - lo % _CHUNK + _CHUNK)  # chunk edges on multiples of _CHUNK
+        top = min(hi, lo - lo % _TILE + _TILE)  # tile edges on multiples of _TILE
         x = flat[lo - start : top - start]
         n = top - lo
         shift = (lo - g0) % 8
         rows = slice((lo - g0) // 8, (top - g0 + 7) // 8)
         low = x.dtype != torch.float32
         acc = bufs["acc"][:n].copy_(x) if low else x
+        zf = bufs["zf"][:n]
         for k, coef in enumerate(coefs):
-            z = expand_bytes(stream[k, rows], bufs["idx"], bufs["z"])[shift : shift + n]
-            acc.add_(z, alpha=coef)  # fp32 x + (+-1 as int8 -> fp32) * coef: exact product, one rounding
+            zf.copy_(expand_bytes(stream[k, rows], bufs["idx"], bufs["z"])[shift : shift + n])  # int8 +-1, exact
+            acc.add_(zf, alpha=coef)  # fp32 x + (+-1) * coef: exact product, one rounding
             if low:
                 x.copy_(acc)  # round to storage (nearest-even) after every seed ...
                 if k + 1 < len(coefs):
