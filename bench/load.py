@@ -332,12 +332,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             d.kill_family()
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
-    return report(args, root, watched, alive, peaks, baseline, baseline_api, probe, after_probe, scores)
+    honest = {d.peer_id for d in nodes}
+    return report(args, root, watched, alive, peaks, baseline, baseline_api, probe, after_probe, scores, honest)
 
 
 def report(args: argparse.Namespace, root: Path, watched: dict[str, Any], alive: list[bool],
            peaks: list[float | None], baseline: list[float | None], baseline_api: list[float], probe: Probe,
-           after_probe: float | None, scores: list[dict[str, Any]]) -> dict[str, Any]:
+           after_probe: float | None, scores: list[dict[str, Any]], honest: set[str]) -> dict[str, Any]:
     latencies = watched["latencies"]
     delivered = [x for x in latencies if x is not None]
     warm, end = watched["warm"], watched["end"]
@@ -374,22 +375,23 @@ def report(args: argparse.Namespace, root: Path, watched: dict[str, Any], alive:
             "warmup_s": round(warm["t"] - watched["began"], 1), "end_s": round(end["t"] - watched["began"], 1),
         },
         "flooders": watched["counts"],
-        "scores": _score_summary(scores),
+        "scores": _score_summary(scores, honest),
         "data_dir": str(root) if args.keep else None,
     }
 
 
-def _score_summary(views: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the nodes' score tables say about the flooders: violations by kind, lowest score,
-    disconnects for score."""
-    kinds: dict[str, int] = {}
-    for view in views:
-        for row in view["peers"].values():
+def _score_summary(views: list[dict[str, Any]], honest: set[str]) -> dict[str, Any]:
+    """What the nodes' score tables say, split by who was scored: the flooders, or honest nodes
+    (which a flood must not get penalised or disconnected)."""
+    out: dict[str, Any] = {"disconnected_for_score": sum(v["disconnected"] for v in views)}
+    for who, mine in (("flooders", lambda p: p not in honest), ("honest_nodes", lambda p: p in honest)):
+        rows = [row for view in views for peer, row in view["peers"].items() if mine(peer)]
+        kinds: dict[str, int] = {}
+        for row in rows:
             for kind, n in row["violations"].items():
                 kinds[kind] = kinds.get(kind, 0) + n
-    rows = [row for view in views for row in view["peers"].values()]
-    return {"violations": kinds, "lowest": min((r["score"] for r in rows), default=None),
-            "disconnected_for_score": sum(v["disconnected"] for v in views)}
+        out[who] = {"violations": kinds, "lowest": min((r["score"] for r in rows), default=None)}
+    return out
 
 
 def _flooder_result(path: Path) -> dict[str, int]:

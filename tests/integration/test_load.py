@@ -41,9 +41,11 @@ def test_eight_flooded_nodes_stay_up_bounded_and_let_honest_writes_through(tmp_p
     result = json.loads(out.read_text())
     assert result["nodes_alive_at_end"] == NODES
     honest = result["honest_write_to_all_s"]
-    assert honest["probes"] >= 3 and honest["probes_not_delivered"] == 0, honest
+    assert honest["probes"] >= 2 and honest["probes_not_delivered"] == 0, honest  # a probe can take ~10 s
     assert honest["under_flood_max"] <= HONEST_BOUND_S and honest["after_flood"] is not None, honest
     assert result["api_call_s"]["under_flood_max"] <= API_BOUND_S, result["api_call_s"]
+    honest_scores = result["scores"]["honest_nodes"]
+    assert (honest_scores["lowest"] or 0.0) > -100.0, f"an honest node was scored toward a disconnect: {honest_scores}"
     growth = result["memory_mib"]["unexplained_growth_per_node"]
     assert all(g is not None and g <= UNEXPLAINED_GROWTH_MIB for g in growth), result["memory_mib"]
     for i, counts in enumerate(result["flooders"]):
