@@ -132,7 +132,7 @@ def _apply_ref(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> Non
         _apply_ref_device(group, seeds, coefs, device)
 
 
-def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float]) -> None:
+def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float], *, assign: bool = False) -> None:
     """fp32 CPU tensors: numpy over spans of the index space, spans shared by helper threads.
 
     Every op here is single-threaded numpy that releases the GIL, so up to
@@ -140,7 +140,8 @@ def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float]) -
     list. Nothing waits on an OpenMP barrier, which on a busy machine cost the torch
     formulation (hundreds of parallel regions per call) more than the work itself. z enters
     as `_signed_rows`: one gather of 8 fp32 values (+-coef) per byte of the bit stream, then
-    one add, so x is read and written once per call, like a copy.
+    one add, so x is read and written once per call, like a copy. `assign` (one seed) writes
+    coef * z instead of adding it, for `fill_z_host_`.
     """
     pieces = sorted(pieces, key=lambda pc: pc[1])
     flats = [(p.detach().view(-1).numpy(), s) for p, s in pieces]  # share memory with the params
@@ -159,7 +160,7 @@ def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float]) -
     def run(edges: tuple[int, int]) -> None:
         bufs = free.get()  # one set per worker thread, so never waits
         try:
-            _apply_span_host(flats, *edges, keys, tables, bufs)
+            _apply_span_host(flats, *edges, keys, tables, bufs, assign)
         finally:
             free.put(bufs)
 
@@ -171,6 +172,15 @@ def _apply_host_f32(pieces: list[Piece], seeds: list[int], coefs: list[float]) -
             list(pool.map(run, spans))
     for p, _ in pieces:
         torch.autograd.graph.increment_version(p)  # numpy wrote behind autograd's back
+
+
+@torch.no_grad()
+def fill_z_host_(out: torch.Tensor, seed: int, offset: int) -> None:
+    """out[j] = z(seed, offset + j) for a contiguous fp32 CPU tensor, on the threaded host path.
+
+    `perturb.rademacher_ref` uses it: the same gathers as the update, written instead of added.
+    """
+    _apply_host_f32([(out, offset)], [seed], [1.0], assign=True)
 
 
 @dataclasses.dataclass
@@ -209,8 +219,9 @@ def _apply_span_host(
     keys: list[tuple[np.ndarray, np.ndarray]],
     tables: list[np.ndarray],
     bufs: _HostBuffers,
+    assign: bool = False,
 ) -> None:
-    """Hash global elements [g0, g1) for every seed, then add z to each overlapping tensor."""
+    """Hash global elements [g0, g1) for every seed, then add (or assign) coef * z to each tensor."""
     first = g0 // ELEMENTS_PER_HASH
     stream = hash_into(keys, first, -(-g1 // ELEMENTS_PER_HASH) - first, bufs.words, bufs.work)
     for x, s in flats:
@@ -223,7 +234,11 @@ def _apply_span_host(
             for k, table in enumerate(tables):  # seeds in order: one rounding per seed, like K calls
                 np.copyto(idx, stream[k, r0:r1])
                 np.take(table, idx, axis=0, out=rows, mode="wrap")  # "wrap": unbuffered; idx < 256
-                np.add(tile, rows.reshape(-1)[shift : shift + top - lo], out=tile)
+                z = rows.reshape(-1)[shift : shift + top - lo]
+                if assign:
+                    np.copyto(tile, z)
+                else:
+                    np.add(tile, z, out=tile)
             lo = top
 
 
