@@ -21,9 +21,14 @@ protocols at the limits the node grants one peer:
 Meanwhile the run owner's API writes a config key every ``--probe-every-s``; the time until
 every other node's API shows it is the honest-traffic latency. Every API call is timed. RSS
 (VmRSS) of every daemon is sampled each second; peak RSS is VmHWM at the end. "Bounded" compares
-RSS at the end with RSS after the warm-up (the first quarter of the flood).
+RSS at the end with RSS after the warm-up (the first quarter of the flood), less what the node
+holds for peers on purpose (unclaimed transfers and its receive-buffer pool, from
+``/api/v1/tensor``; both capped by the tensor plane's config, 2 GiB and 512 MiB, and unclaimed
+transfers expire after 300 s — so at 4 MiB/s per flooder they grow all minute, by design).
 
-The baseline is the same honest probe with no flood, measured first in the same run.
+An honest peer outside the gossip also sends one runsync request a second to each node (its own
+host idle, so its latency is the node's). The baseline is the same honest probes with no flood,
+measured first in the same run.
 """
 
 from __future__ import annotations
@@ -158,6 +163,41 @@ async def flood(target: str, duration_s: float, seed: int, push_mib_per_s: float
     return counts
 
 
+async def honest_rpc(targets: list[str], duration_s: float) -> dict[str, Any]:
+    """An honest peer that is not in the gossip (so its own host is idle): a runsync request to
+    each node in turn, one a second; returns the latencies and the failures."""
+    from hyphae.protocol.config import HostConfig
+    from hyphae.protocol.host import open_host
+    from hyphae.protocol.identity import Identity
+    from hyphae.protocol.runstate import SYNC_PROTOCOL, RunState
+    from hyphae.protocol.runstate.wire import MAX_SYNC_FRAME_BYTES
+
+    latencies: list[float] = []
+    failures: dict[str, int] = {}
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+    async with open_host(Identity.generate(), config, agent="hyphae-load-honest/1") as host:
+        peers = [await host.connect(t) for t in targets]
+        request = RunState(RUN, Identity.generate()).sync_request().to_wire()
+        deadline = time.monotonic() + duration_s
+        while time.monotonic() < deadline:
+            for peer in peers:
+                start = time.perf_counter()
+                try:
+                    await asyncio.wait_for(host.request(peer, SYNC_PROTOCOL, request,
+                                                        max_frame_bytes=MAX_SYNC_FRAME_BYTES), 30)
+                    latencies.append(time.perf_counter() - start)
+                except Exception as exc:  # noqa: BLE001 — counted by kind
+                    failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+            await asyncio.sleep(1.0)
+    return {"latencies_s": latencies, "failures": failures}
+
+
+def _honest_stats(result: dict[str, Any]) -> dict[str, Any]:
+    lat = result.get("latencies_s", [])
+    return {"median": statistics.median(lat) if lat else None, "p90": _pct(lat, 0.9),
+            "max": max(lat, default=None), "ok": len(lat), "failed": result.get("failures", {"crashed": 1})}
+
+
 # ---- the orchestrator ----------------------------------------------------------------------
 
 
@@ -224,6 +264,20 @@ def _pct(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def start_honest(root: Path, nodes: list[DaemonProcess], duration_s: float, name: str) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--honest", *[d.multiaddr for d in nodes],
+           "--duration-s", str(duration_s), "--json", str(root / f"{name}.json")]
+    with open(root / f"{name}.log", "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _honest_result(root: Path, name: str) -> dict[str, Any]:
+    try:
+        return _honest_stats(json.loads((root / f"{name}.json").read_text()))
+    except (FileNotFoundError, json.JSONDecodeError):
+        return _honest_stats({})
+
+
 def start_flooders(root: Path, nodes: list[DaemonProcess], args: argparse.Namespace) -> list[subprocess.Popen[bytes]]:
     flooders = []
     for i, d in enumerate(nodes):
@@ -287,6 +341,7 @@ def flood_and_watch(root: Path, nodes: list[DaemonProcess], probe: Probe,
                     args: argparse.Namespace) -> dict[str, Any]:
     """Run the flooders; probe honest traffic and sample memory until they are done."""
     flooders = start_flooders(root, nodes, args)
+    honest = start_honest(root, nodes, args.duration_s, "honest-flood")
     try:
         sync_wait(lambda: all((root / f"flooder{i}.started").exists() or f.poll() is not None
                               for i, f in enumerate(flooders)), 180, "every flooder to start", interval_s=0.2)
@@ -298,11 +353,11 @@ def flood_and_watch(root: Path, nodes: list[DaemonProcess], probe: Probe,
             latencies.append(probe.once(args.probe_timeout_s))
             time.sleep(max(0.0, args.probe_every_s - (time.monotonic() - began) % args.probe_every_s))
         sampler.join()
-        for f in flooders:
-            f.wait(60)  # in-flight requests time out after 10 s, then the flooder reports
+        for f in [*flooders, honest]:
+            f.wait(90)  # in-flight requests time out after 10 s, then the flooder reports
         flood_s = time.monotonic() - began
     finally:
-        for f in flooders:
+        for f in [*flooders, honest]:
             if f.poll() is None:
                 f.kill()
             f.wait(10)
@@ -310,7 +365,8 @@ def flood_and_watch(root: Path, nodes: list[DaemonProcess], probe: Probe,
     warm = next((x for x in samples if x["t"] - began >= args.duration_s / 4), samples[-1])
     return {"flood_s": flood_s, "began": began, "cpu_cores_used": sampler.cores_used(samples[-1]["t"] - began),
             "latencies": latencies, "warm": warm, "end": samples[-1],
-            "counts": [_flooder_result(root / f"flooder{i}.json") for i in range(len(flooders))]}
+            "counts": [_flooder_result(root / f"flooder{i}.json") for i in range(len(flooders))],
+            "honest_rpc": _honest_result(root, "honest-flood")}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -320,6 +376,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         nodes = start_nodes(root, args.nodes)
         probe = Probe(nodes)
         baseline = [probe.once(args.probe_timeout_s) for _ in range(5)]
+        quiet = start_honest(root, nodes, 6.0, "honest-baseline")
+        quiet.wait(120)
+        baseline_rpc = _honest_result(root, "honest-baseline")
         baseline_api = list(probe.api_s)
         probe.api_s.clear()
         watched = flood_and_watch(root, nodes, probe, args)
@@ -333,7 +392,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     honest = {d.peer_id for d in nodes}
-    return report(args, root, watched, alive, peaks, baseline, baseline_api, probe, after_probe, scores, honest)
+    result = report(args, root, watched, alive, peaks, baseline, baseline_api, probe, after_probe, scores, honest)
+    result["honest_runsync_s"] = {"baseline": baseline_rpc, "under_flood": watched["honest_rpc"]}
+    return result
 
 
 def report(args: argparse.Namespace, root: Path, watched: dict[str, Any], alive: list[bool],
@@ -401,6 +462,13 @@ def _flooder_result(path: Path) -> dict[str, int]:
         return {"crashed": 1}
 
 
+def _fmt_rpc(stats: dict[str, Any]) -> str:
+    if stats["median"] is None:
+        return f"none answered ({stats['failed']})"
+    return (f"median {stats['median']:.3f} s, p90 {stats['p90']:.3f}, max {stats['max']:.3f} "
+            f"({stats['ok']} ok, failed {stats['failed']})")
+
+
 def summary(result: dict[str, Any]) -> str:
     h, m, a = result["honest_write_to_all_s"], result["memory_mib"], result["api_call_s"]
     totals: dict[str, int] = {}
@@ -417,6 +485,8 @@ def summary(result: dict[str, Any]) -> str:
         f"  honest write reaches all: baseline {fmt(h['baseline_median'])} s; under flood median "
         f"{fmt(h['under_flood_median'])} s, p90 {fmt(h['under_flood_p90'])}, max {fmt(h['under_flood_max'])} "
         f"({h['probes']} probes, {h['probes_not_delivered']} not delivered); after {fmt(h['after_flood'])} s",
+        f"  honest runsync (a peer outside the gossip, 1/s to each node): baseline "
+        f"{_fmt_rpc(result['honest_runsync_s']['baseline'])}; under flood {_fmt_rpc(result['honest_runsync_s']['under_flood'])}",
         f"  API call: baseline p90 {fmt(a['baseline_p90'])} s; under flood median {fmt(a['under_flood_median'])}, "
         f"p90 {fmt(a['under_flood_p90'])}, max {fmt(a['under_flood_max'])} s ({a['calls']} calls)",
         f"  peak RSS per node (MiB): {m['peak_rss_per_node']}",
@@ -443,7 +513,11 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="where to write the result")
     parser.add_argument("--keep", action="store_true", help="keep the nodes' data dirs and logs")
     parser.add_argument("--flooder", metavar="MULTIADDR", help=argparse.SUPPRESS)
+    parser.add_argument("--honest", metavar="MULTIADDR", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.honest:
+        args.json.write_text(json.dumps(asyncio.run(honest_rpc(args.honest, args.duration_s))))
+        return 0
     if args.flooder:
         counts = asyncio.run(flood(args.flooder, args.duration_s, args.seed, args.push_mib_per_s,
                                    args.blob_requests_per_s, args.json.with_suffix(".started")))

@@ -1,5 +1,6 @@
 """8 daemons, each flooded at its per-peer limits for 15 s (bench/load.py, cut short): no node
-falls over, honest run-state writes still reach every node, the API answers, memory stays bounded.
+falls over, honest run-state writes still reach every node, an honest peer's runsync requests are
+answered, the API answers, memory stays bounded, no honest node is scored.
 
 The flood is the benchmark's (see its docstring): per node, a flooder process with its own
 libp2p host publishing run-state envelopes, making runsync and hello requests at the node's
@@ -43,6 +44,8 @@ def test_eight_flooded_nodes_stay_up_bounded_and_let_honest_writes_through(tmp_p
     honest = result["honest_write_to_all_s"]
     assert honest["probes"] >= 2 and honest["probes_not_delivered"] == 0, honest  # a probe can take ~10 s
     assert honest["under_flood_max"] <= HONEST_BOUND_S and honest["after_flood"] is not None, honest
+    rpc = result["honest_runsync_s"]["under_flood"]  # a peer outside the gossip, one request a second per node
+    assert rpc["ok"] >= NODES // 2 and not rpc["failed"] and rpc["max"] <= HONEST_BOUND_S, rpc
     assert result["api_call_s"]["under_flood_max"] <= API_BOUND_S, result["api_call_s"]
     honest_scores = result["scores"]["honest_nodes"]
     assert (honest_scores["lowest"] or 0.0) > -100.0, f"an honest node was scored toward a disconnect: {honest_scores}"
