@@ -116,10 +116,15 @@ async def test_bulk_data_over_a_relay_keeps_to_its_rate_and_is_cut_at_its_byte_b
         assert sender.stats()["peers"][node.peer_id]["path"] == "libp2p-relayed"
         with pytest.raises(HyphaeError):
             await sender.send(node.peer_id, "over", [Tensor.from_numpy("y", np.zeros(2 << 20, dtype=np.uint8))])
-    refused = (await relay.reachability())["relay_service"]["refused"]
+
+    async def reset_for_data() -> bool:
+        refused = (await relay.reachability())["relay_service"]["refused"]
+        return refused.get("reset_data", 0) >= 1
+
     # At least the one circuit that went over its budget was reset (the tensor plane may retry a
     # transfer once on a fresh circuit when the reused one died mid-send: that one is cut too).
-    assert refused.get("reset_data", 0) >= 1
+    # On a loaded machine the sender can give up before the relay has counted the cut: wait.
+    await wait_for(reset_for_data, 15, "the relay reset the circuit that went over its budget")
 
 
 async def test_a_reservation_is_renewed_and_moves_to_another_relay_when_its_relay_leaves(make_host) -> None:

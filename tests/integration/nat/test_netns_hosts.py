@@ -59,7 +59,7 @@ def test_the_public_host_is_found_public_and_the_natted_ones_private_check_after
             assert net.hosts[name].wan_ip in seen_at and seen_at <= {net.hosts[name].wan_ip, net.ip(name)}, reach
             assert reach["relay_addrs"] and not reach["relay_service"]["enabled"]
             assert sum(p["verdict"] == "private" for p in reach["probes"]) >= 1
-            assert reach["last_check_s_ago"] < 10 and len(reach["probes"]) >= checks_at_start[name], reach
+            assert reach["last_check_s_ago"] < 30 and len(reach["probes"]) >= checks_at_start[name], reach
 
 
 def test_behind_a_symmetric_nat_hole_punching_fails_and_the_relay_keeps_it_reachable(tmp_path: Path) -> None:
