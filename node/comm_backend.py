@@ -15,7 +15,9 @@ way; nothing here imports torch. What each call does on the network:
   just this node is reduced locally.
 * ``put_blob``/``get_blob``: named by sha256 for the Comm; stored locally and in the tensor
   plane's blob service, whose manifest id the run state maps from the sha256, so any peer can
-  fetch (from every holder at once) and verify it.
+  fetch (from every holder at once) and verify it. Only the most recently used blobs are kept
+  (:class:`BlobBudget`); older ones are deleted here, with the run-state record this node wrote
+  for them, and fetched again from others if asked for.
 * ``state_*``: the run state's ``algo`` section (each member writes its own entries; a read
   merges everyone's, newest write winning).
 """
@@ -25,8 +27,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -45,7 +51,7 @@ from .tensor_bytes import from_float64, to_float64
 if TYPE_CHECKING:
     from .daemon import Daemon
 
-__all__ = ["CommBackend", "CommFailure", "Tensors", "Collectives"]
+__all__ = ["BlobBudget", "CommBackend", "CommFailure", "Tensors", "Collectives"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,29 @@ MAX_TOPIC_CHARS = 64
 MAX_SCALAR_STEP = (1 << 62) - 1
 SCALAR_RATE = RateLimit(rate_per_s=50.0, burst=200.0)
 """Per author. ZO publishes one message per training step (a step takes >= ~0.1 s)."""
+
+
+@dataclass(frozen=True)
+class BlobBudget:
+    """How many blobs a node keeps on disk; beyond it the least recently used are deleted.
+
+    Every checkpoint a worker announces, every ZO snapshot and every SPES expert sync passes
+    through ``put_blob``; kept forever, a tiny-model run reached 386 MB after 58 checkpoints.
+    Apart from the blobs the run state still names (always kept), the algorithms ask for
+    recent blobs only, so a few syncs' worth is enough, and a deleted blob can still be fetched
+    from peers that hold it while its record lasts.
+    """
+
+    max_blobs: int = 24
+    """A few syncs of SPES's 8 experts plus checkpoints and ZO snapshots. Blobs the run state
+    still names count too but are never deleted, so they alone may exceed it."""
+    max_bytes: int = 2 << 30
+    """Of the local copies; the tensor plane keeps a second copy of each, so disk use is about
+    twice this. The blob just written or fetched is kept even if it alone is larger."""
+
+    def __post_init__(self) -> None:
+        if self.max_blobs < 1 or self.max_bytes < 0:
+            raise ValueError(f"max_blobs must be >= 1 and max_bytes >= 0, got {self.max_blobs}, {self.max_bytes}")
 
 
 class CommFailure(Exception):
@@ -103,6 +132,11 @@ class CommBackend:
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.blob_dir: Path = daemon.datadir.root / "blobs" / "local"
+        self.blob_budget = BlobBudget()
+        self._plane_ids: dict[str, str] = {}  # sha256 -> blob-service id of blobs put or fetched here
+        self._in_use: Counter[str] = Counter()  # blobs being put or read: never deleted meanwhile
+        self._trim_lock = asyncio.Lock()
+        self._last_use_ns = 0
         self._state: dict[str, Any] = {}
         self._scalars: dict[tuple[str, int], dict[str, bytes]] = defaultdict(dict)
         self._scalar_event = asyncio.Event()
@@ -272,26 +306,35 @@ class CommBackend:
         chunk as it arrives); the run state maps the sha256 to that id for everyone."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.blob_dir / digest
-        if not path.exists():
-            await asyncio.to_thread(atomic_write_bytes, path, data)
-        plane, state = self.collectives, self._run_state()
-        if plane is not None and state is not None:
-            blob_id = await plane.put_blob(data)
-            await self.state_set(f"{BLOB_PREFIX}{digest}", {"id": blob_id, "size": len(data)})
+        with self._using(digest):
+            if not path.exists():
+                await asyncio.to_thread(atomic_write_bytes, path, data)
+            await asyncio.to_thread(self._touch, path)
+            plane, state = self.collectives, self._run_state()
+            if plane is not None and state is not None:
+                blob_id = await plane.put_blob(data)
+                self._plane_ids[digest] = blob_id
+                await self.state_set(f"{BLOB_PREFIX}{digest}", {"id": blob_id, "size": len(data)})
+            await self._trim_blobs()
         return digest
 
     async def get_blob(self, digest: str, timeout_s: float) -> bytes:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise CommFailure("ValueError", f"{digest!r} is not a sha256 hex digest")
         path = self.blob_dir / digest
-        if path.exists():
-            data = await asyncio.to_thread(path.read_bytes)
-        else:
-            data = await self._fetch_blob(digest, timeout_s)
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise CommFailure("BlobCorrupt", f"blob {digest} does not hash to its name")
-        if not path.exists():
-            await asyncio.to_thread(atomic_write_bytes, path, data)
+        with self._using(digest):
+            if path.exists():
+                data = await asyncio.to_thread(path.read_bytes)
+                fetched = False
+            else:
+                data, fetched = await self._fetch_blob(digest, timeout_s), True
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise CommFailure("BlobCorrupt", f"blob {digest} does not hash to its name")
+            if not path.exists():
+                await asyncio.to_thread(atomic_write_bytes, path, data)
+            await asyncio.to_thread(self._touch, path)
+            if fetched:
+                await self._trim_blobs()
         return data
 
     async def _fetch_blob(self, digest: str, timeout_s: float) -> bytes:
@@ -300,13 +343,90 @@ class CommBackend:
         if plane is None or not isinstance(record, dict) or not isinstance(record.get("id"), str):
             raise CommFailure("BlobUnavailable", digest)
         try:
-            return await plane.get_blob(record["id"], timeout_s)
+            data = await plane.get_blob(record["id"], timeout_s)
         except TimeoutError:
             raise CommFailure("TimeoutError", f"blob {digest} not fetched within {timeout_s} s") from None
         except CommFailure:
             raise
         except Exception as exc:  # noqa: BLE001 — no provider, a corrupt one, or a dropped fetch
             raise CommFailure("BlobUnavailable", f"{digest}: {exc}") from None
+        self._plane_ids[digest] = record["id"]
+        return data
+
+    # ---- keeping the blob store bounded --------------------------------------------------
+
+    @contextmanager
+    def _using(self, digest: str) -> Iterator[None]:
+        """Mark a blob as in use: a trim running meanwhile (another put) must not delete it."""
+        self._in_use[digest] += 1
+        try:
+            yield
+        finally:
+            self._in_use[digest] -= 1
+            if not self._in_use[digest]:
+                del self._in_use[digest]
+
+    def _touch(self, path: Path) -> None:
+        """Record a use in the file's mtime (so the order survives restarts), strictly later
+        than the previous one (the file system's own clock may tick in milliseconds)."""
+        self._last_use_ns = max(time.time_ns(), self._last_use_ns + 1)
+        os.utime(path, ns=(self._last_use_ns, self._last_use_ns))
+
+    async def _trim_blobs(self) -> None:
+        """Delete the least recently used blobs beyond :attr:`blob_budget`; never one in use or
+        one the run state still names (see :meth:`_named_in_state`)."""
+        async with self._trim_lock:
+            keep = set(self._in_use) | self._named_in_state()
+            victims = await asyncio.to_thread(_over_budget, self.blob_dir, self.blob_budget, keep)
+            for digest in victims:
+                await self._delete_blob(digest)
+
+    def _named_in_state(self) -> set[str]:
+        """Digests named by the algo section's current values outside the ``blob/`` map: a ZO
+        snapshot's weights and pool and the run's θ_0 (put once, at the start, and needed by
+        every joiner for as long as the run lasts), the newest checkpoint of each member, the
+        current SPES experts. Age says nothing about these; the algorithms delete the records
+        they no longer need, which makes their blobs fair game."""
+        state = self._run_state()
+        named: set[str] = set()
+        if state is not None:
+            for key, value in state.newest(ALGO_SECTION).items():
+                if not key.startswith(BLOB_PREFIX):
+                    _collect_digests(value, named)
+        return named
+
+    async def _delete_blob(self, digest: str) -> None:
+        """Delete a blob here: the local file, the tensor plane's copy and this node's own record
+        ``blob/<sha256>`` (others' records of it, and their copies, stay)."""
+        key = f"{BLOB_PREFIX}{digest}"
+        blob_id = self._plane_ids.pop(digest, None)
+        if blob_id is None:  # put or fetched before a restart: the run state still names it
+            record = await self.state_get(key)
+            blob_id = record.get("id") if isinstance(record, dict) else None
+        await asyncio.to_thread((self.blob_dir / digest).unlink, missing_ok=True)
+        blobs = getattr(self.collectives, "blobs", None)  # the tensor service's BlobService, once started
+        if isinstance(blob_id, str) and blobs is not None:
+            try:
+                await blobs.remove(blob_id)
+            except (OSError, ValueError) as exc:
+                log.warning("could not delete blob %s from the tensor plane: %s", blob_id, exc)
+        self._delete_own_record(key)
+        log.debug("deleted blob %s (over the local budget)", digest)
+
+    def _delete_own_record(self, key: str) -> None:
+        """Delete this node's entry ``key`` from the algo section outright.
+
+        Not ``state_set(key, None)``: that writes a tombstone, which stays in this node's section
+        (at most 8192 keys, so after enough blobs every state_set would be refused) and would
+        hide another member's record of the same blob, newer or not."""
+        state = self._run_state()
+        if state is None:
+            self._state.pop(key, None)
+            return
+        try:
+            state.write(ALGO_SECTION, delete=[key])
+        except (WriteRejected, ValueError) as exc:
+            log.warning("could not delete the run-state record %s: %s", key, exc)
 
     # ---- run state -------------------------------------------------------------------------
 
@@ -344,6 +464,42 @@ class CommBackend:
 ALGO_SECTION = "algo"
 BLOB_PREFIX = "blob/"
 _BYTES_TAG = "$bytes"
+_HEX = frozenset("0123456789abcdef")
+
+
+def _collect_digests(value: Any, out: set[str]) -> None:
+    """Add every sha256 hex string inside a JSON value to ``out``."""
+    if isinstance(value, str):
+        if len(value) == 64 and set(value) <= _HEX:
+            out.add(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _collect_digests(v, out)
+    elif isinstance(value, list):
+        for v in value:
+            _collect_digests(v, out)
+
+
+def _over_budget(folder: Path, budget: BlobBudget, keep: set[str]) -> list[str]:
+    """Blobs in ``folder`` to delete, least recently used (oldest mtime) first: beyond the
+    newest ``max_blobs``, or past ``max_bytes`` counted from the newest. ``keep`` is kept and
+    counted first (temp files of writes in progress are not blobs: left alone)."""
+    found: list[tuple[bool, int, int, str]] = []
+    for entry in os.scandir(folder) if folder.exists() else ():
+        if len(entry.name) != 64 or not set(entry.name) <= _HEX:
+            continue
+        try:
+            st = entry.stat()
+        except FileNotFoundError:
+            continue
+        found.append((entry.name in keep, st.st_mtime_ns, st.st_size, entry.name))
+    found.sort(reverse=True)  # kept ones first, then newest first
+    count = total = 0
+    for i, (kept, _, size, _) in enumerate(found):
+        count, total = count + 1, total + size
+        if not kept and (count > budget.max_blobs or total > budget.max_bytes):
+            return [name for *_, name in reversed(found[i:])]  # this one and every older one
+    return []
 
 
 def _to_json(value: Any) -> Any:

@@ -19,6 +19,9 @@ Load spreading, so that many late joiners do not choke the one original provider
 A provider that fails or disconnects mid-way is dropped and its chunks are fetched from the
 others (fetching resumes with the next chunk; chunks already kept stay kept, also on disk across
 restarts). One that sends a chunk not matching the manifest is dropped for the rest of the fetch.
+
+Nothing is deleted on its own: the owner of the service decides what to keep and calls
+:meth:`BlobService.remove` for the rest (every checkpoint passes through here, so it must).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import logging
 import math
 import random
+import shutil
 import struct
 import time
 from collections import OrderedDict
@@ -120,6 +124,7 @@ class BlobService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._active: dict[str, _Fetch] = {}
         self._announced: set[str] = set()
+        self._removing: set[str] = set()
         self._fetchers: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self.served_bytes = 0
         self.fetched_bytes: dict[str, int] = {}
@@ -143,6 +148,29 @@ class BlobService:
 
     def has(self, blob_id: str) -> bool:
         return self.store.has(check_blob_id(blob_id))
+
+    async def remove(self, blob_id: str) -> bool:
+        """Delete this node's copy of a blob (whole or partial) and stop offering it.
+
+        Returns whether any of it was here. Other blobs are untouched, also while they are being
+        fetched or served. This blob is no longer offered from the first moment: ``have`` answers
+        that it is unknown and chunk requests ``missing``, so fetchers take it from other holders;
+        a chunk already being read from disk may still go out, or fail that one request. A
+        ``get`` of the same blob in progress here finishes first (remove waits for it). The DHT
+        provider record cannot be withdrawn; it expires, and whoever finds this node through it
+        is told the blob is unknown.
+        """
+        check_blob_id(blob_id)
+        async with self._locks.setdefault(blob_id, asyncio.Lock()):
+            self._removing.add(blob_id)
+            self._announced.discard(blob_id)
+            self._fetchers.pop(blob_id, None)
+            try:
+                _forget(self.store, blob_id)
+                return await asyncio.to_thread(_delete_files, self.store, blob_id)
+            finally:
+                _forget(self.store, blob_id)  # a serve that read a manifest meanwhile put it back
+                self._removing.discard(blob_id)
 
     async def get(self, blob_id: str, *, providers: Sequence[str] = (), timeout_s: float = 600.0) -> bytes:
         """The blob's bytes, from here or fetched from providers (DHT, plus ``providers``).
@@ -218,7 +246,7 @@ class BlobService:
         while len(fetchers) > PEX_PEERS + 1:
             fetchers.popitem(last=False)
         others = [p for p in fetchers if p != peer]
-        manifest = self.store.manifest(blob_id)
+        manifest = None if blob_id in self._removing else self.store.manifest(blob_id)
         if manifest is None:
             return Reply({"known": False, "peers": others})
         bits = _bits(self.store.held(blob_id), manifest.chunks)
@@ -232,8 +260,11 @@ class BlobService:
         self._serving += 1
         done = False
         try:
-            data = await asyncio.to_thread(self.store.read_chunk, blob_id, meta["index"])
-            if data is None:
+            data = None
+            if blob_id not in self._removing:
+                with contextlib.suppress(OSError):  # removed between the check and the read
+                    data = await asyncio.to_thread(self.store.read_chunk, blob_id, meta["index"])
+            if data is None or blob_id in self._removing:
                 return Reply({"missing": True})
             self.served_bytes += len(data)
             done = True
@@ -390,6 +421,34 @@ class _Fetch:
     def _start_announce(self) -> None:
         # Announcing takes DHT round trips: it runs beside the fetch, in the plane's task group.
         self.plane._spawn(f"blob-announce {self.blob_id[:12]}", self.service._announce, self.blob_id)
+
+
+def _forget(store: BlobStore, blob_id: str) -> None:
+    """Drop what the store remembers of a blob in memory (cache, manifest, partial chunks).
+
+    It reaches into the store: the store has no delete of its own yet."""
+    cached = store._cache.pop(blob_id, None)
+    if cached is not None:
+        store._cached_bytes -= len(cached)
+    store._manifests.pop(blob_id, None)
+    store._partial.pop(blob_id, None)
+
+
+def _delete_files(store: BlobStore, blob_id: str) -> bool:
+    """Delete a blob's files; whether there were any. The blob file goes first, so that from
+    then on the store no longer has it, whatever happens to the rest."""
+    found = False
+    for path in (store._blob_path(blob_id), store.directory / f"{blob_id}.manifest"):
+        try:
+            path.unlink()
+            found = True
+        except FileNotFoundError:
+            pass
+    folder = store._partial_dir(blob_id)
+    if folder.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        found = True
+    return found
 
 
 def _blob_id(meta: dict[str, Any], extra: dict[str, type]) -> str:

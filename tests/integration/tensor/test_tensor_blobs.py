@@ -134,3 +134,61 @@ async def test_six_joiners_serve_each_other_and_spare_the_origin(make_group, tmp
 @pytest.mark.timeout(400)
 async def test_100_mib_blob_to_six_joiners_costs_the_origin_under_3x(make_group, tmp_path) -> None:
     await _swarm(make_group, tmp_path, 100 << 20, 1 << 20)
+
+
+def _files_of(folder, blob_id: str) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if blob_id in str(p))
+
+
+async def test_removing_one_blob_deletes_it_and_stops_serving_it_while_another_is_being_fetched(
+        make_group, tmp_path) -> None:
+    _, planes = await make_group(3)
+    a, b, c = services(planes, tmp_path, chunk_bytes=32 * 1024, parallel=1)
+    a_peer, b_peer = planes[0].peer_id, planes[1].peer_id
+    gone, kept = os.urandom(300_000), os.urandom(1_000_000)
+    gone_id, kept_id = await a.put(gone), await a.put(kept)
+    assert await b.get(gone_id, providers=[a_peer], timeout_s=30) == gone
+    original = a._on_get
+
+    async def slow_get(peer, meta, tensors):  # ~0.6 s for the kept blob: the remove lands mid-fetch
+        await asyncio.sleep(0.02)
+        return await original(peer, meta, tensors)
+
+    planes[0].serve("/hyphae/blob/get", slow_get)
+    fetch = asyncio.ensure_future(c.get(kept_id, providers=[a_peer], timeout_s=30))
+    await wait_for(lambda: len(c.store.held(kept_id)) >= 3, 20, "a few chunks of the kept blob fetched")
+    assert not fetch.done()
+    assert await a.remove(gone_id) is True
+    assert not a.has(gone_id) and _files_of(tmp_path / "blobs-0", gone_id) == []
+    assert await fetch == kept  # the other blob, being served meanwhile, is untouched
+    assert a.has(kept_id) and await a.remove(gone_id) is False
+    reply = await planes[2].request(a_peer, "/hyphae/blob/have", {"id": gone_id})
+    assert reply.meta["known"] is False and not reply.tensors
+    served = a.served_bytes
+    assert await c.get(gone_id, providers=[a_peer, b_peer], timeout_s=30) == gone
+    assert a.served_bytes == served and c.stats()["fetched_bytes_by_provider"][b_peer] == len(gone)
+
+
+async def test_removing_a_blob_while_serving_it_sends_its_fetcher_to_the_other_holder(make_group, tmp_path) -> None:
+    _, planes = await make_group(3)
+    a, b, c = services(planes, tmp_path, chunk_bytes=32 * 1024, parallel=2, per_provider=1)
+    a_peer, b_peer = planes[0].peer_id, planes[1].peer_id
+    data = os.urandom(2_000_000)
+    blob_id = await a.put(data)
+    assert await b.put(data) == blob_id
+
+    def slowed(service: BlobService):  # both serve ~20 chunks/s: the fetch takes ~1.5 s
+        async def slow_get(peer, meta, tensors):
+            await asyncio.sleep(0.05)
+            return await service._on_get(peer, meta, tensors)
+        return slow_get
+
+    planes[0].serve("/hyphae/blob/get", slowed(a))
+    planes[1].serve("/hyphae/blob/get", slowed(b))
+    fetch = asyncio.ensure_future(c.get(blob_id, providers=[a_peer, b_peer], timeout_s=60))
+    await wait_for(lambda: a.served_bytes >= 3 * 32 * 1024, 20, "a has served a few chunks")
+    assert await a.remove(blob_id) is True
+    served_at_removal = a.served_bytes
+    assert await fetch == data
+    assert a.served_bytes - served_at_removal <= 32 * 1024  # at most the one chunk already being read
+    assert _files_of(tmp_path / "blobs-0", blob_id) == [] and not a.has(blob_id)

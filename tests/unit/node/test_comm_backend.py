@@ -112,3 +112,27 @@ def test_a_malformed_bytes_value_in_the_run_state_reads_back_as_written() -> Non
     assert _from_json({"$bytes": "zz"}) == {"$bytes": "zz"}
     assert _from_json({"$bytes": "0aff"}) == b"\x0a\xff"
     assert _from_json([{"$bytes": "0g"}]) == [{"$bytes": "0g"}]
+
+
+def _blobs_on_disk(b: CommBackend) -> set[str]:
+    return {p.name for p in b.blob_dir.iterdir() if not p.name.startswith(".")}
+
+
+def test_the_local_blob_store_keeps_the_most_recently_used_within_its_budget(tmp_path) -> None:
+    async def main() -> None:
+        b = backend(tmp_path)
+        b.blob_budget = cb.BlobBudget(max_blobs=3, max_bytes=10_000)
+        blobs = [bytes([i]) * 1000 for i in range(8)]
+        names = []
+        for data in blobs:
+            names.append(await b.put_blob(data))
+            assert len(_blobs_on_disk(b)) <= 3
+        assert _blobs_on_disk(b) == set(names[-3:])
+        assert await b.get_blob(names[5], timeout_s=1) == blobs[5]  # used: now the newest
+        await b.put_blob(b"new" * 1000)
+        assert names[5] in _blobs_on_disk(b) and names[6] not in _blobs_on_disk(b)
+        big = await b.put_blob(b"x" * 50_000)  # over the byte cap alone: kept, everything else goes
+        assert _blobs_on_disk(b) == {big}
+        assert await b.get_blob(big, timeout_s=1) == b"x" * 50_000
+
+    asyncio.run(main())
