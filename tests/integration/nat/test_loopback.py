@@ -69,27 +69,8 @@ async def test_loopback_nodes_find_themselves_public_and_relay_only_then(make_ho
     assert reach["relays"] == [] and reach["probes"][0]["server"] == a.peer_id
 
 
-async def relayed_pair(make_host: Any, limits: dict[str, Any]) -> tuple[Host, Host, Host, str]:
-    relay = await make_host(nat={**RELAY, "relay_limits": limits})
-    # The node announces a closed port: on loopback anyone could dial it directly otherwise (the
-    # DHT and py-libp2p's auto-connector learn its address), and this test wants a relay path.
-    node = await make_host(bootstrap=(relay.addrs[0],), announce=(f"/ip4/127.0.0.1/tcp/{closed_port()}",),
-                           nat={**QUIET, "relay_client": "on", "relay_service": "off", "relays": [relay.addrs[0]],
-                                "relay_reservations": 1})
-
-    async def circuit() -> str | None:
-        addrs = (await node.reachability())["relay_addrs"]
-        return addrs[0] if addrs else None
-
-    addr = await wait_for(circuit, 20, "a relay reservation")
-    other = await make_host(nat={**QUIET, "relay_service": "off", "relay_client": "off"})
-    await other.connect(f"{addr}/p2p/{node.peer_id}")
-    await wait_for(lambda: ready(other, node.peer_id), 20, "hello over the relayed connection")
-    return relay, node, other, addr
-
-
-async def test_a_reserved_node_is_reached_through_the_relay_and_both_sides_say_relayed(make_host) -> None:
-    relay, node, other, addr = await relayed_pair(make_host, {})
+async def test_a_reserved_node_is_reached_through_the_relay_and_both_sides_say_relayed(make_relayed_pair) -> None:
+    relay, node, other, addr = await make_relayed_pair({})
     assert addr.endswith(f"/p2p/{relay.peer_id}/p2p-circuit")
     assert await connection(other, node.peer_id) == "relayed"
     await wait_for(lambda: connection(node, other.peer_id), 10, "the node sees the dialer")
@@ -101,9 +82,9 @@ async def test_a_reserved_node_is_reached_through_the_relay_and_both_sides_say_r
     assert service["enabled"] and service["reservations"] == 1 and service["circuits"] >= 1
 
 
-async def test_bulk_data_over_a_relay_keeps_to_its_rate_and_is_cut_at_its_byte_budget(make_host) -> None:
+async def test_bulk_data_over_a_relay_keeps_to_its_rate_and_is_cut_at_its_byte_budget(make_relayed_pair) -> None:
     rate, budget = 256 << 10, 2 << 20
-    relay, node, other, _ = await relayed_pair(make_host, {"circuit_rate_bytes_s": rate, "circuit_bytes": budget})
+    relay, node, other, _ = await make_relayed_pair({"circuit_rate_bytes_s": rate, "circuit_bytes": budget})
     config = TensorConfig(listen=("/ip4/127.0.0.1/tcp/0",), direct_dial=False)  # only the libp2p stream is left
     async with open_tensor_plane(node, config) as receiver, open_tensor_plane(other, config) as sender:
         payload = [Tensor.from_numpy("x", np.zeros(1 << 20, dtype=np.uint8))]
