@@ -25,7 +25,7 @@ from libp2p.utils.varint import encode_varint_prefixed, read_varint_prefixed_byt
 
 from ..errors import PeerError, ProtocolViolation
 
-__all__ = ["HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "HopMessage", "StopMessage", "Limit", "Reservation", "PbPeer",
+__all__ = ["close_quietly", "reset_quietly", "HOP_PROTOCOL_ID", "STOP_PROTOCOL_ID", "HopMessage", "StopMessage", "Limit", "Reservation", "PbPeer",
            "StatusCode", "MAX_MESSAGE_BYTES", "read_msg", "write_msg", "peer_from", "is_circuit", "circuit_parts",
            "is_relayed_conn"]
 
@@ -109,3 +109,21 @@ def is_relayed_conn(conn: Any) -> bool:
     except Exception:  # noqa: BLE001 — a connection that cannot say is treated as direct
         return False
     return bool(addrs) and all(is_circuit(a) for a in addrs)
+
+
+async def close_quietly(stream: Any) -> None:
+    """Close a relay stream within 2 s; a stream that is already dead is fine."""
+    with trio.move_on_after(2):
+        try:
+            await stream.close()
+        except Exception:  # noqa: BLE001 — closing a dead stream is fine
+            pass
+
+
+async def reset_quietly(stream: Any) -> None:
+    """Reset a relay stream within 2 s; a stream that is already dead is fine."""
+    with trio.move_on_after(2):
+        try:
+            await stream.reset()
+        except Exception:  # noqa: BLE001
+            pass

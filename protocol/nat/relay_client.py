@@ -34,6 +34,8 @@ from libp2p.peer.peerinfo import PeerInfo
 
 from ..errors import PeerError, ProtocolViolation
 from ..stream import libp2p_errors_as_peer_errors
+from ._relay_wire import close_quietly as _close
+from ._relay_wire import reset_quietly as _reset
 from ._relay_wire import (HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, HopMessage, PbPeer, StatusCode, StopMessage,
                           circuit_parts, is_circuit, is_relayed_conn, peer_from, read_msg, write_msg)
 from .reachability import Reachability, Reservation
@@ -296,19 +298,3 @@ def _status_name(code: Any) -> str:
         return StatusCode(int(code)).name
     except ValueError:
         return f"status {code}"
-
-
-async def _close(stream: INetStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.close()
-        except Exception:  # noqa: BLE001 — closing a dead stream is fine
-            pass
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.reset()
-        except Exception:  # noqa: BLE001
-            pass

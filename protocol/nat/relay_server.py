@@ -29,6 +29,8 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ..errors import PeerError, ProtocolViolation
+from ._relay_wire import close_quietly as _close
+from ._relay_wire import reset_quietly as _reset
 from ._relay_wire import (HOP_PROTOCOL_ID, STOP_PROTOCOL_ID, HopMessage, Limit, PbPeer, Reservation, StatusCode,
                           StopMessage, is_circuit, is_relayed_conn, peer_from, read_msg, write_msg)
 from .config import RelayLimitsConfig
@@ -302,20 +304,3 @@ class RelayServer:
             circuit.failed = circuit.failed or "broken"
             log.debug("relayed connection %s -> %s: %s", circuit.src, circuit.dst, exc)
             scope.cancel()
-
-
-async def _close(stream: INetStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.close()
-        except Exception:  # noqa: BLE001 — closing a dead stream is fine
-            pass
-
-
-async def _reset(stream: INetStream) -> None:
-    with trio.move_on_after(2):
-        try:
-            await stream.reset()
-        except Exception:  # noqa: BLE001
-            pass
-
