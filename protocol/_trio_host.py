@@ -81,6 +81,8 @@ os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DHT_VALUE_MAX_BYTES = 64 * 1024
 HELLO_GRACE_S = 15.0
+HELLO_TIMEOUT_WAIT_S = 5.0
+MEET_ATTEMPTS = 4
 FAST_DISCOVERY_S = 60.0  # after a start or a change, look for peers every FAST_DISCOVERY_INTERVAL_S
 FAST_DISCOVERY_INTERVAL_S = 2.0
 ADMIT_WAIT_S = 5.0
@@ -385,12 +387,21 @@ class TrioHost:
                 # the swarm goes on listing the dead connection): e.g. another node's dial-back
                 # check, which hangs up right after the handshake.
                 self.peers.pop(peer_id, None)
-                await self.disconnect(peer_id)  # drops the swarm's stale entry
+                await self._forget_dead_connections(peer_id)
                 return
             log.info("dropping %s: no hello within %.0f s (not a hyphae node?)", peer_id, HELLO_GRACE_S)
             await self.disconnect(peer_id)
             if self.peers.get(peer_id) is state:  # the disconnect event can come while py-libp2p
                 self.peers.pop(peer_id, None)     # still lists the closing connection
+
+    async def _forget_dead_connections(self, peer_id: str) -> None:
+        """Drop the swarm's entry for a peer whose listed connections are all closed. Never
+        touches a live one: with simultaneous dials (mDNS finds both sides at once) a fresh
+        connection may already be up while the other one is being torn down."""
+        network = self.host.get_network()
+        listed = network.get_connections(ID.from_base58(peer_id))
+        if listed and not live_connections(network, peer_id):
+            await self.disconnect(peer_id)  # closes nothing live: it only forgets the dead entries
 
     def _has_conn(self, peer_id: str) -> bool:
         return bool(live_connections(self.host.get_network(), peer_id))
@@ -615,7 +626,23 @@ class TrioHost:
 
     def _dial_soon(self, peer_id: str, addrs: list[multiaddr.Multiaddr], source: str) -> None:
         if self._nursery is not None and not self.is_connected(peer_id):
-            self._nursery.start_soon(self.dial, peer_id, addrs, source)
+            self._nursery.start_soon(self._dial_until_met, peer_id, addrs, source)
+
+    async def _dial_until_met(self, peer_id: str, addrs: list[multiaddr.Multiaddr], source: str) -> None:
+        """Dial a peer an announcement named, and again (a few times, jittered) if no hello came.
+
+        mDNS tells both sides at the same moment, so both dial at once; py-libp2p keeps one
+        connection per peer, and in that race both can end up closed. Nothing announces the
+        peer again for a long while, so without a retry the two never meet (seen in tests)."""
+        for attempt in range(MEET_ATTEMPTS):
+            await self.dial(peer_id, addrs, source)
+            with trio.move_on_after(HELLO_TIMEOUT_WAIT_S):
+                while not self.admitted(peer_id):
+                    await trio.sleep(0.1)
+                return
+            if self._has_conn(peer_id):
+                return  # connected, hello still pending: the hello grace decides
+            await trio.sleep((attempt + 1) * (0.5 + secrets.randbelow(1000) / 1000))
 
     # ---- liveness and persistence ----------------------------------------------------------
 
