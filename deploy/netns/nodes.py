@@ -50,7 +50,27 @@ def public_addr(addrs: list[str]) -> str:
     return next(a for a in addrs if not a.startswith("/ip4/127.") and "/p2p-circuit" not in a)
 
 
-class NetnsDaemon:
+class _Started:
+    """What a daemon and a bare host inside a namespace both tell once started: their log, peer
+    id and the multiaddr others dial (``ADDRS_KEY`` names where their ready info lists addresses)."""
+
+    ADDRS_KEY = "multiaddrs"
+    log_path: Path
+    info: dict[str, Any]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def peer_id(self) -> str:
+        return self.info["peer_id"]
+
+    @property
+    def multiaddr(self) -> str:
+        return public_addr(self.info[self.ADDRS_KEY])
+
+
+class NetnsDaemon(_Started):
     """One ``hyphae node join`` in a namespace, with its own data dir under ``root``."""
 
     def __init__(self, net: Testnet, host: str, root: Path, args: list[str] | None = None) -> None:
@@ -83,16 +103,6 @@ class NetnsDaemon:
             raise AssertionError(f"daemon in {self.host} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
         return False
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def peer_id(self) -> str:
-        return self.info["peer_id"]
-
-    @property
-    def multiaddr(self) -> str:
-        return public_addr(self.info["multiaddrs"])
 
     def api(self, path: str, method: str = "GET") -> Any:
         port = int(self.info["api_url"].rsplit(":", 1)[1])
@@ -120,8 +130,10 @@ class NetnsDaemon:
             return self.proc.wait(5)
 
 
-class NetnsPeer:
+class NetnsPeer(_Started):
     """``deploy/netns/peer.py`` in a namespace: ``call("reach")``, ``call("send", peer=…, bytes=…)``."""
+
+    ADDRS_KEY = "addrs"
 
     def __init__(self, net: Testnet, host: str, *, bootstrap: list[str] | None = None,
                  nat: dict[str, Any] | None = None, network: str = "nattest", log_dir: Path | None = None,
@@ -159,16 +171,6 @@ class NetnsPeer:
                 continue
         self._replies.put({"error": "process exited", "id": None})
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    @property
-    def peer_id(self) -> str:
-        return self.info["peer_id"]
-
-    @property
-    def multiaddr(self) -> str:
-        return public_addr(self.info["addrs"])
 
     def call(self, op: str, timeout_s: float = 30.0, **fields: Any) -> Any:
         """Send one request and wait for its reply; raises RuntimeError with the peer's error."""
