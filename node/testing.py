@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -132,8 +133,17 @@ class DaemonProcess:
         req = urllib.request.Request(self.info["api_url"] + path, method=method)
         if token:
             req.add_header("Authorization", f"Bearer {token}")
-        with urllib.request.urlopen(req, timeout=5) as resp:
-            return json.loads(resp.read())
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError:
+            raise
+        except urllib.error.URLError as exc:  # a slow accept reads as a timeout, like a slow reply
+            if isinstance(exc.reason, TimeoutError):
+                raise TimeoutError(f"{self.data_dir.name} {path}: {exc.reason}") from exc
+            state = "alive" if self.proc is not None and self.proc.poll() is None else "exited"
+            raise ConnectionError(f"{self.data_dir.name} {path}: {exc.reason} (process {state}); "
+                                  f"log tail:\n{self.log()[-3000:]}") from exc
 
     def peer_ids(self) -> set[str]:
         """Peers that passed the hello (agent known)."""

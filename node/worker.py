@@ -166,7 +166,8 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         start = joined
         strategy.join_at(start)
     loop = LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
-                      eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every)
+                      eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,
+                      compute_in_thread=True)
     if loop.max_steps is not None and start >= loop.max_steps:
         await comm.send_message(ipc.Progress(kind="done", step=start, tokens=0, elapsed_s=0.0))
         return 0

@@ -276,8 +276,9 @@ class ACiD2(Strategy):
         Cancellation before the reply leaves x and x̃ as they were (only flowed in time); the
         partner may or may not have applied its half (Comm.exchange's contract).
         """
-        self._flow(self.comm.now())
-        sent = {n: p.detach().float().clone() for n, p in self._params}
+        async with self.weights_lock:  # not while a step computes with these weights
+            self._flow(self.comm.now())
+            sent = {n: p.detach().float().clone() for n, p in self._params}
         try:
             received = await self.comm.exchange(partner, sent, tag=f"acid/{k}", timeout_s=self.config.timeout_s)
             for name, ref in sent.items():
@@ -289,11 +290,12 @@ class ACiD2(Strategy):
             self.failed_gossips += 1
             logger.debug("acid gossip %d with %s skipped: %s", k, partner, exc)
             return
-        self._flow(self.comm.now())
-        _, alpha_tilde = self.constants()
-        for name, p in self._params:
-            gossip_(p.data, self.x_tilde[name], sent[name], received[name].to(p.device), alpha_tilde)
-        self.gossips += 1
+        async with self.weights_lock:
+            self._flow(self.comm.now())
+            _, alpha_tilde = self.constants()
+            for name, p in self._params:
+                gossip_(p.data, self.x_tilde[name], sent[name], received[name].to(p.device), alpha_tilde)
+            self.gossips += 1
 
     # --- state -------------------------------------------------------------------------------
 

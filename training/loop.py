@@ -22,7 +22,7 @@ import asyncio
 import itertools
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,11 @@ class LoopConfig:
 
     checkpoint_every: int = 0
     """Save a checkpoint every this many steps and after the last; 0 disables."""
+
+    compute_in_thread: bool = False
+    """Run forward/backward in a thread, so the event loop (background gossip, the daemon's IPC)
+    keeps moving during compute instead of once per step. The daemon's worker turns it on;
+    simulations on the virtual clock keep it off (their clock cannot see another thread)."""
 
     def __post_init__(self) -> None:
         if self.max_steps is not None:
@@ -187,14 +192,29 @@ async def _train(
         await strategy.start(tasks)
         try:
             for step in steps:
-                run.forward_backward()
-                metrics = await strategy.step(step)
+                async with strategy.weights_lock:  # background work never sees a half-done step
+                    if config.compute_in_thread:
+                        await _finish_in_thread(run.forward_backward)
+                    else:
+                        run.forward_backward()
+                    metrics = await strategy.step(step)
                 await run.after_step(step + 1, metrics)
                 await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
         finally:
             await strategy.aclose()
     run.result.elapsed_s = time.perf_counter() - run.start
     return run.result
+
+
+async def _finish_in_thread(fn: Callable[[], None]) -> None:
+    """Run ``fn`` in a thread; cancelled, still wait for it, so no step is left half-done
+    behind a caller that goes on to save a checkpoint."""
+    work = asyncio.ensure_future(asyncio.to_thread(fn))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        await asyncio.wait([work])
+        raise
 
 
 class _Run:

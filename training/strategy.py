@@ -94,6 +94,10 @@ class Strategy(ABC):
         self.comm = comm
         self.device = next(model.parameters()).device
         self.autocast_dtype = resolve_precision(precision, self.device)
+        self.weights_lock = asyncio.Lock()
+        """Held by the loop over each step (forward/backward and update); background work that
+        reads or writes the weights (A²CiD²'s gossip) takes it too, so a step never sees its
+        weights change halfway."""
 
     # --- the loop calls these ----------------------------------------------------------------
 

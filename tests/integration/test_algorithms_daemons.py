@@ -29,8 +29,8 @@ checkpoint_every = 10
 
 ALGO = {
     "noloco": ("tiny", "", "inner_steps = 10\ntimeout_s = 8.0"),
-    # A gossip tick is attended between training steps (same event loop), so the tick grace
-    # (timeout_s / 2) must exceed a step: 5 trainers on 2 cores take ~2 s a step here.
+    # The worker computes in a thread, so a tick is attended on time but touches the weights
+    # only between steps: a gossip waits up to a step (5 trainers on 2 cores: ~2 s) for them.
     "dadao": ("tiny", "", "gossip_interval_s = 2.0\ntimeout_s = 12.0"),
 }
 

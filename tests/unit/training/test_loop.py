@@ -1,6 +1,7 @@
 """The training loop: a real tiny run on the stdlib learns; hooks, accounting, errors."""
 
 import asyncio
+import time
 from pathlib import Path
 
 import numpy as np
@@ -171,3 +172,71 @@ def test_max_steps_none_trains_until_cancelled(micro_config: ModelConfig) -> Non
 
     run_virtual(main())
     assert batches.position >= 5
+
+
+class _SlowCompute(DDP):
+    """Each forward/backward takes 0.2 s of real time and records when it ran."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.computing = False
+        self.spans: list[tuple[float, float]] = []
+
+    def forward_backward(self, inputs, targets, *, loss_scale: float = 1.0):
+        self.computing = True
+        start = time.monotonic()
+        time.sleep(0.2)
+        out = super().forward_backward(inputs, targets, loss_scale=loss_scale)
+        self.spans.append((start, time.monotonic()))
+        self.computing = False
+        return out
+
+
+@pytest.mark.parametrize("in_thread", [False, True])
+def test_compute_in_thread_keeps_the_event_loop_moving_and_the_weights_lock_held(
+        micro_config: ModelConfig, in_thread: bool) -> None:
+    strategy = _SlowCompute(build_model(micro_config), SimNetwork().add_peer())
+    batches = BatchStream([TOKENS], batch_size=1, seq_len=8, seed=0)
+    ticks: list[float] = []
+    saw_compute_under_lock: list[bool] = []
+
+    async def ticker() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            ticks.append(time.monotonic())
+
+    async def gossip() -> None:
+        while True:
+            await asyncio.sleep(0.01)
+            async with strategy.weights_lock:  # what a gossip does before touching weights
+                saw_compute_under_lock.append(strategy.computing)
+
+    async def main() -> None:
+        side = [asyncio.create_task(ticker()), asyncio.create_task(gossip())]
+        await train(strategy, batches, LoopConfig(max_steps=4, compute_in_thread=in_thread))
+        for task in side:
+            task.cancel()
+
+    asyncio.run(main())
+    assert len(strategy.spans) == 4 and saw_compute_under_lock and not any(saw_compute_under_lock)
+    during = [t for t in ticks if any(a < t < b for a, b in strategy.spans)]
+    if in_thread:
+        assert len(during) >= 10, "the loop should tick while a step computes in its thread"
+    else:
+        assert during == [], "inline compute blocks the loop"
+
+
+def test_a_cancelled_threaded_step_finishes_before_the_loop_returns(micro_config: ModelConfig) -> None:
+    strategy = _SlowCompute(build_model(micro_config), SimNetwork().add_peer())
+    batches = BatchStream([TOKENS], batch_size=1, seq_len=8, seed=0)
+
+    async def main() -> None:
+        task = asyncio.create_task(train(strategy, batches, LoopConfig(max_steps=None, compute_in_thread=True)))
+        while not strategy.computing:
+            await asyncio.sleep(0.005)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert not strategy.computing, "the step's thread was still running after cancellation"
+
+    asyncio.run(main())
