@@ -14,6 +14,8 @@ Three measurements, all in one run so they share the machine's state:
    schedule). Warm-up first, then `--repeats` interleaved pairs of timed runs; the median
    per-pair ratio is reported on wall time and on process CPU time (the latter is what to
    trust on a shared machine). Both end with bit-identical weights. Target: ratio >= 0.9.
+   The same loop with `compute_in_thread` on a real event loop (what the daemon's worker runs)
+   is timed in the same rotation and must end bit-identical too.
 2. Convergence: validation loss vs total tokens for DDP and DiLoCo with `--peers` simulated
    peers (SimNetwork, virtual time) on the built-in stdlib corpus, tiny preset, same seed,
    same per-peer data streams. DiLoCo uses a short H (`--inner-steps`, default 50, instead of
@@ -114,6 +116,16 @@ def bench_throughput(args: argparse.Namespace, corpus) -> dict:
     loop_batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     counter = _Counter()
 
+    # What the daemon's worker runs: a real event loop, each step's compute in a thread.
+    threaded = DDP(build_model(cfg, seed=args.seed), SimNetwork().add_peer(), DDPConfig(optimizer=opt_cfg))
+    threaded_batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+
+    def run_threaded(start: int, steps: int) -> _Clock:
+        config = LoopConfig(max_steps=start + steps, log_every=10, compute_in_thread=True)
+        with _Clock() as clock:
+            asyncio.run(train(threaded, threaded_batches, config, callbacks=[counter], start_step=start))
+        return clock
+
     def run_bare(start: int, steps: int) -> _Clock:
         with _Clock() as clock:
             _bare_loop(bare_model, bare_opt, bare_batches, opt_cfg, steps, start)
@@ -127,12 +139,14 @@ def bench_throughput(args: argparse.Namespace, corpus) -> dict:
 
     run_bare(0, args.warmup_steps)
     run_loop(0, args.warmup_steps)
+    run_threaded(0, args.warmup_steps)
+    runners = {"bare": run_bare, "loop": run_loop, "threaded": run_threaded}
     done, rows = args.warmup_steps, []
-    for rep in range(args.repeats):  # interleaved, order alternating, so drift hits both alike
+    for rep in range(args.repeats):  # interleaved, order rotating, so drift hits all alike
         pair = {}
-        for kind in (("bare", "loop") if rep % 2 == 0 else ("loop", "bare")):
-            clock = (run_bare if kind == "bare" else run_loop)(done, args.timed_steps)
-            pair[kind] = clock
+        order = list(runners)[rep % 3:] + list(runners)[:rep % 3]
+        for kind in order:
+            pair[kind] = runners[kind](done, args.timed_steps)
         done += args.timed_steps
         tokens = tokens_per_step * args.timed_steps
         rows.append({
@@ -140,8 +154,11 @@ def bench_throughput(args: argparse.Namespace, corpus) -> dict:
             "loop_tokens_per_s": tokens / pair["loop"].wall,
             "bare_tokens_per_cpu_s": tokens / pair["bare"].cpu,
             "loop_tokens_per_cpu_s": tokens / pair["loop"].cpu,
+            "threaded_tokens_per_s": tokens / pair["threaded"].wall,
+            "threaded_tokens_per_cpu_s": tokens / pair["threaded"].cpu,
         })
     same = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), strategy.model.parameters()))
+    same_threaded = all(torch.equal(p, q) for p, q in zip(bare_model.parameters(), threaded.model.parameters()))
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     return {
         "preset": args.preset,
@@ -153,7 +170,12 @@ def bench_throughput(args: argparse.Namespace, corpus) -> dict:
         **{f"{k}_median": v for k, v in med.items()},
         "ratio_loop_over_bare_wall": statistics.median(r["loop_tokens_per_s"] / r["bare_tokens_per_s"] for r in rows),
         "ratio_loop_over_bare_cpu": statistics.median(r["loop_tokens_per_cpu_s"] / r["bare_tokens_per_cpu_s"] for r in rows),
+        "ratio_threaded_over_bare_wall": statistics.median(
+            r["threaded_tokens_per_s"] / r["bare_tokens_per_s"] for r in rows),
+        "ratio_threaded_over_bare_cpu": statistics.median(
+            r["threaded_tokens_per_cpu_s"] / r["bare_tokens_per_cpu_s"] for r in rows),
         "weights_identical_to_bare_loop": same,
+        "threaded_weights_identical_to_bare_loop": same_threaded,
     }
 
 
@@ -262,7 +284,10 @@ def _summary(result: dict) -> None:
         f"ratio {tp['ratio_loop_over_bare_wall']:.3f}\n"
         f"  cpu:  bare {tp['bare_tokens_per_cpu_s_median']:.0f} tok/cpu-s, loop {tp['loop_tokens_per_cpu_s_median']:.0f} "
         f"tok/cpu-s, ratio {tp['ratio_loop_over_bare_cpu']:.3f}\n"
-        f"  loop and bare loop end with identical weights: {tp['weights_identical_to_bare_loop']}"
+        f"  threaded loop (the daemon worker's mode): wall ratio {tp['ratio_threaded_over_bare_wall']:.3f}, "
+        f"cpu ratio {tp['ratio_threaded_over_bare_cpu']:.3f}\n"
+        f"  loop and bare loop end with identical weights: {tp['weights_identical_to_bare_loop']}, "
+        f"threaded: {tp['threaded_weights_identical_to_bare_loop']}"
     )
     conv = result["convergence"]
     print(f"\nval loss vs total tokens ({result['args']['peers']} peers, DiLoCo H={result['args']['inner_steps']}):")

@@ -23,6 +23,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -188,33 +189,51 @@ async def _train(
 ) -> TrainResult:
     run = _Run(strategy, batches, config, val_set, checkpoints, callbacks, start_step)
     steps = itertools.count(start_step) if config.max_steps is None else range(start_step, config.max_steps)
-    async with asyncio.TaskGroup() as tasks:
-        await strategy.start(tasks)
-        try:
-            for step in steps:
-                async with strategy.weights_lock:  # background work never sees a half-done step
-                    if config.compute_in_thread:
-                        await _finish_in_thread(run.forward_backward)
-                    else:
-                        run.forward_backward()
-                    metrics = await strategy.step(step)
-                await run.after_step(step + 1, metrics)
-                await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
-        finally:
-            await strategy.aclose()
+    compute = _ComputeThread() if config.compute_in_thread else None
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            await strategy.start(tasks)
+            try:
+                for step in steps:
+                    async with strategy.weights_lock:  # background work never sees a half-done step
+                        if compute is not None:
+                            await compute.run(run.forward_backward)
+                        else:
+                            run.forward_backward()
+                        metrics = await strategy.step(step)
+                    await run.after_step(step + 1, metrics)
+                    await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
+            finally:
+                await strategy.aclose()
+    finally:
+        if compute is not None:
+            compute.close()
     run.result.elapsed_s = time.perf_counter() - run.start
     return run.result
 
 
-async def _finish_in_thread(fn: Callable[[], None]) -> None:
-    """Run ``fn`` in a thread; cancelled, still wait for it, so no step is left half-done
-    behind a caller that goes on to save a checkpoint."""
-    work = asyncio.ensure_future(asyncio.to_thread(fn))
-    try:
-        await asyncio.shield(work)
-    except asyncio.CancelledError:
-        await asyncio.wait([work])
-        raise
+class _ComputeThread:
+    """The one thread forward/backward runs in when `compute_in_thread` is on.
+
+    It keeps the caller's torch thread count: OpenMP's count is per thread, and a fresh thread
+    would use every core (measured: 2 threads where the loop asked for 1)."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hyphae-compute",
+                                        initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+
+    async def run(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` there; cancelled, still wait for it, so no step is left half-done behind
+        a caller that goes on to save a checkpoint."""
+        work = asyncio.get_running_loop().run_in_executor(self._pool, fn)
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            await asyncio.wait([work])
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 class _Run:
