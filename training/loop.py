@@ -189,42 +189,38 @@ async def _train(
 ) -> TrainResult:
     run = _Run(strategy, batches, config, val_set, checkpoints, callbacks, start_step)
     steps = itertools.count(start_step) if config.max_steps is None else range(start_step, config.max_steps)
-    compute = _ComputeThread() if config.compute_in_thread else None
-    try:
+    with _Compute(in_thread=config.compute_in_thread) as compute:
         async with asyncio.TaskGroup() as tasks:
             await strategy.start(tasks)
             try:
                 for step in steps:
                     async with strategy.weights_lock:  # background work never sees a half-done step
-                        if compute is not None:
-                            await compute.run(run.forward_backward)
-                        else:
-                            run.forward_backward()
+                        await compute(run.forward_backward)
                         metrics = await strategy.step(step)
                     await run.after_step(step + 1, metrics)
                     await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
             finally:
                 await strategy.aclose()
-    finally:
-        if compute is not None:
-            compute.close()
     run.result.elapsed_s = time.perf_counter() - run.start
     return run.result
 
 
-class _ComputeThread:
-    """The one thread forward/backward runs in when `compute_in_thread` is on.
+class _Compute:
+    """Runs forward/backward inline, or (``in_thread``) in one long-lived thread.
 
-    It keeps the caller's torch thread count: OpenMP's count is per thread, and a fresh thread
-    would use every core (measured: 2 threads where the loop asked for 1)."""
+    The thread keeps the caller's torch thread count: OpenMP's count is per thread, and a fresh
+    thread would use every core (measured: 2 threads where the loop asked for 1)."""
 
-    def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hyphae-compute",
-                                        initializer=torch.set_num_threads, initargs=(torch.get_num_threads(),))
+    def __init__(self, *, in_thread: bool) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="hyphae-compute", initializer=torch.set_num_threads,
+                                        initargs=(torch.get_num_threads(),)) if in_thread else None
 
-    async def run(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` there; cancelled, still wait for it, so no step is left half-done behind
-        a caller that goes on to save a checkpoint."""
+    async def __call__(self, fn: Callable[[], None]) -> None:
+        """Run ``fn``; cancelled, still wait for its thread, so no step is left half-done
+        behind a caller that goes on to save a checkpoint."""
+        if self._pool is None:
+            fn()
+            return
         work = asyncio.get_running_loop().run_in_executor(self._pool, fn)
         try:
             await asyncio.shield(work)
@@ -232,8 +228,12 @@ class _ComputeThread:
             await asyncio.wait([work])
             raise
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def __enter__(self) -> _Compute:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
 
 
 class _Run:
