@@ -65,6 +65,7 @@ class HostConfig:
     a ``[network.nat]`` table; see :class:`~hyphae.protocol.nat.NatConfig`)."""
 
     def __post_init__(self) -> None:
+        self._check_types()  # values arrive from TOML and the environment, not only from code
         object.__setattr__(self, "nat", NatConfig.from_value(self.nat))  # a TOML table arrives as a dict
         if not self.listen:
             raise ConfigError("listen must name at least one address, e.g. /ip4/0.0.0.0/tcp/0")
@@ -89,3 +90,22 @@ class HostConfig:
         for name in ("ping_interval_s", "discovery_interval_s", "dial_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+
+    def _check_types(self) -> None:
+        for name in ("listen", "announce", "bootstrap"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple | list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{name} must be a list of multiaddr strings, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        for name, kinds in _SCALAR_TYPES.items():
+            value = getattr(self, name)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+                expected = " or ".join(k.__name__ for k in kinds)
+                raise ConfigError(f"{name} must be {expected}, got {value!r}")
+
+
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "mdns": (bool,), "dht_mode": (str,), "network": (str,), "target_peers": (int,), "max_connections": (int,),
+    "ping_interval_s": (int, float), "discovery_interval_s": (int, float), "dial_timeout_s": (int, float),
+}
+"""HostConfig's scalar fields and the types TOML may give them (a bool is not a number here)."""

@@ -225,7 +225,8 @@ toml_values = st.one_of(st.integers(-5, 10**6), st.booleans(), st.text(max_size=
     .map(lambda d: "".join(f"{k} = {v}\n" for k, v in d.items())),
     st.tuples(st.sampled_from(["network", "api", "training", "nope"]),
               st.dictionaries(st.sampled_from(["listen", "bootstrap", "mdns", "name", "batch_size", "algorithm",
-                                               "seq_len", "max_steps", "x"]), toml_values, max_size=4))
+                                               "seq_len", "max_steps", "x", "dht_mode", "target_peers",
+                                               "dial_timeout_s"]), toml_values, max_size=4))
     .map(lambda t: f"[{t[0]}]\n" + "".join(f"{k} = {v}\n" for k, v in t[1].items()))))
 def test_node_config_file(tmp_path_factory, text: str) -> None:
     path = tmp_path_factory.mktemp("cfg") / "node.toml"

@@ -24,6 +24,13 @@ def test_defaults_are_valid() -> None:
         ({"target_peers": 0}, "target_peers must be between 1"),
         ({"target_peers": 100, "max_connections": 50}, "target_peers must be between 1"),
         ({"ping_interval_s": 0}, "ping_interval_s must be > 0"),
+        # wrong types, as a TOML file can give them (found by the config fuzzer: name = [0])
+        ({"network": [0]}, "network must be str, got \\[0\\]"),
+        ({"mdns": "yes"}, "mdns must be bool"),
+        ({"target_peers": True}, "target_peers must be int"),
+        ({"dial_timeout_s": "5"}, "dial_timeout_s must be int or float"),
+        ({"listen": "/ip4/0.0.0.0/tcp/0"}, "listen must be a list of multiaddr strings"),
+        ({"bootstrap": (5,)}, "bootstrap must be a list of multiaddr strings"),
     ],
 )
 def test_invalid_values_say_what_to_fix(kwargs: dict, match: str) -> None:
