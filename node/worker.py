@@ -66,7 +66,8 @@ def connect_address(address: str) -> socket.socket:
 # attribute. Absent attributes are skipped, so every strategy reports what it has.
 _STATUS_ATTRS = {
     "outer_steps": "outer_steps", "local_only_steps": "local_only_steps", "last_group": "last_group",
-    "gossips": "gossips", "failed_gossips": "failed_gossips", "owned_experts": "owned", "sync_rounds": "rounds",
+    "gossips": "gossips", "failed_gossips": "failed_gossips", "last_gossip_failure": "last_failure",
+    "owned_experts": "owned", "sync_rounds": "rounds",
     "merges": "merges", "zo_next_step": "next_step", "zo_snapshot_step": "snapshot_step",
     "zo_weights_hash": "last_hash", "zo_updates_applied": "updates_applied", "failed_rounds": "failed_rounds",
 }

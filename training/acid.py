@@ -8,7 +8,7 @@ ALGORITHMS.md §4, "for deep nets". Each peer keeps its weights x (the model) an
 integrated in closed form over the time elapsed since the last event (`mix_`). Events:
 - gradient step (the loop's `step`): flow to now, the normal optimizer step on x (AdamW, clip,
   schedule), and the same step added to x̃;
-- gossip with a partner j (a background task, `start`): flow to now, swap x with j through
+- gossip with a partner j (background tasks, `start`): flow to now, swap x with j through
   `comm.exchange`, then x̃_i += α̃(x_j − x_i) and x_i += ½(x_j − x_i) (`gossip_`), written as
   increments from the values *sent*, so Σ_i x_i is conserved exactly even if a gradient step
   landed while the bytes were in flight.
@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from hyphae.training._config import check_positive, from_dict, to_dict
+from hyphae.training._config import check_int, check_positive, from_dict, to_dict
 from hyphae.training._graph import complete_graph_chis
 from hyphae.training._pairing import group_of
 from hyphae.training.comm import Comm, CommClosed, CommError
@@ -76,6 +76,12 @@ class ACiD2Config:
     timeout_s: float = 5.0
     """How long a gossip waits for its partner (arrival and transfer) before skipping it."""
 
+    max_in_flight: int = 3
+    """Gossips waiting on their partners at once. A tick that comes while an earlier gossip still
+    waits (its partner gone or late) is attended anyway: were it missed, that tick's partner
+    would time out too and miss the ticks after, and one lost peer would stall gossip run-wide
+    (seen with 4 daemons). Each gossip in flight holds an fp32 copy of the weights."""
+
     eta: float | None = None
     """Mixing rate η per step time; None = 1/(2√(χ₁χ₂)) of the gossip process."""
 
@@ -90,6 +96,7 @@ class ACiD2Config:
             raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
         check_positive("gossip_interval_s", self.gossip_interval_s)
         check_positive("timeout_s", self.timeout_s)
+        check_int("max_in_flight", self.max_in_flight, minimum=1)
         if self.eta is not None:
             check_positive("eta", self.eta, allow_zero=True)
         if self.alpha_tilde is not None:
@@ -195,22 +202,26 @@ class ACiD2(Strategy):
         self.step_time_s: float | None = None
         self.gossips = 0
         self.failed_gossips = 0
+        self.last_failure = ""
+        """Why the latest skipped gossip failed (for the dashboard); empty until one does."""
         self._last_step_at: float | None = None
         self._flowed_at: float | None = None
         self._members = 1
         self._task: asyncio.Task | None = None
+        self._in_flight: set[asyncio.Task] = set()
 
     # --- the loop calls these ----------------------------------------------------------------
 
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         self._flowed_at = self.comm.now()
         self._members = len(await self.comm.members())
-        self._task = tasks.create_task(self._gossip_loop(), name=f"acid-gossip-{self.comm.peer_id}")
+        self._task = tasks.create_task(self._gossip_loop(tasks), name=f"acid-gossip-{self.comm.peer_id}")
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()  # the TaskGroup reaps it; nothing is half-applied (see _gossip)
-            self._task = None
+        for task in (self._task, *self._in_flight):
+            if task is not None:
+                task.cancel()  # the TaskGroup reaps them; nothing is half-applied (see _gossip)
+        self._task, self._in_flight = None, set()
 
     async def step(self, step: int) -> Metrics:
         now = self.comm.now()
@@ -255,20 +266,32 @@ class ACiD2(Strategy):
 
     # --- gossip ------------------------------------------------------------------------------
 
-    async def _gossip_loop(self) -> None:
+    async def _gossip_loop(self, tasks: asyncio.TaskGroup) -> None:
+        """Attend every tick; each gossip runs as its own task, up to `max_in_flight` at once."""
         cfg, me = self.config, self.comm.peer_id
         grace = cfg.timeout_s / 2  # a tick this late is still attended: the partner waits timeout_s
         for k, t in tick_times(cfg.run_id, cfg.gossip_interval_s, start_s=self.comm.now()):
             now = self.comm.now()
             if t + grace < now:
-                continue  # missed (an earlier gossip ran long): a partner that came times out
+                continue  # missed (this peer was stalled): a partner that came times out
             if t > now:
                 await self.comm.sleep(t - now)
             members = await self.comm.members()
             self._members = len(members)
             partner = [p for p in group_of(cfg.run_id, k, members, 2, me, domain="acid") if p != me]
-            if partner:
-                await self._gossip(partner[0], k)
+            if not partner:
+                continue
+            if len(self._in_flight) >= cfg.max_in_flight:
+                self._skip(k, partner[0], f"{len(self._in_flight)} gossips already in flight")
+                continue
+            task = tasks.create_task(self._gossip(partner[0], k), name=f"acid-gossip-{k}")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    def _skip(self, k: int, partner: str, why: str) -> None:
+        self.failed_gossips += 1
+        self.last_failure = f"tick {k} with {partner[-8:]}: {why}"[:200]
+        logger.debug("acid gossip %d with %s skipped: %s", k, partner, why)
 
     async def _gossip(self, partner: str, k: int) -> None:
         """One gossip with `partner` at tick k; skipped (counted) if it fails.
@@ -287,8 +310,7 @@ class ACiD2(Strategy):
         except CommClosed:
             raise
         except (CommError, TimeoutError, KeyError, ValueError) as exc:
-            self.failed_gossips += 1
-            logger.debug("acid gossip %d with %s skipped: %s", k, partner, exc)
+            self._skip(k, partner, f"{type(exc).__name__}: {exc}")
             return
         async with self.weights_lock:
             self._flow(self.comm.now())

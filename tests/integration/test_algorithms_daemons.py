@@ -90,9 +90,15 @@ def test_four_daemons_keep_training_through_a_kill_and_a_join(tmp_path, algorith
             assert state["outer_steps"] >= 4
         else:
             # Right after a kill and a join, pairings that name the dead peer (until membership
-            # marks it gone) or that differ between views fail by timeout; gossip resumes after.
-            sync_wait(lambda: all(_t(n)["algorithm_state"]["gossips"] > 0 for n in live), 150,
-                      "a completed gossip on every live member")
+            # marks it gone) or that differ between views fail by timeout; the others go on, and
+            # every member, the joiner included, gossips again.
+            gossips = {n.peer_id: _t(n)["algorithm_state"].get("gossips", 0) for n in [*live, joiner]}
+            try:
+                sync_wait(lambda: all(_t(n)["algorithm_state"].get("gossips", 0) > gossips[n.peer_id]
+                                      for n in [*live, joiner]), 150, "a new gossip on every member")
+            except AssertionError as exc:
+                states = {n.data_dir.name: _t(n)["algorithm_state"] for n in [*live, joiner]}
+                raise AssertionError(f"{exc}; gossip state: {states}") from None
         steps = {n.peer_id: _t(n)["step"] for n in live}
         sync_wait(lambda: all(_t(n)["step"] > steps[n.peer_id] for n in live), 120, "everyone still training")
     finally:
