@@ -50,6 +50,19 @@ class Pace(Callback):
         self.resumed_at = self.comm.now()
 
 
+def _gossip_only(strategies: list[ACiD2], seconds: float) -> None:
+    """Run the strategies' gossip (no training) for `seconds` of virtual time."""
+    async def main():
+        async with asyncio.TaskGroup() as tasks:
+            for s in strategies:
+                await s.start(tasks)
+            await asyncio.sleep(seconds)
+            for s in strategies:
+                await s.aclose()
+
+    run_virtual(main())
+
+
 # --- oracle 6: the pure operations -----------------------------------------------------------
 
 
@@ -142,15 +155,7 @@ def test_gossip_alone_conserves_the_sum_and_reaches_consensus(micro_config: Mode
     total0 = torch.stack([_flat(s.model.parameters()) for s in strategies]).double().sum(0)
     spread0 = spread()
 
-    async def main():
-        async with asyncio.TaskGroup() as tasks:
-            for s in strategies:
-                await s.start(tasks)
-            await asyncio.sleep(40.0)
-            for s in strategies:
-                await s.aclose()
-
-    run_virtual(main())
+    _gossip_only(strategies, 40.0)
     total = torch.stack([_flat(s.model.parameters()) for s in strategies]).double().sum(0)
     assert (total - total0).abs().max().item() < 1e-5
     assert spread() < spread0 / 100
@@ -169,15 +174,7 @@ def test_a_silent_member_costs_only_its_own_gossips(micro_config: ModelConfig, m
     cfg = ACiD2Config(optimizer=OPT, gossip_interval_s=1.0, timeout_s=6.0, max_in_flight=max_in_flight)
     strategies = [ACiD2(build_model(micro_config, seed=i), c, cfg) for i, c in enumerate(comms[:4])]
 
-    async def main():
-        async with asyncio.TaskGroup() as tasks:
-            for s in strategies:
-                await s.start(tasks)
-            await asyncio.sleep(200.0)
-            for s in strategies:
-                await s.aclose()
-
-    run_virtual(main())
+    _gossip_only(strategies, 200.0)
     done = [s.gossips for s in strategies]  # ~120 of 200 ticks pair a peer with a live one
     if max_in_flight == 1:
         assert max(done) < 30, done  # the stall, kept as the contrast
