@@ -228,13 +228,8 @@ def _build(merged: dict[str, Any], training_overrides: dict[str, Any]) -> NodeCo
     if "name" in net:
         net["network"] = net.pop("name")
     for key in ("listen", "announce", "bootstrap"):
-        if key in net:
-            value = net[key]
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-                raise ConfigError(f"network.{key} must be a list of multiaddr strings, got {value!r}")
-            net[key] = tuple(value)
+        if isinstance(net.get(key), str):
+            net[key] = [net[key]]  # one address may be written without the list; HostConfig checks the rest
     net.setdefault("listen", DEFAULT_LISTEN)
     try:
         host = HostConfig(**net)
