@@ -32,6 +32,7 @@ import json
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -111,32 +112,33 @@ def bench_throughput(args: argparse.Namespace, corpus) -> dict:
     bare_opt = build_adamw(bare_model.named_parameters(), opt_cfg)
     bare_batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
 
-    comm = SimNetwork().add_peer()
-    strategy = DDP(build_model(cfg, seed=args.seed), comm, DDPConfig(optimizer=opt_cfg))
-    loop_batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     counter = _Counter()
 
-    # What the daemon's worker runs: a real event loop, each step's compute in a thread.
-    threaded = DDP(build_model(cfg, seed=args.seed), SimNetwork().add_peer(), DDPConfig(optimizer=opt_cfg))
-    threaded_batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
+    def loop_runner(in_thread: bool) -> tuple[DDP, Callable[[int, int], _Clock]]:
+        """The loop on its own replica and stream: on the virtual clock, or (``in_thread``, what
+        the daemon's worker runs) on a real event loop with each step's compute in a thread."""
+        strategy = DDP(build_model(cfg, seed=args.seed), SimNetwork().add_peer(), DDPConfig(optimizer=opt_cfg))
+        batches = BatchStream(corpus.train, batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
 
-    def run_threaded(start: int, steps: int) -> _Clock:
-        config = LoopConfig(max_steps=start + steps, log_every=10, compute_in_thread=True)
-        with _Clock() as clock:
-            asyncio.run(train(threaded, threaded_batches, config, callbacks=[counter], start_step=start))
-        return clock
+        def run(start: int, steps: int) -> _Clock:
+            config = LoopConfig(max_steps=start + steps, log_every=10, compute_in_thread=in_thread)
+            with _Clock() as clock:
+                job = train(strategy, batches, config, callbacks=[counter], start_step=start)
+                if in_thread:
+                    asyncio.run(job)
+                else:
+                    run_virtual(job)
+            return clock
+
+        return strategy, run
 
     def run_bare(start: int, steps: int) -> _Clock:
         with _Clock() as clock:
             _bare_loop(bare_model, bare_opt, bare_batches, opt_cfg, steps, start)
         return clock
 
-    def run_loop(start: int, steps: int) -> _Clock:
-        config = LoopConfig(max_steps=start + steps, log_every=10)
-        with _Clock() as clock:
-            run_virtual(train(strategy, loop_batches, config, callbacks=[counter], start_step=start))
-        return clock
-
+    strategy, run_loop = loop_runner(in_thread=False)
+    threaded, run_threaded = loop_runner(in_thread=True)
     run_bare(0, args.warmup_steps)
     run_loop(0, args.warmup_steps)
     run_threaded(0, args.warmup_steps)
