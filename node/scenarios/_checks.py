@@ -104,7 +104,9 @@ def verify_checkpoints(checkpoint_dir: Path) -> tuple[list[int], list[str]]:
 
     Returns:
         (steps that verify, problems: ``step-N: weights.pt sha256 mismatch`` and the like).
-        Hidden ``.tmp-*`` dirs (a save cut short by a kill) are not checkpoints and are skipped.
+        Hidden ``.tmp-*`` dirs (a save cut short by a kill) are not checkpoints and are skipped,
+        and so is a checkpoint that vanishes while it is read: a live worker prunes an old one
+        with one atomic rename, which is not damage.
     """
     good: list[int] = []
     bad: list[str] = []
@@ -114,7 +116,8 @@ def verify_checkpoints(checkpoint_dir: Path) -> tuple[list[int], list[str]]:
         try:
             manifest = json.loads((step_dir / "manifest.json").read_text())
         except (OSError, ValueError) as exc:
-            bad.append(f"{step_dir.name}: unreadable manifest ({exc})")
+            if step_dir.exists():
+                bad.append(f"{step_dir.name}: unreadable manifest ({exc})")
             continue
         problems = []
         for file, key in (("weights.pt", "weights_sha256"), ("state.pt", "state_sha256")):
@@ -123,6 +126,8 @@ def verify_checkpoints(checkpoint_dir: Path) -> tuple[list[int], list[str]]:
                     problems.append(f"{file} sha256 mismatch")
             except OSError as exc:
                 problems.append(f"{file} unreadable ({exc.strerror})")
+        if problems and not step_dir.exists():
+            continue  # pruned (renamed away whole) between the glob and the read
         if problems:
             bad.append(f"{step_dir.name}: {', '.join(problems)}")
         else:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hyphae.node.scenarios import ScenarioError, ScenarioOptions, run_scenario
+from hyphae.node.scenarios import ScenarioError, ScenarioOptions, _checks, run_scenario
 from hyphae.node.scenarios._checks import meshed, progressed, run_state_converged, verify_checkpoints
 from hyphae.node.scenarios._engine import training_toml
 from hyphae.node.config import load_config
@@ -80,3 +80,21 @@ def test_unknown_scenario_is_refused_before_anything_starts(tmp_path: Path) -> N
     with pytest.raises(ScenarioError, match="unknown scenario 'nope'; choose one of"):
         run_scenario("nope", root=tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_checkpoint_pruned_while_read_is_skipped_and_a_missing_file_is_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _checkpoint(tmp_path, 4, b"w4", b"s4")
+    _checkpoint(tmp_path, 8, b"w8", b"s8")
+    _checkpoint(tmp_path, 12, b"w12", b"s12")
+    (tmp_path / "step-00000012" / "state.pt").unlink()  # damage: the dir stays, a file is gone
+    real_sha256 = _checks._sha256
+
+    def prune_step_4_midway(path: Path) -> str:
+        if path == tmp_path / "step-00000004" / "state.pt":  # the worker prunes as the check reads
+            (tmp_path / "step-00000004").rename(tmp_path / ".old-00000004")
+        return real_sha256(path)
+
+    monkeypatch.setattr(_checks, "_sha256", prune_step_4_midway)
+    good, bad = verify_checkpoints(tmp_path)
+    assert good == [8] and bad == ["step-00000012: state.pt unreadable (No such file or directory)"]
