@@ -332,8 +332,13 @@ class TrioHost:
 
     async def _check_admitted(self, peer_id: str) -> None:
         """In a closed run nothing is asked of (or sent to) a peer that has not passed admission:
-        its answers could carry a stranger's writes into our run state."""
-        if self.closed and self._has_conn(peer_id) and not await self.wait_admitted(peer_id):
+        its answers could carry a stranger's writes into our run state.
+
+        Call it once a connection is up. With none, the peer is refused too: a stranger's hello
+        refusal can close the connection we just dialled before we get here, and py-libp2p's
+        ``new_stream`` would then quietly dial again and send before any hello (CI saw a
+        stranger's member entry enter a closed run's state that way, through a sync reply)."""
+        if self.closed and not await self.wait_admitted(peer_id):
             raise PeerError(f"{peer_id} is not admitted to this closed run")
 
     async def wait_admitted(self, peer_id: str, timeout_s: float = ADMIT_WAIT_S) -> bool:
@@ -793,8 +798,10 @@ class TrioHost:
         await self.pubsub.publish(topic, data)
 
     def topic_peers(self, topic: str) -> list[str]:
-        """Peers known to be subscribed to ``topic``."""
-        return sorted(str(p) for p in self.pubsub.peer_topics.get(topic, ()))
+        """Peers known to be subscribed to ``topic`` (in a closed run, admitted ones only: a
+        stranger's pubsub stream announces its topics before its hello is refused)."""
+        peers = sorted(str(p) for p in self.pubsub.peer_topics.get(topic, ()))
+        return [p for p in peers if self.admitted(p)] if self.closed else peers
 
     # ---- streams ---------------------------------------------------------------------------
 
@@ -830,11 +837,11 @@ class TrioHost:
 
     async def request(self, peer_id: str, protocol: str, message: Any, max_frame_bytes: int) -> Any:
         """One request/response on a pooled stream; a stale pooled stream is retried once fresh."""
-        await self._check_admitted(peer_id)
         key = (peer_id, protocol)
         idle = self._pool.setdefault(key, [])
         stream = idle.pop() if idle else None
         if stream is not None:
+            await self._check_admitted(peer_id)
             try:
                 return await self._request_on(key, stream, message)
             except PeerError:

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 
 from hyphae.node.client import ApiClient
 from hyphae.node.testing import DaemonProcess, sync_wait
@@ -109,6 +111,45 @@ async def test_an_outsider_cannot_fetch_a_blob_of_a_closed_run_and_a_member_can(
 
 async def _sees(host, peer_id: str) -> bool:
     return any(p.peer_id == peer_id and p.agent for p in await host.peers())
+
+
+async def test_a_request_is_not_sent_to_a_stranger_whose_refusal_closed_the_connection_first(tmp_path: Path) -> None:
+    """The race CI hit: the member dials a stranger to ask it something, the stranger's hello is
+    refused and the connection closed before the request goes out. py-libp2p's new_stream would
+    dial again and send before any hello, and the stranger's reply (a sync reply carrying its
+    member entry) entered the closed run. Here the scheduler's slowness is made certain."""
+    from contextlib import AsyncExitStack
+
+    import trio
+
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+    asked: list[str] = []
+
+    async def answer(peer_id: str, request: object) -> object:
+        asked.append(peer_id)
+        return {"envelopes": ["a stranger's writes"]}
+
+    async with AsyncExitStack() as stack:
+        member = await stack.enter_async_context(open_host(
+            Identity.generate(), config, agent="closed-test/1",
+            admission=Admission.closed_by(RUN, secret=os.urandom(32))))
+        stranger = await stack.enter_async_context(open_host(Identity.generate(), config, agent="closed-test/1"))
+        stranger.serve("/hyphae/closed-test/1", answer)
+        trio_host = member._trio
+        dial_then_lose_the_race = trio_host._reach
+
+        async def reach(peer_id: str) -> None:
+            trio_host.host.get_peerstore().add_addrs(ID.from_base58(peer_id), [Multiaddr(stranger.addrs[0])], 3600)
+            await dial_then_lose_the_race(peer_id)
+            with trio.fail_after(10):
+                while trio_host._has_conn(peer_id):  # the hello refusal closes it
+                    await trio.sleep(0.02)
+
+        trio_host._reach = reach
+        with pytest.raises(HyphaeError, match="not admitted"):
+            await member.request(stranger.peer_id, "/hyphae/closed-test/1", {"heads": []})
+        await asyncio.sleep(0.5)
+        assert asked == [], "the stranger was asked (and answered) before it passed admission"
 
 
 def test_allowlist_cli_signs_a_list_that_checks_out_and_a_tampered_one_does_not(tmp_path: Path) -> None:
