@@ -113,26 +113,30 @@ def verify_checkpoints(checkpoint_dir: Path) -> tuple[list[int], list[str]]:
     if not checkpoint_dir.is_dir():
         return good, bad
     for step_dir in sorted(checkpoint_dir.glob("step-*")):
-        try:
-            manifest = json.loads((step_dir / "manifest.json").read_text())
-        except (OSError, ValueError) as exc:
-            if step_dir.exists():
-                bad.append(f"{step_dir.name}: unreadable manifest ({exc})")
-            continue
-        problems = []
-        for file, key in (("weights.pt", "weights_sha256"), ("state.pt", "state_sha256")):
-            try:
-                if _sha256(step_dir / file) != manifest.get(key):
-                    problems.append(f"{file} sha256 mismatch")
-            except OSError as exc:
-                problems.append(f"{file} unreadable ({exc.strerror})")
+        step, problems = _verify_one(step_dir)
         if problems and not step_dir.exists():
             continue  # pruned (renamed away whole) between the glob and the read
         if problems:
             bad.append(f"{step_dir.name}: {', '.join(problems)}")
         else:
-            good.append(int(manifest["step"]))
+            good.append(step)
     return sorted(good), bad
+
+
+def _verify_one(step_dir: Path) -> tuple[int, list[str]]:
+    """One checkpoint's step and what is wrong with it (nothing: it verifies)."""
+    try:
+        manifest = json.loads((step_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        return -1, [f"unreadable manifest ({exc})"]
+    problems = []
+    for file, key in (("weights.pt", "weights_sha256"), ("state.pt", "state_sha256")):
+        try:
+            if _sha256(step_dir / file) != manifest.get(key):
+                problems.append(f"{file} sha256 mismatch")
+        except OSError as exc:
+            problems.append(f"{file} unreadable ({exc.strerror})")
+    return int(manifest["step"]), problems
 
 
 def latest_checkpoint(checkpoint_dir: Path) -> int | None:
