@@ -59,7 +59,7 @@ from .admission import Admission
 from ._addrs import is_dialable
 from ._yamux import LeanYamux, honor_muxer_opt
 from .config import HostConfig, parse_peer_multiaddr
-from .errors import PeerError
+from .errors import NotAdmitted, PeerError
 from .hello import PROTOCOL_ID as HELLO_PROTOCOL_ID
 from .hello import Hello, HelloService
 from .identity import Identity
@@ -92,6 +92,9 @@ POOL_MAX_IDLE_PER_KEY = 4
 FAST_GET_FANOUT = 2
 FAST_GET_TIMEOUT_S = 2.0
 REDIAL_AT_START = 16
+REFUSED_HOLD_S = 300.0  # a peer whose hello we refused is not dialled (or sent our hello) again for this long
+REFUSED_MAX = 4096  # refusals remembered (peer ids cost nothing to make: bounded, oldest forgotten)
+EXPLICIT_SOURCES = frozenset({"manual", "bootstrap"})  # dials an operator asked for, never held off
 
 # Gossipsub, retuned: py-libp2p's 120 s heartbeat means a mesh forms minutes after peers meet;
 # its spam guard (10 msg/s/peer/topic) silently drops bursts while publish() returns normally;
@@ -255,6 +258,7 @@ class TrioHost:
         self.peers: dict[str, PeerState] = {}
         self._dialing: set[str] = set()
         self._dial_sources: dict[str, str] = {}
+        self._refused: dict[str, float] = {}  # peer id -> monotonic time we refused its hello
         self._pool: dict[tuple[str, str], list[TrioFramedStream]] = {}
         self._kick = trio.Event()
         self.hello = HelloService(self.local_hello, self._on_hello, me=self.peer_id, admission=admission)
@@ -381,7 +385,13 @@ class TrioHost:
     async def _after_connect(self, peer_id: str, direction: str) -> None:
         await self._await_identify(peer_id)
         if direction == "outbound":
-            await self.hello.exchange(self.host, peer_id)
+            state = self.peers.get(peer_id)
+            if state is not None and all(self.held_off(peer_id, s) for s in state.sources):
+                # py-libp2p's DHT dialled a peer we refused: hang up before saying anything.
+                log.debug("closing a connection to %s: its hello was refused lately", peer_id)
+                await self.disconnect(peer_id)
+            else:
+                await self.hello.exchange(self.host, peer_id)
         with trio.move_on_after(HELLO_GRACE_S):
             while peer_id in self.peers and self.peers[peer_id].hello is None and self._has_conn(peer_id):
                 await trio.sleep(0.05)
@@ -427,6 +437,8 @@ class TrioHost:
         state = self.peers.get(peer_id)
         if isinstance(result, PeerError):
             log.info("dropping %s: %s", peer_id, result)
+            if isinstance(result, NotAdmitted):
+                self._note_refused(peer_id)
             self.peerbook.forget(peer_id)
             if self._nursery is not None:
                 self._nursery.start_soon(self.disconnect, peer_id)
@@ -434,6 +446,7 @@ class TrioHost:
         if state is None or state.hello is not None:
             return
         state.hello = result
+        self._refused.pop(peer_id, None)
         addrs = [a for a in result.listen if is_dialable(a)]
         self.peerbook.record(peer_id, addrs, source=next(iter(state.sources)))
         log.info("peer %s joined (%s, %s)", peer_id, result.agent, state.direction)
@@ -444,6 +457,22 @@ class TrioHost:
             self._nursery.start_soon(self._add_to_dht, peer_id)
             self._nursery.start_soon(self._ping_one, peer_id)
         self._kick_rendezvous()
+
+    def _note_refused(self, peer_id: str) -> None:
+        self._refused.pop(peer_id, None)
+        self._refused[peer_id] = time.monotonic()
+        if len(self._refused) > REFUSED_MAX:
+            del self._refused[next(iter(self._refused))]
+
+    def held_off(self, peer_id: str, source: str) -> bool:
+        """Do we leave ``peer_id`` alone? Yes if we refused its hello lately and nobody named it
+        explicitly: discovery (DHT, mDNS, peer book) keeps offering a stranger, and each dial
+        would hand it our hello (the dialer speaks first) only to refuse its answer again. A
+        stranger that gets the secret is admitted as soon as it dials us: inbound hellos are
+        always judged afresh."""
+        refused_at = self._refused.get(peer_id)
+        return (refused_at is not None and source not in EXPLICIT_SOURCES
+                and time.monotonic() - refused_at < REFUSED_HOLD_S)
 
     async def _add_to_dht(self, peer_id: str) -> None:
         if not self.is_connected(peer_id):
@@ -469,6 +498,9 @@ class TrioHost:
 
     async def dial(self, peer_id: str, addrs: list[multiaddr.Multiaddr], source: str) -> bool:
         """Connect to ``peer_id`` at ``addrs``; False (logged) when it fails or times out."""
+        if self.held_off(peer_id, source):
+            log.debug("not dialling %s (%s): its hello was refused lately", peer_id, source)
+            return False
         if peer_id == self.peer_id or self.is_connected(peer_id) or peer_id in self._dialing:
             return self.is_connected(peer_id)
         self._dialing.add(peer_id)

@@ -40,6 +40,10 @@ class BusyError(HyphaeError):
     """Two tasks tried to use a resource that allows only one at a time."""
 
 
+class NotAdmitted(PeerError):
+    """A peer's hello was refused: it is on another network, or not a member of this closed run."""
+
+
 class ProtocolViolation(PeerError):
     """A peer sent bytes that break the protocol (bad framing, schema, or size)."""
 

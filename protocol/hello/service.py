@@ -18,7 +18,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
 from ..admission import Admission
-from ..errors import PeerError, ProtocolViolation
+from ..errors import NotAdmitted, PeerError, ProtocolViolation
 from ..ratelimit import KeyedLimiter, KeyedSlots, RateLimit
 from ..scoring import PeerScores, Severity, scores_for
 from ..stream import TrioFramedStream, libp2p_errors_as_peer_errors
@@ -55,11 +55,11 @@ class HelloService:
     def _judge(self, peer_id: str, hello: Hello) -> Hello | PeerError:
         ours = self._local(peer_id)
         if hello.network != ours.network:
-            return PeerError(f"peer is on network {hello.network!r}, we are on {ours.network!r}")
+            return NotAdmitted(f"peer is on network {hello.network!r}, we are on {ours.network!r}")
         if self._admission is not None and self._admission.closed:
             refusal = self._admission.refusal(peer_id, self._me, ours.network, hello.proof)
             if refusal is not None:
-                return PeerError(f"not admitted: {refusal}")
+                return NotAdmitted(f"not admitted: {refusal}")
         return hello
 
     def _scores(self, stream: INetStream) -> PeerScores:

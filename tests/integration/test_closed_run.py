@@ -169,3 +169,40 @@ def test_allowlist_cli_signs_a_list_that_checks_out_and_a_tampered_one_does_not(
                           "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "not signed by" in bad.stderr, bad.stderr
+
+
+async def test_a_refused_stranger_is_not_dialled_or_greeted_again_by_discovery(tmp_path: Path) -> None:
+    """The dialer speaks first, so each time discovery (DHT, mDNS, peer book) redialled a refused
+    stranger it got our hello and listed us as its peer until we hung up: under CPU load the
+    daemon test caught a stranger listing the closed run's bootstrap (6 runs of 8)."""
+    from contextlib import AsyncExitStack
+
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+    async with AsyncExitStack() as stack:
+        member = await stack.enter_async_context(open_host(
+            Identity.generate(), config, agent="closed-test/1",
+            admission=Admission.closed_by(RUN, secret=os.urandom(32))))
+        stranger = await stack.enter_async_context(open_host(Identity.generate(), config, agent="closed-test/1"))
+        greeted: list[str] = []
+        stranger.add_listener(lambda kind, peer: greeted.append(peer) if kind == "connected" else None)
+        trio_host = member._trio
+
+        await member.connect(stranger.addrs[0])  # asked for by name: our hello goes, theirs is refused
+        await wait_for(lambda: trio_host.held_off(stranger.peer_id, "dht"), 10, "the member refuses the stranger")
+        await wait_for(lambda: not trio_host.is_connected(stranger.peer_id), 10, "the member hangs up")
+        assert greeted == [member.peer_id]
+
+        # Discovery offers the stranger again: no dial at all.
+        addr = Multiaddr(stranger.addrs[0])
+        assert await member._bridge.run(trio_host.dial, stranger.peer_id, [addr], "dht") is False
+        # py-libp2p's DHT dials on its own: the member hangs up without a hello.
+        await member._bridge.run(trio_host.host.connect, info_from_p2p_addr(addr))
+        await wait_for(lambda: not trio_host.is_connected(stranger.peer_id), 10, "the member hangs up again")
+        await asyncio.sleep(1.0)
+        assert greeted == [member.peer_id], "the stranger was greeted again"
+
+        # An explicit dial (a bootstrap address, `hyphae node connect`) is never held off.
+        assert not trio_host.held_off(stranger.peer_id, "bootstrap")
+        assert trio_host.held_off(stranger.peer_id, "mdns")
