@@ -359,13 +359,24 @@ class TrioHost:
 
     def on_connected(self, conn: INetConn) -> None:
         peer_id = str(conn.muxed_conn.peer_id)
-        if peer_id in self.peers:
-            return
         direction = "outbound" if getattr(conn.direction, "name", str(conn.direction)).upper() == "OUTBOUND" else "inbound"
-        state = PeerState(peer_id, time.time(), direction)
         # An outbound connection nobody here asked for was opened by py-libp2p itself: a DHT
         # query or its auto-connector dialing peers the DHT taught it. Either way: the DHT.
-        state.sources.add(self._dial_sources.pop(peer_id, "inbound" if direction == "inbound" else "dht"))
+        source = "inbound" if direction == "inbound" else self._dial_sources.pop(peer_id, "dht")
+        state = self.peers.get(peer_id)
+        if state is not None:
+            if direction == "outbound" and state.direction == "inbound" and state.hello is None:
+                # Both sides dialled at once (mDNS tells them together) and each registered the
+                # other's connection first: as listeners neither would speak, and both dropped
+                # the other after the hello grace (the mDNS test, 1 run in 4). We dialled too,
+                # so we speak as a dialer does.
+                state.direction = "outbound"
+                state.sources.add(source)
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._greet, peer_id)
+            return
+        state = PeerState(peer_id, time.time(), direction)
+        state.sources.add(source)
         self.peers[peer_id] = state
         if self._nursery is not None:
             self._nursery.start_soon(self._after_connect, peer_id, direction)
@@ -383,15 +394,8 @@ class TrioHost:
             self._on_event("disconnected", peer_id)
 
     async def _after_connect(self, peer_id: str, direction: str) -> None:
-        await self._await_identify(peer_id)
         if direction == "outbound":
-            state = self.peers.get(peer_id)
-            if state is not None and all(self.held_off(peer_id, s) for s in state.sources):
-                # py-libp2p's DHT dialled a peer we refused: hang up before saying anything.
-                log.debug("closing a connection to %s: its hello was refused lately", peer_id)
-                await self.disconnect(peer_id)
-            else:
-                await self.hello.exchange(self.host, peer_id)
+            await self._greet(peer_id)
         with trio.move_on_after(HELLO_GRACE_S):
             while peer_id in self.peers and self.peers[peer_id].hello is None and self._has_conn(peer_id):
                 await trio.sleep(0.05)
@@ -408,6 +412,17 @@ class TrioHost:
             await self.disconnect(peer_id)
             if self.peers.get(peer_id) is state:  # the disconnect event can come while py-libp2p
                 self.peers.pop(peer_id, None)     # still lists the closing connection
+
+    async def _greet(self, peer_id: str) -> None:
+        """The dialer's side of hello: we speak first (after identify, which the DHT needs)."""
+        await self._await_identify(peer_id)
+        state = self.peers.get(peer_id)
+        if state is not None and all(self.held_off(peer_id, s) for s in state.sources):
+            # py-libp2p's DHT dialled a peer we refused: hang up before saying anything.
+            log.debug("closing a connection to %s: its hello was refused lately", peer_id)
+            await self.disconnect(peer_id)
+        elif state is not None and state.hello is None:
+            await self.hello.exchange(self.host, peer_id)
 
     async def _forget_dead_connections(self, peer_id: str) -> None:
         """Drop the swarm's entry for a peer whose listed connections are all closed. Never
