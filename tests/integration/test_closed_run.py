@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -113,27 +114,30 @@ async def _sees(host, peer_id: str) -> bool:
     return any(p.peer_id == peer_id and p.agent for p in await host.peers())
 
 
+@asynccontextmanager
+async def _member_and_stranger():
+    """Two hosts on loopback: a member of a closed run (secret) and a stranger of an open one."""
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+    async with open_host(Identity.generate(), config, agent="closed-test/1",
+                         admission=Admission.closed_by(RUN, secret=os.urandom(32))) as member:
+        async with open_host(Identity.generate(), config, agent="closed-test/1") as stranger:
+            yield member, stranger
+
+
 async def test_a_request_is_not_sent_to_a_stranger_whose_refusal_closed_the_connection_first(tmp_path: Path) -> None:
     """The race CI hit: the member dials a stranger to ask it something, the stranger's hello is
     refused and the connection closed before the request goes out. py-libp2p's new_stream would
     dial again and send before any hello, and the stranger's reply (a sync reply carrying its
     member entry) entered the closed run. Here the scheduler's slowness is made certain."""
-    from contextlib import AsyncExitStack
-
     import trio
 
-    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
     asked: list[str] = []
 
     async def answer(peer_id: str, request: object) -> object:
         asked.append(peer_id)
         return {"envelopes": ["a stranger's writes"]}
 
-    async with AsyncExitStack() as stack:
-        member = await stack.enter_async_context(open_host(
-            Identity.generate(), config, agent="closed-test/1",
-            admission=Admission.closed_by(RUN, secret=os.urandom(32))))
-        stranger = await stack.enter_async_context(open_host(Identity.generate(), config, agent="closed-test/1"))
+    async with _member_and_stranger() as (member, stranger):
         stranger.serve("/hyphae/closed-test/1", answer)
         trio_host = member._trio
         dial_then_lose_the_race = trio_host._reach
@@ -175,16 +179,9 @@ async def test_a_refused_stranger_is_not_dialled_or_greeted_again_by_discovery(t
     """The dialer speaks first, so each time discovery (DHT, mDNS, peer book) redialled a refused
     stranger it got our hello and listed us as its peer until we hung up: under CPU load the
     daemon test caught a stranger listing the closed run's bootstrap (6 runs of 8)."""
-    from contextlib import AsyncExitStack
-
     from libp2p.peer.peerinfo import info_from_p2p_addr
 
-    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
-    async with AsyncExitStack() as stack:
-        member = await stack.enter_async_context(open_host(
-            Identity.generate(), config, agent="closed-test/1",
-            admission=Admission.closed_by(RUN, secret=os.urandom(32))))
-        stranger = await stack.enter_async_context(open_host(Identity.generate(), config, agent="closed-test/1"))
+    async with _member_and_stranger() as (member, stranger):
         greeted: list[str] = []
         stranger.add_listener(lambda kind, peer: greeted.append(peer) if kind == "connected" else None)
         trio_host = member._trio
