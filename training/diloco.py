@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from hyphae.training import robust
-from hyphae.training._config import check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
@@ -80,6 +80,11 @@ class DiLoCoConfig:
     """k >= 1: (all-gather) scale any Δ whose norm exceeds k × the round's median norm down to
     that; 0 = off."""
 
+    outer_state_device: str = "same"
+    """Where φ and the outer momentum live: "same" (the model's device) or "cpu" — two fp32
+    copies of the model off the GPU, so a 24 GB card fits a 1B model's DiLoCo (the outer step
+    then moves θ to the CPU and φ back once per H steps)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
             raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
@@ -88,6 +93,7 @@ class DiLoCoConfig:
         check_range("outer_momentum", self.outer_momentum, 0.0, 0.999999)
         check_positive("timeout_s", self.timeout_s)
         robust.check_robust_options(self.robust, self.trim_fraction, self.norm_clip)
+        check_choice("outer_state_device", self.outer_state_device, ("same", "cpu"))
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -121,8 +127,9 @@ class DiLoCo(Strategy):
         self.config = config or DiLoCoConfig()
         self._params = list(self.trainable_parameters())
         self.inner = build_adamw(self._params, self.config.inner)
-        # φ lives beside θ on the same device, in fp32, as plain leaf tensors for the outer SGD.
-        self.slow = {n: p.detach().clone().float() for n, p in self._params}
+        # φ lives beside θ (or on the CPU), in fp32, as plain leaf tensors for the outer SGD.
+        where = "cpu" if self.config.outer_state_device == "cpu" else None
+        self.slow = {n: p.detach().to(where, torch.float32, copy=True) for n, p in self._params}
         momentum = self.config.outer_momentum
         self.outer = torch.optim.SGD(
             list(self.slow.values()),
@@ -144,7 +151,7 @@ class DiLoCo(Strategy):
     async def _outer_step(self) -> int:
         """Average the pseudo-gradients, step φ, reset θ to φ; returns how many contributed."""
         with torch.no_grad():
-            delta = {n: self.slow[n] - p.detach().float() for n, p in self._params}
+            delta = {n: self.slow[n] - p.detach().to(self.slow[n].device, torch.float32) for n, p in self._params}
         peers = await self._average(delta)
         with torch.no_grad():
             for name, slow in self.slow.items():

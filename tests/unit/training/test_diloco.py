@@ -138,3 +138,37 @@ def test_diloco_config_validation_names_the_field(changes: dict, message: str) -
 def test_diloco_defaults_follow_the_paper() -> None:
     cfg = DiLoCoConfig()
     assert (cfg.inner_steps, cfg.outer_lr, cfg.outer_momentum, cfg.nesterov) == (500, 0.7, 0.9, True)
+
+
+def _two_peer_run(micro_config: ModelConfig, device: str, outer_state_device: str) -> tuple[DiLoCo, ...]:
+    net = SimNetwork()
+    cfg = DiLoCoConfig(inner=INNER, inner_steps=3, outer_state_device=outer_state_device)
+    strategies = [DiLoCo(build_model(micro_config, seed=0, device=device), c, cfg) for c in net.add_peers(2)]
+
+    async def run_all():
+        await asyncio.gather(*(train(s, _stream(i), LoopConfig(max_steps=6)) for i, s in enumerate(strategies)))
+
+    run_virtual(run_all())
+    return tuple(strategies)
+
+
+def test_outer_state_on_the_cpu_gives_the_same_bits_as_beside_the_model(micro_config: ModelConfig) -> None:
+    same = _two_peer_run(micro_config, "cpu", "same")
+    cpu = _two_peer_run(micro_config, "cpu", "cpu")
+    assert _digest(same[0].model) == _digest(cpu[0].model) == _digest(cpu[1].model)
+    assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in cpu[0].slow.values())
+    with pytest.raises(ValueError, match="outer_state_device"):
+        DiLoCoConfig(outer_state_device="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_outer_state_device_cpu_keeps_phi_and_momentum_off_the_gpu(micro_config: ModelConfig) -> None:
+    strategy = _two_peer_run(micro_config, "cuda", "cpu")[0]
+    assert next(strategy.model.parameters()).device.type == "cuda"
+    assert all(t.device.type == "cpu" for t in strategy.slow.values())
+    momenta = [s["momentum_buffer"] for s in strategy.outer.state.values()]
+    assert momenta and all(m.device.type == "cpu" for m in momenta)
+    slow = torch.cat([t.flatten() for t in strategy.slow.values()])
+    model = torch.cat([p.detach().flatten().cpu() for p in strategy.model.parameters()])
+    assert torch.equal(slow, model)  # θ was reset to φ after the last outer step
