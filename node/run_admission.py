@@ -3,11 +3,15 @@
 The secret comes from ``HYPHAE_RUN_SECRET`` or from ``run_secret_file`` (never from the config
 file itself, which ``/api/v1/node`` shows); the allowlist from ``run_allowlist``, a file made
 by the run's creator with ``hyphae run allowlist``. See :mod:`hyphae.protocol.admission`.
+
+A secret file that other users may read (or write) is refused, as ssh refuses such a private
+key: whoever can read it is admitted to the run, and a leaked secret cannot be taken back.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -29,6 +33,10 @@ def _secret(config: NodeConfig, env: Mapping[str, str]) -> bytes | None:
         return None
     path = Path(config.run_secret_file)
     try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise ConfigError(f"permissions {mode:04o} for run_secret_file {path} are too open: other users "
+                              f"could read the secret and join the run; run: chmod 600 {path}")
         secret = path.read_bytes().strip()
     except OSError as exc:
         raise ConfigError(f"cannot read run_secret_file {path}: {exc.strerror or exc}") from None
