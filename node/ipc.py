@@ -8,6 +8,11 @@ what the daemon would otherwise act on blindly: each Comm call's arguments again
 schema (an int where bytes belong would make ``bytes(n)`` allocate n bytes), tensor refs
 (known dtype, ``nbytes`` equal to shape x item size, bounded rank), segment names (the
 ``/dev/shm`` name is opened as given) and progress reports (known kind, flat metrics).
+
+Who is on the other end is told by the kernel, never by a message: :func:`peer_credentials`
+reads ``SO_PEERCRED`` (the pid, uid and gid of the process that connected), which the daemon
+compares with the worker it spawned. A pid claimed in :class:`WorkerHello` proves nothing:
+the socket is a Linux abstract one, which every local user can connect to.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ import asyncio
 import dataclasses
 import math
 import re
+import socket
+import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -24,7 +31,7 @@ from hyphae.protocol.wire import HEADER_BYTES, decode_body, encode_frame, expect
 
 __all__ = [
     "TensorRef", "WorkerHello", "Setup", "Call", "Reply", "Progress", "Release", "Stop",
-    "Message", "send", "recv", "MAX_FRAME_BYTES",
+    "Message", "send", "recv", "MAX_FRAME_BYTES", "peer_credentials",
 ]
 
 MAX_FRAME_BYTES = 16 << 20
@@ -280,6 +287,24 @@ def _check_types(message: Message) -> None:
         value = getattr(message, f.name)
         if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
             raise ProtocolViolation(f"{type(message).__name__}.{f.name} must be {f.type}, got {type(value).__name__}")
+
+
+def peer_credentials(writer: asyncio.StreamWriter) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end of a Unix socket, as the kernel saw it
+    connect (``SO_PEERCRED``); the other side cannot forge it.
+
+    Raises:
+        ProtocolViolation: not a Unix socket, or the kernel would not say.
+    """
+    sock = writer.get_extra_info("socket")
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise ProtocolViolation("peer credentials need a Unix socket")
+    try:
+        pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                            struct.calcsize("3i")))
+    except OSError as exc:
+        raise ProtocolViolation(f"no peer credentials on the IPC socket: {exc}") from None
+    return pid, uid, gid
 
 
 async def send(writer: asyncio.StreamWriter, message: Message) -> None:

@@ -4,7 +4,9 @@ One worker process per local GPU is the design; this service runs one worker (GP
 present, else the CPU) — several workers per node need per-worker peer ids and a local reduce
 first, which is future work. The worker talks to the daemon over a Linux abstract Unix socket
 (no path-length limit, nothing left on disk) with typed messages (:mod:`.ipc`), tensors in
-shared memory (:mod:`.shm`).
+shared memory (:mod:`.shm`). Any local user can connect to an abstract socket, so a connection
+is served only if the kernel says (``SO_PEERCRED``) it comes from our uid and from the pid of
+the worker this service spawned; anything else is logged and closed before a byte is read.
 
 A worker that crashes is logged and restarted from its latest checkpoint, with backoff. On
 shutdown the worker is asked to stop (it checkpoints), then SIGTERM, then SIGKILL.
@@ -139,6 +141,8 @@ class TrainingService:
 
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
+            if not self._is_our_worker(writer):
+                return
             hello = await ipc.recv(reader)
             if not isinstance(hello, ipc.WorkerHello) or self._proc is None or hello.pid != self._proc.pid:
                 log.warning("refusing an IPC connection that is not our worker")
@@ -152,6 +156,20 @@ class TrainingService:
         finally:
             self._writer = None
             writer.close()
+
+    def _is_our_worker(self, writer: asyncio.StreamWriter) -> bool:
+        """True if the kernel says the connecting process is the worker we spawned (same uid)."""
+        try:
+            pid, uid, _ = ipc.peer_credentials(writer)
+        except ProtocolViolation as exc:
+            log.warning("refusing an IPC connection: %s", exc)
+            return False
+        worker = self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+        if uid != os.getuid() or pid != worker:
+            log.warning("refusing an IPC connection from pid %d uid %d: not the worker this daemon started "
+                        "(pid %s, uid %d)", pid, uid, worker, os.getuid())
+            return False
+        return True
 
     async def _read_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                            calls: asyncio.TaskGroup) -> None:

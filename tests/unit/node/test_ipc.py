@@ -76,3 +76,16 @@ async def test_recv_reports_clean_eof_and_truncation() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(len(body).to_bytes(4, "big") + body)
     assert await ipc.recv(reader) == ipc.Stop(reason="ok")
+
+
+async def test_peer_credentials_are_the_kernels_view_of_who_connected() -> None:
+    import os
+    import socket
+
+    left, right = socket.socketpair()
+    reader, writer = await asyncio.open_unix_connection(sock=left)
+    try:
+        assert ipc.peer_credentials(writer) == (os.getpid(), os.getuid(), os.getgid())
+    finally:
+        writer.close()
+        right.close()
