@@ -121,6 +121,10 @@ class Callback:
     where a gradient step is given virtual duration (`await comm.sleep(step_time_s)`).
     """
 
+    async def on_gradients(self, step: int, strategy: Strategy) -> None:
+        """Between forward/backward and the strategy's step: the gradients of loop step `step`
+        (0-based) are in `.grad` (a node's local workers average them here, see local_group.py)."""
+
     async def on_step(self, step: int) -> None:
         """After every step; `step` steps are done. Must not read tensors (no sync)."""
 
@@ -196,6 +200,8 @@ async def _train(
                 for step in steps:
                     async with strategy.weights_lock:  # background work never sees a half-done step
                         await compute(run.forward_backward)
+                        for cb in callbacks:
+                            await cb.on_gradients(step, strategy)
                         metrics = await strategy.step(step)
                     await run.after_step(step + 1, metrics)
                     await asyncio.sleep(0)  # let the other peers' tasks (and gossip) run
