@@ -1,23 +1,88 @@
-"""Shared test configuration: markers that skip with a clear reason where they cannot run."""
+"""Shared test configuration: the two tiers, and markers that skip with a clear reason.
 
+* Tiers: ``python -m pytest`` runs the default tier; tests marked ``slow`` are deselected unless
+  asked for (``-m slow``, any other ``-m``, ``--all``, or a test named by its node id).
+* ``@pytest.mark.tools("iptables", ...)``: skipped, naming the ``apt-get install`` that brings
+  them, where a system tool is missing (the table is ``tests/_requires.py``).
+* ``root``: skipped unless root; ``gpu``: skipped without CUDA.
+* ``HYPHAE_SKIP_REPORT=FILE``: every skipped test is written there as a JSON line (node id, its
+  markers, the reason), so ``.ci/run`` can fail when, as root, a root or tool test was skipped.
+"""
+
+from __future__ import annotations
+
+import json
 import os
-import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_requires.py, imported by name
+
+import _requires  # noqa: E402
+
+REQUIRED_IN_CI = ("root", "tools")
+"""Markers of tests that ``.ci/run`` as root installs everything for: a skip there is a failure."""
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--all", action="store_true", dest="all_tiers",
+                     help="run the slow tier too (same as adding the tests of `-m slow`)")
+
+
+def _run_slow(config: pytest.Config) -> bool:
+    return bool(config.getoption("all_tiers") or config.getoption("markexpr")
+                or any("::" in str(arg) for arg in config.args))
+
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not _run_slow(config):
+        slow = [item for item in items if "slow" in item.keywords]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if "slow" not in item.keywords]
     is_root = hasattr(os, "geteuid") and os.geteuid() == 0
-    has_ip = shutil.which("ip") is not None
+    cuda: bool | None = None
+    lacking: dict[tuple[str, ...], list[_requires.Tool]] = {}
     for item in items:
-        if "root" in item.keywords and not (is_root and has_ip):
-            item.add_marker(pytest.mark.skip(reason="needs root and iproute2 (network namespaces)"))
+        if "root" in item.keywords and not is_root:
+            item.add_marker(pytest.mark.skip(reason="needs root (network namespaces, iptables): run as root"))
+        names = tuple(n for mark in item.iter_markers("tools") for n in mark.args)
+        if names:
+            if names not in lacking:
+                lacking[names] = _requires.missing(names)
+            if lacking[names]:
+                item.add_marker(pytest.mark.skip(reason=_requires.skip_reason(lacking[names])))
         if "gpu" in item.keywords:
-            try:
-                import torch
-
-                ok = torch.cuda.is_available()
-            except ImportError:
-                ok = False
-            if not ok:
+            if cuda is None:
+                cuda = _cuda_available()
+            if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)"))
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+_skipped: list[dict[str, object]] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and os.environ.get("HYPHAE_SKIP_REPORT"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        markers = sorted(k for k in ("root", "tools", "gpu", "slow") if k in report.keywords)
+        _skipped.append({"nodeid": report.nodeid, "markers": markers, "reason": reason,
+                         "required_in_ci": any(m in markers for m in REQUIRED_IN_CI)})
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get("HYPHAE_SKIP_REPORT")
+    if path and not hasattr(session.config, "workerinput"):  # the xdist controller gets every report
+        with open(path, "a", encoding="utf-8") as f:
+            for row in _skipped:
+                f.write(json.dumps(row) + "\n")

@@ -8,9 +8,9 @@ resume at or after the last one, restarted and new nodes catch up. The result is
 of timestamped events and checks with what was measured.
 """
 
-from ._cluster import ScenarioError
+from ._cluster import MissingTool, ScenarioError
 from ._engine import ScenarioOptions
 from ._report import Report
 from ._runner import SCENARIOS, run_scenario
 
-__all__ = ["run_scenario", "SCENARIOS", "ScenarioOptions", "ScenarioError", "Report"]
+__all__ = ["run_scenario", "SCENARIOS", "ScenarioOptions", "ScenarioError", "MissingTool", "Report"]

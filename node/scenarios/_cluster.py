@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +31,7 @@ from typing import Any
 
 from hyphae.protocol.errors import HyphaeError
 
-__all__ = ["Cluster", "Node", "NodeDown", "Placement", "ScenarioError"]
+__all__ = ["Cluster", "MissingTool", "Node", "NodeDown", "Placement", "ScenarioError", "require_tools"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,27 @@ _RESUMED = re.compile(r"training resumed from the checkpoint at step (\d+)")
 
 class ScenarioError(HyphaeError):
     """The scenario could not run (a node would not start, no root for the firewall, ...)."""
+
+
+class MissingTool(ScenarioError):
+    """A system tool the scenario needs is not installed. Raised before anything starts, so a
+    caller (the test suite) can tell "cannot run here" from a scenario that failed."""
+
+    def __init__(self, tool: str, package: str) -> None:
+        super().__init__(f"{tool} is not installed; apt-get install {package}")
+        self.tool = tool
+        self.package = package
+
+
+TOOL_PACKAGES = {"iptables": "iptables", "ip": "iproute2", "tc": "iproute2", "sysctl": "procps"}
+"""The system tools scenarios run, and the Debian/Ubuntu package that brings each."""
+
+
+def require_tools(tools: tuple[str, ...]) -> None:
+    """Raise :class:`MissingTool` for the first of ``tools`` not on PATH."""
+    for tool in tools:
+        if shutil.which(tool) is None:
+            raise MissingTool(tool, TOOL_PACKAGES.get(tool, tool))
 
 
 class NodeDown(HyphaeError):

@@ -17,12 +17,11 @@ from OUTPUT; :meth:`Firewall.close` removes the jumps and the chains, whatever h
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ._cluster import RUNNER_SOURCE, ScenarioError
+from ._cluster import RUNNER_SOURCE, ScenarioError, require_tools
 
 __all__ = ["Firewall", "Side", "RUNNER_SOURCE"]
 
@@ -55,8 +54,7 @@ class Firewall:
     """
 
     def __init__(self, tag: str, gid_range: tuple[int, int]) -> None:
-        if shutil.which("iptables") is None:
-            raise ScenarioError("iptables is not installed; apt-get install iptables")
+        require_tools(("iptables",))
         self.partition_chain = f"HYXP{tag}"[:28]
         self.queue_chain = f"HYXQ{tag}"[:28]
         self.gid_range = gid_range

@@ -19,7 +19,7 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ._cluster import Cluster, Placement, ScenarioError
+from ._cluster import Cluster, Placement, ScenarioError, require_tools
 from ._engine import Run, ScenarioOptions, training_toml, write_corpus
 from ._library import churn, partition, scale, wan
 from ._netfilter import Firewall
@@ -42,12 +42,16 @@ class Scenario:
     about: str
     placement: Callable[[ExitStack, ScenarioOptions], Placement] | None = None
     """Builds where the nodes run (namespaces) and registers its teardown; None: loopback."""
+    tools: tuple[str, ...] = ()
+    """System tools it runs (checked before anything starts: :class:`MissingTool`)."""
 
 
 SCENARIOS: dict[str, Scenario] = {
     "churn": Scenario(churn, False, False, False, "kill and add 30% of the trainers during training"),
-    "partition": Scenario(partition, True, True, False, "split the testnet in two with iptables on lo, then heal"),
-    "wan": Scenario(wan, True, True, True, "40 ms + 1% loss, then 100 ms + 3%, on every link (NFQUEUE)"),
+    "partition": Scenario(partition, True, True, False, "split the testnet in two with iptables on lo, then heal",
+                          tools=("iptables",)),
+    "wan": Scenario(wan, True, True, True, "40 ms + 1% loss, then 100 ms + 3%, on every link (NFQUEUE)",
+                    tools=("iptables",)),
     "scale": Scenario(scale, False, False, False, "N nodes: mesh, run state, progress, API latency, RSS, CPU"),
 }
 
@@ -58,7 +62,7 @@ def _register_nat() -> None:
     except ImportError:  # the network-namespace harness (deploy/netns) is not there yet
         return
     SCENARIOS["nat"] = Scenario(nat, True, False, False, "two NATs and a relay in network namespaces",
-                                placement=nat_placement)
+                                placement=nat_placement, tools=("ip", "iptables", "tc", "sysctl"))
 
 
 _register_nat()
@@ -98,11 +102,13 @@ def run_scenario(name: str, *, root: Path | None = None, options: ScenarioOption
     """Run scenario ``name``; return its report (also written to ``root/report.json`` and ``json_path``).
 
     Raises:
+        MissingTool: a system tool it needs is not installed (nothing started).
         ScenarioError: unknown scenario, or it needs root and this is not root (nothing started).
     """
     if name not in SCENARIOS:
         raise ScenarioError(f"unknown scenario {name!r}; choose one of {', '.join(sorted(SCENARIOS))}")
     scenario = SCENARIOS[name]
+    require_tools(scenario.tools)
     is_root = os.geteuid() == 0
     if scenario.needs_root and not is_root:
         raise ScenarioError(f"scenario {name} needs root (iptables / network namespaces); run it with sudo")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
+import _requires
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -21,30 +21,24 @@ ARTIFACTS = Path(os.environ.get("HYPHAE_TEST_ARTIFACTS", Path(__file__).resolve(
 SMALL = "[training]\nbatch_size = 4\nseq_len = 64\nlog_every = 5\neval_every = 20\ncheckpoint_every = 0\n"
 
 
-def _chromium() -> tuple[str, str] | None:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    driver = shutil.which("chromedriver")
-    return (browser, driver) if browser and driver else None
-
-
 def _browser():
     pytest.importorskip("selenium", reason="selenium is in the [test] extra")
-    found = _chromium()
-    if found is None:
-        pytest.skip("needs Chromium and chromedriver (apt-get install chromium chromium-driver)")
+    found = (_requires.find("chromium"), _requires.find("chromedriver"))
+    assert found[0] and found[1], "the tools marker skips this test without them"
     from selenium import webdriver
     from selenium.webdriver.chrome.options import Options
     from selenium.webdriver.chrome.service import Service
 
     opts = Options()
-    opts.binary_location = found[0]
+    opts.binary_location = found[0][0]
     for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                 "--disable-component-update", "--disable-sync", f"--user-data-dir={tempfile.mkdtemp()}",
                 "--window-size=1400,1100"):
         opts.add_argument(arg)
-    return webdriver.Chrome(service=Service(found[1]), options=opts)
+    return webdriver.Chrome(service=Service(found[1][0]), options=opts)
 
 
+@pytest.mark.tools("chromium", "chromedriver")
 def test_browser_sees_peers_and_a_live_loss_chart_on_a_3_node_testnet(tmp_path) -> None:
     config = tmp_path / "small.toml"
     config.write_text(SMALL)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from harness import Netem, Segment, Testnet, Topology, namespaces_of
 
-pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.root, pytest.mark.tools("ip", "iptables", "tc", "sysctl"), pytest.mark.integration, pytest.mark.timeout(120)]
 
 HARNESS = Path(__file__).resolve().parents[3] / "deploy" / "netns" / "harness.py"
 ECHO = ("import socket\ns = socket.socket()\ns.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"

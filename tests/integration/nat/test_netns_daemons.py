@@ -14,7 +14,7 @@ import pytest
 from harness import Netem, Segment, Testnet, Topology
 from nodes import NetnsDaemon, wait_until
 
-pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.root, pytest.mark.tools("ip", "iptables", "tc", "sysctl"), pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def both_direct(a: NetnsDaemon, b: NetnsDaemon) -> bool:

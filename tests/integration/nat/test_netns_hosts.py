@@ -14,7 +14,7 @@ import pytest
 from harness import Segment, Testnet, Topology
 from nodes import NetnsPeer, wait_until
 
-pytestmark = [pytest.mark.root, pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.root, pytest.mark.tools("ip", "iptables", "tc", "sysctl"), pytest.mark.integration, pytest.mark.timeout(180)]
 
 QUICK_CHECKS = {"autonat_interval_s": 5}  # re-checked every 5 s: a flip to public would show
 

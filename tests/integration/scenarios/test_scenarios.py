@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
+import _requires
 import pytest
 
-from hyphae.node.scenarios import SCENARIOS, ScenarioOptions, run_scenario
+from hyphae.node.scenarios import SCENARIOS, MissingTool, ScenarioOptions, run_scenario
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -24,8 +24,11 @@ ARTIFACTS = Path(os.environ.get("HYPHAE_TEST_ARTIFACTS", Path(__file__).resolve(
 
 
 def _run(name: str, tmp_path: Path, nodes: int) -> dict:
-    report = run_scenario(name, root=tmp_path / name, options=ScenarioOptions(nodes=nodes),
-                          json_path=ARTIFACTS / "scenarios" / f"{name}.json").to_json()
+    try:
+        report = run_scenario(name, root=tmp_path / name, options=ScenarioOptions(nodes=nodes),
+                              json_path=ARTIFACTS / "scenarios" / f"{name}.json").to_json()
+    except MissingTool as exc:  # raised before anything started; any other failure fails the test
+        pytest.skip(str(exc))
     failed = [f"{c['name']}: {json.dumps(c['measured'])[:400]}" for c in report["checks"] if not c["passed"]]
     assert report["error"] is None, report["error"]
     assert not failed, "\n".join(failed)
@@ -37,7 +40,7 @@ def _no_leftovers(tmp_path: Path) -> None:
     """Every daemon the scenario started is gone, and no iptables chain of ours is left."""
     leftover = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _cmd_mentions(p, str(tmp_path))]
     assert not leftover, f"processes left running: {leftover}"
-    if os.geteuid() == 0 and shutil.which("iptables"):
+    if os.geteuid() == 0 and _requires.find("iptables"):
         rules = subprocess.run(["iptables", "-S"], capture_output=True, text=True).stdout
         assert f"HYXP{os.getpid()}" not in rules and f"HYXQ{os.getpid()}" not in rules
 
@@ -61,6 +64,7 @@ def test_churn_kill_and_add_30_percent_every_node_catches_up(tmp_path: Path) -> 
 
 
 @pytest.mark.root
+@pytest.mark.tools("iptables")
 @pytest.mark.timeout(420)
 def test_partition_each_side_trains_alone_then_everyone_converges(tmp_path: Path) -> None:
     report = _run("partition", tmp_path, nodes=4)
@@ -70,6 +74,7 @@ def test_partition_each_side_trains_alone_then_everyone_converges(tmp_path: Path
 
 
 @pytest.mark.root
+@pytest.mark.tools("iptables")
 @pytest.mark.timeout(420)
 def test_wan_delay_and_loss_slow_training_but_do_not_stop_it(tmp_path: Path) -> None:
     report = _run("wan", tmp_path, nodes=3)
@@ -80,6 +85,7 @@ def test_wan_delay_and_loss_slow_training_but_do_not_stop_it(tmp_path: Path) -> 
 
 
 @pytest.mark.root
+@pytest.mark.tools("ip", "iptables", "tc", "sysctl")
 @pytest.mark.timeout(420)
 def test_nat_two_nats_and_a_relay_train_together(tmp_path: Path) -> None:
     if "nat" not in SCENARIOS:

@@ -1,20 +1,20 @@
 """The Docker testnets hold together: compose files, Dockerfile, entrypoint and healthcheck.
 
 There is no Docker engine on CI, so the structure is checked here by reading the files (always),
-and with the compose client's own ``config`` when a working client is installed (skipped with
-the reason otherwise). The entrypoint's pure helpers are unit-tested by loading the script.
+and with the compose client's own ``config`` when a working client is installed (skipped,
+naming the apt package, otherwise). The entrypoint's pure helpers are unit-tested by loading the script.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import ipaddress
-import shutil
 import subprocess
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import _requires
 import pytest
 import yaml
 
@@ -158,25 +158,11 @@ def test_entrypoint_waits_for_the_published_peer_id(tmp_path: Path) -> None:
     assert ep.bootstrap_addr(peer_file, "127.0.0.1", 4101) == "/ip4/127.0.0.1/tcp/4101/p2p/12D3KooWTestPeer"
 
 
-def _compose_client() -> list[str] | None:
-    """``docker compose`` (v2 plugin) or ``docker-compose``, whichever answers ``version``."""
-    for cmd in (["docker", "compose"], ["docker-compose"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            if subprocess.run([*cmd, "version"], capture_output=True, timeout=30).returncode == 0:
-                return cmd
-        except (OSError, subprocess.TimeoutExpired):
-            continue
-    return None
-
-
+@pytest.mark.tools("docker-compose")
 @pytest.mark.parametrize("name", COMPOSE_FILES)
 def test_compose_client_accepts_the_file(name: str) -> None:
-    client = _compose_client()
-    if client is None:
-        pytest.skip("no working compose client (`docker compose version` and `docker-compose version` both "
-                    "failed); the structural tests above still ran")
+    client = _requires.find("docker-compose")  # `docker compose` (v2 plugin) or `docker-compose`
+    assert client, "the tools marker skips this test without a compose client"
     done = subprocess.run([*client, "-f", str(DEPLOY / name), "config", "-q"], capture_output=True, text=True,
                           timeout=60, cwd=REPO)
     assert done.returncode == 0, f"{' '.join(client)} config rejected {name}:\n{done.stderr}"
