@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hyphae.training.model import GPT
+from hyphae.training._decoder import CausalLM
 from hyphae.training.model_config import ModelConfig
 
 __all__ = [
@@ -103,7 +103,7 @@ def merge_experts(
 
 
 @torch.no_grad()
-def merge_model_experts_(model: GPT, a: float, *, top_k: int = 4) -> None:
+def merge_model_experts_(model: CausalLM, a: float, *, top_k: int = 4) -> None:
     """`merge_experts` on every MoE layer of `model`, in place."""
     cfg = model.config
     for layer in range(cfg.n_layer):
@@ -115,7 +115,7 @@ def merge_model_experts_(model: GPT, a: float, *, top_k: int = 4) -> None:
                 p.copy_(new[name])
 
 
-def expert_tensors(model: GPT, expert: int) -> dict[str, torch.nn.Parameter]:
+def expert_tensors(model: CausalLM, expert: int) -> dict[str, torch.nn.Parameter]:
     """Every layer's parameters of expert index `expert`, by full name (one SPES blob)."""
     out: dict[str, torch.nn.Parameter] = {}
     for layer in range(model.config.n_layer):
@@ -129,7 +129,7 @@ class SyncBytes:
 
     Attributes:
         shared_bytes: S, every non-expert tensor.
-        expert_bytes: X, one expert index over all layers (w1 and w2 of each layer).
+        expert_bytes: X, one expert index over all layers (w1 and w2, and w3 for Llama, of each layer).
         allreduce_each_way: what the bandwidth-optimal (ring) all-reduce of the shared tensors
             sends and receives per node: 2(N − 1)/N · S.
         expert_download: the experts a node fetches: (E − owned) · X.
@@ -158,7 +158,7 @@ def sync_bytes(config: ModelConfig, *, n_nodes: int, owned: int, bytes_per_value
         raise ValueError(f"n_nodes must be >= 1, got {n_nodes}")
     if not 0 <= owned <= config.n_experts:
         raise ValueError(f"owned must be in [0, {config.n_experts}], got {owned}")
-    expert_numel = config.n_layer * 2 * config.d_model * config.expert_hidden
+    expert_numel = config.n_layer * config.expert_numel
     shared_numel = config.num_parameters() - config.n_experts * expert_numel
     s, x = shared_numel * bytes_per_value, expert_numel * bytes_per_value
     return SyncBytes(

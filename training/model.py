@@ -1,4 +1,4 @@
-"""A small decoder-only GPT (nanoGPT-like) and its mixture-of-experts twin, in one file.
+"""A small decoder-only GPT (nanoGPT-like) and its mixture-of-experts twin; `build_model` for every arch.
 
 `GPT(config)` builds either: with `config.n_experts == 0` every block has a dense GELU MLP, else
 an `MoEMLP` (see moe.py). Parameter names are stable and predictable because algorithms address
@@ -19,40 +19,22 @@ them by name across machines:
 `forward(idx, targets)` returns a `ModelOutput` whose `loss` is what to backpropagate
 (cross-entropy + weighted MoE auxiliary losses) and whose `ce` is the language-model loss to
 log and compare across models. Mixed precision is the caller's business (`torch.autocast`);
-see strategy.py for the policy (bf16 on CUDA, fp32 on CPU).
+see strategy.py for the policy (bf16 on CUDA, fp32 on CPU). `build_model` builds a GPT or, for
+`config.arch == "llama"`, a `Llama` (llama.py) with the same API.
 """
 
 from __future__ import annotations
-
-import re
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hyphae.training._decoder import CausalLM, ModelOutput, parse_expert_name
+from hyphae.training.llama import Llama, init_llama_weights
 from hyphae.training.model_config import ModelConfig
 from hyphae.training.moe import MoEMLP, init_experts, residual_init_std
 
-_EXPERT_NAME = re.compile(r"^blocks\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)$")
-
-
-class ModelOutput(NamedTuple):
-    """Result of `GPT.forward`.
-
-    Attributes:
-        logits: (batch, time, vocab) next-token logits.
-        loss: scalar to backpropagate (ce + MoE auxiliary terms); None without targets.
-        ce: scalar language-model cross-entropy in nats/token; None without targets.
-        aux: unweighted MoE losses averaged over layers ("load_balance", "router_z"); empty for
-            dense models.
-    """
-
-    logits: torch.Tensor
-    loss: torch.Tensor | None
-    ce: torch.Tensor | None
-    aux: dict[str, torch.Tensor]
-
+__all__ = ["GPT", "CausalLM", "Llama", "ModelOutput", "build_model", "init_weights", "parse_expert_name"]
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through `F.scaled_dot_product_attention`."""
@@ -95,9 +77,9 @@ class Block(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
         self.mlp: nn.Module
         if config.is_moe:
             self.mlp = MoEMLP(config.d_model, config.n_experts, config.top_k, config.expert_hidden)
@@ -113,7 +95,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x)), None, None
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     """Decoder-only transformer with tied input/output embeddings.
 
     Args:
@@ -128,7 +110,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.context_length, config.d_model)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.d_model, bias=config.bias)
+        self.ln_f = nn.LayerNorm(config.d_model, eps=config.norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying (GPT-2); one parameter, named wte
 
@@ -138,68 +120,12 @@ class GPT(nn.Module):
         Raises:
             ValueError: the sequence is longer than `config.context_length`.
         """
-        b, t = idx.shape
-        if t > self.config.context_length:
-            raise ValueError(
-                f"sequence length {t} exceeds context_length {self.config.context_length}; "
-                "feed shorter sequences or build the model with a longer context_length"
-            )
+        t = idx.shape[1]
+        self.check_length(t)
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
-        lb_terms, z_terms = [], []
-        for block in self.blocks:
-            x, lb, z = block(x)
-            if lb is not None:
-                lb_terms.append(lb)
-                z_terms.append(z)
-        logits = self.lm_head(self.ln_f(x))
-        if targets is None:
-            return ModelOutput(logits, None, None, {})
-        ce = F.cross_entropy(logits.float().view(b * t, -1), targets.reshape(b * t))
-        if not lb_terms:
-            return ModelOutput(logits, ce, ce, {})
-        aux = {
-            "load_balance": torch.stack(lb_terms).mean(),
-            "router_z": torch.stack(z_terms).mean(),
-        }
-        loss = (
-            ce
-            + self.config.load_balance_coef * aux["load_balance"]
-            + self.config.router_z_coef * aux["router_z"]
-        )
-        return ModelOutput(logits, loss, ce, aux)
-
-    def num_parameters(self) -> int:
-        """Number of distinct parameters (the tied head counted once)."""
-        return sum(p.numel() for p in self.parameters())
-
-    def expert_parameters(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
-        """The parameters of expert `expert` of block `layer`, by full name.
-
-        Raises:
-            ValueError: dense model, or layer/expert out of range.
-        """
-        cfg = self.config
-        if not cfg.is_moe:
-            raise ValueError("this model is dense (n_experts = 0); it has no experts")
-        if not (0 <= layer < cfg.n_layer and 0 <= expert < cfg.n_experts):
-            raise ValueError(
-                f"expert ({layer}, {expert}) out of range: layer < {cfg.n_layer}, "
-                f"expert < {cfg.n_experts}"
-            )
-        module = self.blocks[layer].mlp.experts[expert]
-        prefix = f"blocks.{layer}.mlp.experts.{expert}."
-        return {prefix + n: p for n, p in module.named_parameters()}
-
-    def shared_parameters(self) -> dict[str, nn.Parameter]:
-        """Every parameter that is not part of an expert (embeddings, attention, norms, routers)."""
-        return {n: p for n, p in self.named_parameters() if parse_expert_name(n) is None}
-
-
-def parse_expert_name(name: str) -> tuple[int, int] | None:
-    """(layer, expert) if `name` is an expert parameter's name, else None."""
-    m = _EXPERT_NAME.match(name)
-    return (int(m.group(1)), int(m.group(2))) if m else None
+        x, lb_terms, z_terms = self.run_blocks(x)
+        return self.finish(self.lm_head(self.ln_f(x)), targets, lb_terms, z_terms)
 
 
 def init_weights(model: GPT, seed: int) -> None:
@@ -228,8 +154,8 @@ def init_weights(model: GPT, seed: int) -> None:
 
 def build_model(
     config: ModelConfig, *, seed: int = 0, device: torch.device | str = "cpu"
-) -> GPT:
-    """Build a GPT/MoE GPT with a seeded init on `device`.
+) -> GPT | Llama:
+    """Build a GPT or Llama (dense or MoE, by `config.arch`) with a seeded init on `device`.
 
     Args:
         config: model shape.
@@ -242,9 +168,13 @@ def build_model(
         The model in train mode.
     """
     device = torch.device(device)
+    kind = Llama if config.arch == "llama" else GPT
     if device.type == "meta":
         with torch.device("meta"):
-            return GPT(config)
-    model = GPT(config)
-    init_weights(model, seed)
+            return kind(config)
+    model = kind(config)
+    if isinstance(model, Llama):
+        init_llama_weights(model, seed)
+    else:
+        init_weights(model, seed)
     return model.to(device)

@@ -2,7 +2,8 @@
 
 Every expert is its own `Expert` module with parameters `w1` (hidden x d) and `w2` (d x hidden),
 so in a GPT the parameters of expert e of layer l are exactly
-`blocks.{l}.mlp.experts.{e}.w1` and `blocks.{l}.mlp.experts.{e}.w2`. SPES (ALGORITHMS.md §1)
+`blocks.{l}.mlp.experts.{e}.w1` and `blocks.{l}.mlp.experts.{e}.w2`. Llama models use SwiGLU
+experts with a third matrix `w3` (Mixtral's naming: w1 gate, w2 down, w3 up). SPES (ALGORITHMS.md §1)
 freezes or owns experts by those names, and its merge warm-up compares flattened `w1`s.
 
 Routing is dropless (no capacity factor): each token goes to its top-k experts, gated by the
@@ -36,6 +37,19 @@ class Expert(nn.Module):
         return F.linear(F.gelu(F.linear(x, self.w1)), self.w2)
 
 
+class SwiGLUExpert(nn.Module):
+    """One SwiGLU expert: w2 @ (silu(w1 @ x) * (w3 @ x)), no biases (Mixtral's layout)."""
+
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(hidden, d_model))
+        self.w2 = nn.Parameter(torch.empty(d_model, hidden))
+        self.w3 = nn.Parameter(torch.empty(hidden, d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.w1)) * F.linear(x, self.w3), self.w2)
+
+
 class MoEOutput(NamedTuple):
     """What one MoE MLP returns: the output and its two (unweighted) auxiliary losses."""
 
@@ -52,14 +66,16 @@ class MoEMLP(nn.Module):
         n_experts: number of experts E.
         top_k: experts per token.
         hidden: hidden width of one expert.
+        swiglu: SwiGLU experts (Llama) instead of GELU ones (GPT).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int) -> None:
+    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, *, swiglu: bool = False) -> None:
         super().__init__()
         self.n_experts = n_experts
         self.top_k = top_k
         self.router = nn.Linear(d_model, n_experts, bias=False)
-        self.experts = nn.ModuleList(Expert(d_model, hidden) for _ in range(n_experts))
+        kind = SwiGLUExpert if swiglu else Expert
+        self.experts = nn.ModuleList(kind(d_model, hidden) for _ in range(n_experts))
 
     def forward(self, x: torch.Tensor) -> MoEOutput:
         shape = x.shape
@@ -89,11 +105,13 @@ class MoEMLP(nn.Module):
 
 
 def init_experts(moe: MoEMLP, std: float, residual_std: float, generator: torch.Generator) -> None:
-    """Normal init: router and w1 with `std`, w2 (a residual projection) with `residual_std`."""
+    """Normal init: router, w1 (and w3) with `std`, w2 (a residual projection) with `residual_std`."""
     nn.init.normal_(moe.router.weight, 0.0, std, generator=generator)
     for expert in moe.experts:
         nn.init.normal_(expert.w1, 0.0, std, generator=generator)
         nn.init.normal_(expert.w2, 0.0, residual_std, generator=generator)
+        if isinstance(expert, SwiGLUExpert):
+            nn.init.normal_(expert.w3, 0.0, std, generator=generator)
 
 
 def residual_init_std(std: float, n_layer: int) -> float:
