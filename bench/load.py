@@ -205,7 +205,7 @@ def _api(d: DaemonProcess, path: str, body: dict[str, Any] | None = None) -> tup
     """One API call; returns (decoded reply, seconds it took)."""
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(d.info["api_url"] + path, data=data, method="GET" if body is None else "POST",
-                                 headers={"Content-Type": "application/json"})
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {d.token}"})
     start = time.perf_counter()
     with urllib.request.urlopen(req, timeout=10) as resp:
         reply = json.loads(resp.read())

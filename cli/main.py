@@ -134,9 +134,9 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
-    if args.api:
-        return ApiClient(args.api)
     data_dir = args.data_dir or load_config(flags={}).data_dir
+    if args.api:
+        return ApiClient.for_url(args.api, data_dir)
     return ApiClient.for_data_dir(data_dir)
 
 

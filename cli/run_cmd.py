@@ -48,9 +48,10 @@ def add_run_parser(top: argparse._SubParsersAction) -> None:
 
 
 def _client(args: argparse.Namespace) -> ApiClient:
+    data_dir = args.data_dir or load_config(flags={}).data_dir
     if args.api:
-        return ApiClient(args.api)
-    return ApiClient.for_data_dir(args.data_dir or load_config(flags={}).data_dir)
+        return ApiClient.for_url(args.api, data_dir)
+    return ApiClient.for_data_dir(data_dir)
 
 
 def run_command(args: argparse.Namespace) -> int:

@@ -2,7 +2,9 @@
 
 Bound to 127.0.0.1 by default. When it binds anywhere else every request must carry the token
 from ``DATA_DIR/api.token`` (``Authorization: Bearer <token>`` or ``?token=``): the API can stop the
-node, so it is never open to the network by accident.
+node, so it is never open to the network by accident. Web pages are kept out by
+:mod:`.api_guard` (Host check, CSRF token or API token on every state-changing request, no CORS
+unless configured).
 
 Request bodies are read with :func:`read_json`: bounded in bytes whatever ``Content-Length`` says
 (chunked bodies included), UTF-8 JSON only, nesting bounded — a malformed body is a 400/413 with
@@ -11,13 +13,15 @@ a JSON reason, never a 500.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+import secrets
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+
+from .api_guard import ApiGuard
+from .config import ApiAccess
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -25,8 +29,6 @@ if TYPE_CHECKING:
 __all__ = ["build_app", "start_api", "read_json", "MAX_JSON_BODY_BYTES", "MAX_JSON_DEPTH"]
 
 log = logging.getLogger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 MAX_JSON_BODY_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 32
@@ -82,24 +84,21 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def _token_middleware(token: str | None) -> Any:
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is not None:
-            given = request.query.get("token", "")
-            auth = request.headers.get("Authorization", "")
-            if auth.startswith("Bearer "):
-                given = auth.removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), token.encode()):
-                return web.json_response({"error": "missing or wrong API token (see DATA_DIR/api.token)"},
-                                         status=401)
-        return await handler(request)
+def build_app(daemon: Daemon, *, token: str, bind_host: str, access: ApiAccess | None = None,
+              tokens_for_reads: bool = False) -> web.Application:
+    """The API behind its guard.
 
-    return check
-
-
-def build_app(daemon: Daemon, *, token: str | None) -> web.Application:
-    app = web.Application(middlewares=[_token_middleware(token)], client_max_size=MAX_JSON_BODY_BYTES)
+    Args:
+        token: ``DATA_DIR/api.token``; state-changing requests need it (or the CSRF token).
+        bind_host: the address the API listens on (a request addressed to it passes the Host check).
+        access: extra Host names and CORS origins (``[api] allowed_hosts``, ``cors_origins``).
+        tokens_for_reads: require the token on every request (the API binds beyond loopback).
+    """
+    app = web.Application(client_max_size=MAX_JSON_BODY_BYTES)
+    guard = ApiGuard(token=token, csrf_token=secrets.token_urlsafe(32), bind_host=bind_host,
+                     access=access or ApiAccess(), tokens_for_reads=tokens_for_reads,
+                     max_body_bytes=MAX_JSON_BODY_BYTES)
+    guard.install(app)
 
     async def node(_: web.Request) -> web.Response:
         return web.json_response(await daemon.node_info())
@@ -125,7 +124,7 @@ def build_app(daemon: Daemon, *, token: str | None) -> web.Application:
 
 async def start_api(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, str]:
     """Start serving; return the runner (to clean up) and the base URL with the real port."""
-    runner = web.AppRunner(app, access_log=None)
+    runner = web.AppRunner(app, access_log=None)  # keep it off: it would log every ?token=
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

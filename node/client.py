@@ -1,4 +1,8 @@
-"""Talking to a running daemon over its local API (what ``hyphae node status|leave`` use)."""
+"""Talking to a running daemon over its local API (what ``hyphae node status|leave`` use).
+
+The client always sends the daemon's ``api.token``: the API refuses every state-changing request
+without it (a web page cannot read the file), and reads need it when the API binds beyond loopback.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,20 @@ from hyphae.protocol.errors import HyphaeError
 
 from .datadir import DataDir
 
-__all__ = ["ApiClient", "NotRunning", "pid_alive"]
+__all__ = ["ApiClient", "NotRunning", "pid_alive", "read_api_token", "TOKEN_ENV"]
+
+TOKEN_ENV = "HYPHAE_API_TOKEN"
+"""Overrides the data dir's ``api.token`` (for a daemon whose data dir this machine cannot read)."""
+
+
+def read_api_token(data_dir: Path) -> str | None:
+    """``$HYPHAE_API_TOKEN``, else ``data_dir/api.token``, else None (never created here)."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    try:
+        return DataDir(data_dir).api_token_file.read_text().strip() or None
+    except (FileNotFoundError, PermissionError):
+        return None
 
 
 class NotRunning(HyphaeError):
@@ -58,10 +75,12 @@ class ApiClient:
         pid = int(info.get("pid", 0))
         if pid and not pid_alive(pid):
             raise NotRunning(f"the daemon of {datadir.root} (pid {pid}) is not running any more")
-        token = None
-        if datadir.api_token_file.exists():
-            token = datadir.api_token_file.read_text().strip() or None
-        return cls(str(info["api_url"]), token=token, pid=pid or None)
+        return cls(str(info["api_url"]), token=read_api_token(datadir.root), pid=pid or None)
+
+    @classmethod
+    def for_url(cls, url: str, data_dir: Path) -> ApiClient:
+        """A client for the daemon at ``url``, with the token of ``data_dir`` (or ``$HYPHAE_API_TOKEN``)."""
+        return cls(url, token=read_api_token(data_dir))
 
     def _call(self, method: str, path: str) -> Any:
         req = urllib.request.Request(self.base_url.rstrip("/") + path, method=method)

@@ -13,6 +13,8 @@ File layout (all keys optional)::
 
     [api]
     listen = "127.0.0.1:7700"   # port 0 picks a free port
+    allowed_hosts = ["node.lan"]            # Host names the API answers to besides loopback
+    cors_origins = ["https://tools.lan"]    # origins a browser may call the API from (token needed)
 
     [network]                   # see hyphae.protocol.config.HostConfig
     listen = ["/ip4/0.0.0.0/tcp/4101"]
@@ -22,7 +24,8 @@ File layout (all keys optional)::
 
 Environment: ``HYPHAE_DATA_DIR``, ``HYPHAE_API``, ``HYPHAE_LISTEN`` and ``HYPHAE_BOOTSTRAP``
 (comma-separated), ``HYPHAE_MDNS``, ``HYPHAE_TRAIN``, ``HYPHAE_LOG_LEVEL``, ``HYPHAE_LOG_JSON``,
-``HYPHAE_NETWORK``, ``HYPHAE_RUN``, ``HYPHAE_RUN_OWNER``.
+``HYPHAE_NETWORK``, ``HYPHAE_RUN``, ``HYPHAE_RUN_OWNER``, ``HYPHAE_API_ALLOWED_HOSTS`` and
+``HYPHAE_API_CORS_ORIGINS`` (comma-separated).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +47,8 @@ from hyphae.protocol.runstate import check_peer_id, check_run_name
 
 from .training_config import TrainConfig
 
-__all__ = ["NodeConfig", "ApiAddress", "load_config", "default_data_dir", "ConfigError", "HyphaeError"]
+__all__ = ["NodeConfig", "ApiAddress", "ApiAccess", "host_name", "load_config", "default_data_dir", "ConfigError",
+           "HyphaeError"]
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 DEFAULT_LISTEN = ("/ip4/0.0.0.0/tcp/4101",)
@@ -87,6 +93,76 @@ class ApiAddress:
         return f"{self.host}:{self.port}"
 
 
+_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def host_name(text: str) -> str:
+    """``text`` as one comparable host: lower case, no trailing dot, IPv6 without brackets.
+
+    Raises:
+        ValueError: not an IP address or a DNS name (a port, a path or a wildcard is not a host).
+    """
+    name = text.strip().lower()
+    if name.startswith("[") and name.endswith("]"):
+        name = name[1:-1]
+    try:
+        return str(ipaddress.ip_address(name))
+    except ValueError:
+        pass
+    name = name.removesuffix(".")
+    if not name or len(name) > 253 or not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        raise ValueError(f"{text!r} is not a host name or IP address")
+    return name
+
+
+def _origin(text: str) -> str:
+    """``scheme://host[:port]`` normalised as browsers send it in ``Origin``."""
+    parts = urllib.parse.urlsplit(text.strip())
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1 \
+            or parts.path not in ("", "/") or parts.query or parts.fragment or parts.username is not None:
+        raise ValueError(f"{text!r} is not an origin; write scheme://host[:port], e.g. https://tools.lan:8443")
+    host = host_name(parts.hostname)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme}://{shown}" + (f":{port}" if port is not None else "")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ApiAccess:
+    """Who besides this machine's own tools may use the API (nobody, by default).
+
+    The API can stop the node, so it answers only requests addressed to a loopback name
+    (a page whose DNS name was re-pointed at 127.0.0.1 is refused) and sends no CORS headers:
+    a web page the volunteer opens elsewhere can neither read it nor act through it.
+    """
+
+    allowed_hosts: tuple[str, ...] = ()
+    """Host names (or addresses) besides loopback that requests may be addressed to, e.g. the
+    machine's LAN name when the API binds beyond loopback. Exact names, any port."""
+    cors_origins: tuple[str, ...] = ()
+    """Origins (``https://tools.lan:8443``) whose pages may call the API from a browser; they get
+    CORS headers and still need the API token to change anything."""
+
+    def __post_init__(self) -> None:
+        for key in ("allowed_hosts", "cors_origins"):
+            value = getattr(self, key)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"api {key} must be a list of strings, got {value!r}")
+            if any(v.strip() in ("*", "null") for v in value):
+                raise ConfigError(f"api {key} may not contain '*' or 'null': that would let any web page the "
+                                  f"volunteer opens read and drive the node; list each name")
+        try:
+            hosts = tuple(dict.fromkeys(host_name(h) for h in self.allowed_hosts))
+            origins = tuple(dict.fromkeys(_origin(o) for o in self.cors_origins))
+        except ValueError as exc:
+            raise ConfigError(f"api access: {exc}") from None
+        object.__setattr__(self, "allowed_hosts", hosts)
+        object.__setattr__(self, "cors_origins", origins)
+
+
 @dataclass(frozen=True, kw_only=True)
 class NodeConfig:
     """Everything ``hyphae node join`` needs to run."""
@@ -95,6 +171,8 @@ class NodeConfig:
     """Keys, peer book, run state and checkpoints live here."""
     api: ApiAddress = field(default_factory=lambda: ApiAddress.parse(DEFAULT_API))
     """The local HTTP API and dashboard. Binding beyond loopback requires the API token."""
+    api_access: ApiAccess = field(default_factory=ApiAccess)
+    """Extra Host names and CORS origins the API accepts (``[api] allowed_hosts``, ``cors_origins``)."""
     log_level: str = "info"
     """debug, info, warning or error."""
     log_json: bool = False
@@ -165,9 +243,12 @@ def _from_file(path: Path) -> dict[str, Any]:
     _check_keys(data, _TOP_KEYS, str(path))
     flat: dict[str, Any] = {k: v for k, v in data.items() if k not in ("api", "network", "training")}
     api = data.get("api", {})
-    _check_keys(api, {"listen"}, f"[api] of {path}")
+    _check_keys(api, {"listen", "allowed_hosts", "cors_origins"}, f"[api] of {path}")
     if "listen" in api:
         flat["api"] = api["listen"]
+    for key in ("allowed_hosts", "cors_origins"):
+        if key in api:
+            flat[f"api.{key}"] = api[key]
     network = data.get("network", {})
     _check_keys(network, _NETWORK_KEYS, f"[network] of {path}")
     flat.update({f"net.{k}": v for k, v in network.items()})
@@ -184,7 +265,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     for var, key in simple.items():
         if env.get(var):
             out[key] = env[var]
-    for var, key in {"HYPHAE_LISTEN": "net.listen", "HYPHAE_BOOTSTRAP": "net.bootstrap"}.items():
+    for var, key in {"HYPHAE_LISTEN": "net.listen", "HYPHAE_BOOTSTRAP": "net.bootstrap",
+                     "HYPHAE_API_ALLOWED_HOSTS": "api.allowed_hosts", "HYPHAE_API_CORS_ORIGINS": "api.cors_origins"}.items():
         if env.get(var):
             out[key] = _split(env[var])
     for var, key in {"HYPHAE_MDNS": "net.mdns", "HYPHAE_TRAIN": "train", "HYPHAE_LOG_JSON": "log_json"}.items():
@@ -247,6 +329,11 @@ def _build(merged: dict[str, Any], training_overrides: dict[str, Any]) -> NodeCo
             kwargs[key] = Path(str(merged[key])).expanduser()
     if "api" in merged:
         kwargs["api"] = ApiAddress.parse(str(merged["api"]))
+    access = {k.removeprefix("api."): v for k, v in merged.items() if k.startswith("api.")}
+    for key, value in access.items():
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"[api] {key} must be a list of strings, got {value!r}")
+    kwargs["api_access"] = ApiAccess(**{k: tuple(v) for k, v in access.items()})
     for key, kind in (("log_level", str), ("log_json", bool), ("train", bool), ("run", str), ("run_owner", str)):
         if key in merged:
             value = merged[key]

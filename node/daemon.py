@@ -95,9 +95,10 @@ class Daemon:
             self.datadir.unlock()
 
     async def _serve(self, on_ready: Callable[[dict[str, Any]], None] | None) -> None:
-        token = None if self.config.api.is_loopback else self.datadir.api_token()
-        runner, self.api_url = await start_api(build_app(self, token=token), self.config.api.host,
-                                               self.config.api.port)
+        api = self.config.api
+        app = build_app(self, token=self.datadir.api_token(), bind_host=api.host, access=self.config.api_access,
+                        tokens_for_reads=not api.is_loopback)  # the CLI always sends the token: it can stop us
+        runner, self.api_url = await start_api(app, api.host, api.port)
         try:
             async with asyncio.TaskGroup() as group:
                 tasks = [group.create_task(svc.run(), name=svc.name) for svc in self.services]

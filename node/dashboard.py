@@ -4,7 +4,12 @@ No build step: the page is static HTML/JS/CSS in ``node/static`` (charts by the 
 ``GET /api/v1/dashboard`` returns everything the page shows in one JSON object and
 ``GET /api/v1/events`` streams the same object every second (SSE). The API token, when one is
 required, is checked for the page, its assets and the stream alike (``?token=`` works for all, so
-a browser can open ``http://host:port/?token=...``).
+a browser can open ``http://host:port/?token=...``). The page's actions (its Leave button) POST
+with the CSRF token it reads from ``GET /api/v1/csrf`` (see :mod:`.api_guard`).
+
+At most :data:`MAX_EVENT_CLIENTS` streams are served at once (more get a 503 with
+``Retry-After``), and all of them share one snapshot per interval, so a page (or a script) that
+opens a thousand streams costs neither memory nor a thousand snapshots a second.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).with_name("static")
 EVENT_INTERVAL_S = 1.0
+MAX_EVENT_CLIENTS = 32
+EVENT_RETRY_AFTER_S = 5
 
 
 def hardware_summary() -> dict[str, Any]:
@@ -56,7 +63,28 @@ async def dashboard_state(daemon: Daemon) -> dict[str, Any]:
     }
 
 
+class _SharedSnapshot:
+    """One SSE payload per interval for every stream (computed by whichever stream asks first)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+        self._lock = asyncio.Lock()
+        self._payload = b""
+        self._at = float("-inf")
+
+    async def get(self) -> bytes:
+        async with self._lock:
+            now = asyncio.get_running_loop().time()
+            if now - self._at >= EVENT_INTERVAL_S / 2:
+                state = json.dumps(await dashboard_state(self._daemon), default=str)
+                self._payload, self._at = f"data: {state}\n\n".encode(), now
+            return self._payload
+
+
 def dashboard_routes(daemon: Daemon) -> Any:
+    snapshot = _SharedSnapshot(daemon)
+    streams = 0
+
     async def page(_: web.Request) -> web.FileResponse:
         return web.FileResponse(STATIC / "index.html")
 
@@ -64,15 +92,22 @@ def dashboard_routes(daemon: Daemon) -> Any:
         return web.json_response(await dashboard_state(daemon))
 
     async def events(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await resp.prepare(request)
+        nonlocal streams
+        if streams >= MAX_EVENT_CLIENTS:
+            return web.json_response({"error": f"{MAX_EVENT_CLIENTS} event streams are open, the most served at "
+                                               f"once; retry later"},
+                                     status=503, headers={"Retry-After": str(EVENT_RETRY_AFTER_S)})
+        streams += 1
         try:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+            await resp.prepare(request)
             while not daemon.stopping:
-                payload = json.dumps(await dashboard_state(daemon), default=str)
-                await resp.write(f"data: {payload}\n\n".encode())
+                await resp.write(await snapshot.get())
                 await asyncio.sleep(EVENT_INTERVAL_S)
         except (ConnectionResetError, ConnectionError):
             pass  # the browser went away
+        finally:
+            streams -= 1
         return resp
 
     async def openapi(_: web.Request) -> web.FileResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-__all__ = ["DaemonProcess", "sync_wait", "process_cpu_s", "process_memory_kib", "tagged_pids"]
+__all__ = ["DaemonProcess", "RawReply", "raw_request", "sync_wait", "process_cpu_s", "process_memory_kib",
+           "tagged_pids"]
 
 TAG_ENV = "HYPHAE_TEST_DAEMON_DIR"
 """Set on every daemon a test starts; its worker inherits it, so the whole family can be found
@@ -31,6 +34,36 @@ def sync_wait(predicate: Callable[[], Any], timeout_s: float, what: str, interva
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         time.sleep(interval_s)
+
+
+class RawReply(NamedTuple):
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def raw_request(base_url: str, method: str, path: str, *, headers: dict[str, str] | None = None,
+                body: bytes | None = None, timeout_s: float = 10.0) -> RawReply:
+    """One HTTP request with exactly the headers given (``Host`` included, as an attacker sends it).
+
+    A ``text/event-stream`` answer is not read (it never ends): its body comes back empty.
+    """
+    url = urllib.parse.urlsplit(base_url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=timeout_s)
+    try:
+        conn.putrequest(method, path, skip_host=True, skip_accept_encoding=True)
+        sent = {"Host": url.netloc, **(headers or {})}
+        if body is not None:
+            sent.setdefault("Content-Length", str(len(body)))
+        for key, value in sent.items():
+            conn.putheader(key, value)
+        conn.endheaders(body)
+        resp = conn.getresponse()
+        got = {k.lower(): v for k, v in resp.getheaders()}
+        data = b"" if got.get("content-type", "").startswith("text/event-stream") else resp.read()
+        return RawReply(resp.status, got, data)
+    finally:
+        conn.close()
 
 
 def process_cpu_s(pid: int) -> float:
@@ -129,8 +162,16 @@ class DaemonProcess:
     def multiaddr(self) -> str:
         return self.info["multiaddrs"][0]
 
+    @property
+    def token(self) -> str:
+        """The daemon's ``api.token`` (written at start-up)."""
+        return (self.data_dir / "api.token").read_text().strip()
+
     def api(self, path: str, method: str = "GET", token: str | None = None) -> Any:
+        """``method path`` as the CLI sends it: a POST always carries the API token."""
         req = urllib.request.Request(self.info["api_url"] + path, method=method)
+        if token is None and method != "GET":
+            token = self.token
         if token:
             req.add_header("Authorization", f"Bearer {token}")
         try:

@@ -209,4 +209,37 @@ function connect() {
   source.onerror = () => { $("live").classList.remove("on"); };
 }
 
+// Actions go through this page's own origin with the daemon's CSRF token, read same-origin: the
+// API refuses state-changing requests from other origins and without a token (api_guard.py).
+let csrfToken = null;
+async function post(path, body) {
+  if (csrfToken === null) {
+    const res = await fetch(withToken("api/v1/csrf"), { cache: "no-store" });
+    if (!res.ok) throw new Error(`GET api/v1/csrf: HTTP ${res.status}`);
+    csrfToken = (await res.json()).csrf_token;
+  }
+  const headers = { "X-Hyphae-CSRF": csrfToken };
+  const init = { method: "POST", headers, cache: "no-store" };
+  if (body !== undefined) { headers["Content-Type"] = "application/json"; init.body = JSON.stringify(body); }
+  const res = await fetch(withToken(path), init);
+  const answer = await res.json().catch(() => ({}));
+  if (!res.ok) throw new Error(answer.error || `POST ${path}: HTTP ${res.status}`);
+  return answer;
+}
+
+$("leave").onclick = async () => {
+  if (!confirm("Stop this node? It leaves the run cleanly, as `hyphae node leave` does.")) return;
+  const button = $("leave");
+  button.disabled = true;
+  try {
+    await post("api/v1/node/leave");
+    button.textContent = "stopping…";
+    document.body.dataset.left = "true";
+  } catch (err) {
+    button.disabled = false;
+    button.title = String(err);
+    document.body.dataset.leaveError = String(err);
+  }
+};
+
 connect();

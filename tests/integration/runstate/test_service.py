@@ -54,7 +54,7 @@ async def test_the_api_shows_the_run_and_only_the_owner_sets_config(tmp_path: Pa
     async with AsyncExitStack() as stack:
         a = await stack.enter_async_context(daemon(tmp_path / "a", initial_config={"algorithm": "diloco"}))
         b = await stack.enter_async_context(daemon(tmp_path / "b", bootstrap=(a.host.addrs[0],)))
-        ca, cb = ApiClient(a.api_url), ApiClient(b.api_url)
+        ca, cb = (ApiClient(d.api_url, token=d.datadir.api_token()) for d in (a, b))  # as the CLI: with the token
         call = lambda fn, *args: asyncio.to_thread(fn, *args)  # noqa: E731 — urllib blocks
 
         async def both_live() -> bool:
@@ -73,7 +73,8 @@ async def test_the_api_shows_the_run_and_only_the_owner_sets_config(tmp_path: Pa
         with pytest.raises(HyphaeError, match="HTTP 403.*only the run owner"):
             await call(run_config_set, cb, {"lr": 9})
 
-        assert await call(cli, "run", "config", "set", "batch=16", "name=tiny run", "--api", a.api_url) == 0
+        assert await call(cli, "run", "config", "set", "batch=16", "name=tiny run", "--api", a.api_url,
+                          "--data-dir", str(tmp_path / "a")) == 0
         assert "batch = 16" in capsys.readouterr().out
         await wait_for(lambda: _config_on(cb, "name", "tiny run"), 10, "the CLI's write on b")
         assert await call(cli, "run", "show", "--json", "--api", b.api_url) == 0

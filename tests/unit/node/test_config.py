@@ -81,3 +81,28 @@ def test_effective_config_is_plain_json_even_with_paths(tmp_path) -> None:
     cfg = load_config(env={}, flags={"training.data": tmp_path / "corpus.txt", "data_dir": tmp_path})
     text = json.dumps(config_to_json(cfg))
     assert str(tmp_path / "corpus.txt") in text and '"api": "127.0.0.1:7700"' in text
+
+
+def test_api_access_lists_are_normalised_from_file_and_env(tmp_path) -> None:
+    path = write(tmp_path, '[api]\nallowed_hosts = ["Node.LAN.", "[::1]"]\ncors_origins = ["HTTPS://Tools.lan:8443/"]\n')
+    cfg = load_config(file=path, env={})
+    assert cfg.api_access.allowed_hosts == ("node.lan", "::1")
+    assert cfg.api_access.cors_origins == ("https://tools.lan:8443",)
+    env = load_config(env={"HYPHAE_API_ALLOWED_HOSTS": "a.lan, b.lan", "HYPHAE_API_CORS_ORIGINS": "http://x.lan"})
+    assert env.api_access.allowed_hosts == ("a.lan", "b.lan") and env.api_access.cors_origins == ("http://x.lan",)
+    assert load_config(env={}).api_access.allowed_hosts == ()
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ('[api]\nallowed_hosts = ["*"]\n', "may not contain '\\*'"),
+    ('[api]\ncors_origins = ["null"]\n', "may not contain"),
+    ('[api]\nallowed_hosts = ["node.lan:80"]\n', "not a host name"),
+    ('[api]\nallowed_hosts = "node.lan"\n', "must be a list of strings"),
+    ('[api]\ncors_origins = ["tools.lan"]\n', "is not an origin"),
+    ('[api]\ncors_origins = ["https://tools.lan/app"]\n', "is not an origin"),
+    ('[api]\ncors_origins = ["ftp://tools.lan"]\n', "is not an origin"),
+    ('[api]\ncors_origin = []\n', r"unknown key\(s\) cors_origin in \[api\]"),
+])
+def test_bad_api_access_entries_are_refused_with_what_to_write(tmp_path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(file=write(tmp_path, text), env={})
