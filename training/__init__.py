@@ -32,6 +32,13 @@ from hyphae.training.data import (
     stream_key,
     validation_batches,
 )
+from hyphae.training.text_stream import (
+    TextStream,
+    is_text_source,
+    open_text_data,
+    text_validation_batches,
+)
+from hyphae.training.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 from hyphae.training.acid import ACiD2, ACiD2Config
 from hyphae.training.ddp import DDP, DDPConfig
 from hyphae.training.diloco import DiLoCo, DiLoCoConfig
@@ -65,6 +72,7 @@ __all__ = [
     "AllReduceResult",
     "BatchStream",
     "BlobCorrupt",
+    "ByteTokenizer",
     "BlobUnavailable",
     "Callback",
     "Checkpoint",
@@ -89,6 +97,7 @@ __all__ = [
     "ZOConfig",
     "upcycle",
     "EvalInfo",
+    "HFTokenizer",
     "LoopConfig",
     "Manifest",
     "Metrics",
@@ -98,6 +107,8 @@ __all__ = [
     "Precision",
     "SimComm",
     "SimNetwork",
+    "TextStream",
+    "Tokenizer",
     "StepInfo",
     "Strategy",
     "Traffic",
@@ -107,6 +118,10 @@ __all__ = [
     "build_model",
     "build_strategy",
     "evaluate",
+    "is_text_source",
+    "load_tokenizer",
+    "open_text_data",
+    "text_validation_batches",
     "model_config",
     "load_corpus",
     "parse_expert_name",

@@ -5,6 +5,7 @@ Sources (`DataConfig.source`):
   order, byte-level (token = byte, vocabulary 256);
 - a text file or a directory of text files: byte-level, same rules;
 - a `.bin` file or a directory of them: pre-tokenized uint16 shards (llm.c or nanoGPT layout).
+`.jsonl` / `.parquet` data (and tokenized text) streams through `text_stream.open_text_data`.
 
 Splits are fixed by the corpus, not by the peer: every 20th file (or the tail of a single file,
 or shards named "*val*") is validation and never appears in training.
@@ -162,6 +163,13 @@ def _resolve_kind(config: DataConfig) -> str:
         raise ValueError(f"data source {config.source!r} does not exist; use 'stdlib' or an existing path")
     if config.kind != "auto":
         return config.kind
+    if path.suffix in (".jsonl", ".parquet") or (
+        path.is_dir() and any(p.suffix in (".jsonl", ".parquet") for p in path.iterdir())
+    ):  # read as raw bytes these would train on JSON syntax and parquet pages
+        raise ValueError(
+            f"data source {config.source!r} holds .jsonl/.parquet files; open it with "
+            "hyphae.training.open_text_data (streamed and tokenized), or pass kind='text' for raw bytes"
+        )
     if path.is_file():
         return "bin" if path.suffix == ".bin" else "text"
     return "bin" if any(p.suffix == ".bin" for p in path.iterdir()) else "text"
