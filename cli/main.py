@@ -5,6 +5,7 @@
     hyphae keygen [--force]
     hyphae testnet up --nodes N --dir DIR | status --dir DIR | down --dir DIR
     hyphae testnet scenario NAME [--dir DIR] [--nodes N] [--json PATH]
+    hyphae export --hf OUT [--data-dir DIR | --checkpoint DIR] [--tokenizer FILE]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from hyphae.node.keys import keygen
 from hyphae.node.testnet import testnet_down, testnet_status, testnet_up
 from hyphae.node.version import __version__
 
+from .export_cmd import add_export_parser, export_command
 from .render import print_downloads, print_ready, print_status, print_testnet
 from .run_cmd import add_run_parser, run_command
 
@@ -106,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "status":
             sp.add_argument("--json", action="store_true")
     add_run_parser(top)
+    add_export_parser(top)
     return parser
 
 
@@ -167,6 +170,8 @@ def _run(args: argparse.Namespace) -> int:
         return _testnet(args)
     if args.command == "run":
         return run_command(args)
+    if args.command == "export":
+        return export_command(args)
     raise AssertionError(f"unhandled command {args.command}")  # argparse guarantees a command
 
 
