@@ -33,6 +33,7 @@ from torch import nn
 from hyphae.training._config import check_int, from_dict, to_dict
 from hyphae.training.checkpoint import CheckpointCorrupt, CheckpointError, CheckpointStore, Manifest
 from hyphae.training.data import BatchStream
+from hyphae.training.model_config import ModelConfig
 from hyphae.training.strategy import Metrics, Strategy
 
 logger = logging.getLogger(__name__)
@@ -382,11 +383,20 @@ def _check_compatible(manifest: Manifest, strategy: Strategy) -> None:
             f"checkpoint step {manifest.step} was written by {manifest.algorithm!r}, this run uses "
             f"{strategy.algorithm!r}; use another checkpoint directory"
         )
-    if manifest.model_config != strategy.model.config.to_dict():
+    if not _same_model(manifest.model_config, strategy.model.config):
         raise CheckpointError(
             f"checkpoint step {manifest.step} has model config {manifest.model_config}, "
             "which differs from this run's; use the same model preset or another directory"
         )
+
+
+def _same_model(recorded: Mapping[str, Any], config: ModelConfig) -> bool:
+    """Whether a manifest's model config is `config`. A manifest written before a ModelConfig
+    field existed lacks it, and that field then had its default value (e.g. arch="gpt")."""
+    try:
+        return ModelConfig.from_dict(recorded) == config
+    except (ValueError, TypeError):
+        return False
 
 
 def _rng_state() -> dict[str, Any]:

@@ -118,6 +118,22 @@ def test_resume_refuses_a_checkpoint_of_another_algorithm_or_model(tmp_path: Pat
         resume(store, strategy, BatchStream([TOKENS], batch_size=1, seq_len=8, seed=0))
 
 
+def test_resume_reads_a_manifest_written_before_the_llama_fields_existed(tmp_path: Path, micro_config: ModelConfig) -> None:
+    store = CheckpointStore(tmp_path)
+    first = DiLoCo(build_model(micro_config, seed=3), SimNetwork().add_peer(), CFG)
+    run_virtual(train(first, BatchStream([TOKENS], batch_size=2, seq_len=16, seed=9), LoopConfig(max_steps=2, checkpoint_every=2), checkpoints=store))
+    manifest_path = store.path_of(2) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    new_fields = ("arch", "n_kv_head", "head_dim", "qkv_bias", "tie_embeddings", "rope_theta", "norm_eps", "activation_checkpointing")
+    manifest["model_config"] = {k: v for k, v in manifest["model_config"].items() if k not in new_fields}
+    manifest_path.write_text(json.dumps(manifest))
+    second = DiLoCo(build_model(micro_config, seed=4), SimNetwork().add_peer(), CFG)
+    assert resume(store, second, BatchStream([TOKENS], batch_size=2, seq_len=16, seed=9)) == 2
+    llama = DiLoCo(build_model(micro_config.replace(arch="llama")), SimNetwork().add_peer(), CFG)
+    with pytest.raises(CheckpointError, match="differs from this run's"):
+        resume(store, llama, BatchStream([TOKENS], batch_size=2, seq_len=16, seed=9))
+
+
 def test_a_crash_mid_write_leaves_the_previous_checkpoint_loadable(tmp_path: Path) -> None:
     store_dir, marker = tmp_path / "ckpt", tmp_path / "mid-write"
     script = textwrap.dedent(
