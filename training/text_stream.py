@@ -183,9 +183,11 @@ class TextStream:
                 + "); resume with the same data and settings or start a fresh stream"
             )
         values = [state[key] for key in keys[2:]]
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in values) or min(values) < -1:
-            raise ValueError(f"data state holds a non-integer or negative position: {dict(state)}")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+            raise ValueError(f"data state holds a non-integer position: {dict(state)}")
         position, epoch, order_pos, offset, record, skip, prev, bad = values
+        if min(position, epoch, order_pos, offset, record, skip, bad) < 0 or prev < -1:
+            raise ValueError(f"data state holds a negative position (out of range): {dict(state)}")
         if order_pos >= len(self._files) or prev >= self.vocab_size:
             raise ValueError(f"data state file {order_pos} / token {prev} is out of range for this corpus")
         self.position = position

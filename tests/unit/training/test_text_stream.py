@@ -18,9 +18,17 @@ import pytest
 import torch
 
 from hyphae.training import (
+    DDP,
     BatchStream,
     ByteTokenizer,
     CheckpointStore,
+    LoopConfig,
+    ModelConfig,
+    SimNetwork,
+    build_model,
+    resume,
+    run_virtual,
+    train,
     TextStream,
     Tokenizer,
     is_text_source,
@@ -211,6 +219,10 @@ def test_a_state_from_another_source_or_config_is_refused(tmp_path: Path) -> Non
         f.write(json.dumps({"text": "one more"}) + "\n")
     with pytest.raises(ValueError, match="input files"):
         TextStream(source, batch_size=2, seq_len=16).load_state_dict(state)
+    fresh = TextStream(source, batch_size=2, seq_len=16)
+    for bad in ({"offset": -5}, {"prev": -2}, {"prev": 10**6}, {"skip": "3"}, {"file": 7}):
+        with pytest.raises(ValueError, match="out of range|non-integer"):
+            TextStream(source, batch_size=2, seq_len=16).load_state_dict({**fresh.state_dict(), **bad})
     other = BatchStream([np.arange(100, dtype=np.uint8)], batch_size=2, seq_len=16, seed=0)
     with pytest.raises(ValueError, match="not a TextStream state"):
         stream.load_state_dict(other.state_dict())
@@ -226,6 +238,26 @@ def test_data_position_survives_a_checkpoint_round_trip(tmp_path: Path) -> None:
     resumed = TextStream(source, batch_size=2, seq_len=16)
     resumed.load_state_dict(store.load().state["data"])
     assert torch.equal(resumed.next()[0], stream.next()[0])
+
+
+def test_the_training_loop_trains_on_a_text_stream_and_resumes_its_data_position(
+    tmp_path: Path, micro_config: ModelConfig
+) -> None:
+    source = write_layout(tmp_path / "d", "jsonl", make_docs(400))
+    store = CheckpointStore(tmp_path / "ckpt")
+
+    def member() -> tuple[DDP, TextStream, list]:
+        stream, val = open_text_data(source, batch_size=2, seq_len=16, val_batches=2)
+        return DDP(build_model(micro_config, seed=0), SimNetwork().add_peer()), stream, val
+
+    strategy, stream, val = member()
+    config = LoopConfig(max_steps=6, checkpoint_every=3, eval_every=3)
+    result = run_virtual(train(strategy, stream, config, val_set=val, checkpoints=store))
+    assert result.steps == 6 and stream.position == 6 and len(result.evals) == 2
+    strategy2, stream2, _ = member()
+    assert resume(store, strategy2, stream2) == 6
+    assert stream2.state_dict() == stream.state_dict()
+    assert torch.equal(stream2.next()[0], stream.next()[0])
 
 
 def test_bad_jsonl_lines_are_skipped_counted_and_logged_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
