@@ -100,6 +100,7 @@ class ApiGuard:
     bind_host: str
     """The address the API listens on."""
     access: ApiAccess = field(default_factory=ApiAccess)
+    """``[api] allowed_hosts`` (more names the Host check accepts) and ``cors_origins``."""
     tokens_for_reads: bool = False
     """True when bound beyond loopback: every request needs the API token, reads included."""
     max_body_bytes: int = 64 * 1024
