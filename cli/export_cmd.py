@@ -21,8 +21,8 @@ __all__ = ["add_export_parser", "export_command"]
 def add_export_parser(top: argparse._SubParsersAction) -> None:
     """Add ``export`` to the top-level subparsers."""
     p = top.add_parser("export", help="write a checkpoint as a Hugging Face model directory",
-                       description="Export the newest checkpoint (Llama-architecture models) as config.json + "
-                                   "model.safetensors, loadable by transformers.")
+                       description="Export the newest checkpoint (Llama models as llama/qwen2, GPTs as gpt2; not MoE) "
+                                   "as config.json + model.safetensors, loadable by transformers.")
     p.add_argument("--hf", required=True, type=Path, metavar="OUT", help="directory to write (created if missing)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help=f"node data directory whose checkpoints/ is read (default: $HYPHAE_DATA_DIR or {default_data_dir()})")

@@ -4,8 +4,9 @@ The newest checkpoint of `DATA_DIR/checkpoints/` (or the one given) is written a
 `config.json` + `model.safetensors` (+ `tokenizer.json` when given), which
 `transformers.AutoModelForCausalLM.from_pretrained(OUT)` loads with the same logits. The model
 shape comes from the checkpoint's manifest, so nothing about the run has to be repeated here.
-Only Llama-architecture checkpoints (the `llama-*` presets, or a run started from a Hugging Face
-model) are exported: a GPT has no exact Hugging Face equivalent.
+A Llama checkpoint (the `llama-*` presets, or a run started from a Hugging Face model) becomes
+a "llama" (or "qwen2") model, a dense GPT a "gpt2" one; MoE checkpoints are refused (no exact
+Hugging Face equivalent).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 class ExportError(HyphaeError):
-    """The checkpoint cannot be exported (none found, unreadable, or an architecture HF lacks)."""
+    """The checkpoint cannot be exported (none found, unreadable, or a model HF has no equivalent of)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -70,7 +71,7 @@ def export_checkpoint_hf(
 
     Raises:
         ExportError: neither or both of data_dir/checkpoint, no loadable checkpoint, or a
-            model Hugging Face has no exact equivalent for.
+            model Hugging Face has no exact equivalent for (MoE).
     """
     if (data_dir is None) == (checkpoint is None):
         raise ExportError("pass exactly one of a data dir or a checkpoint directory")

@@ -1,9 +1,10 @@
-"""Hugging Face interop without a hub: local Llama/Qwen2/Mistral directories in, Llama directories out.
+"""Hugging Face interop without a hub: local Llama/Qwen2/Mistral directories in, HF directories out.
 
 A Hugging Face model directory is `config.json` plus `model.safetensors` (or shards listed in
 `model.safetensors.index.json`). `load_hf_model` reads one into our `Llama` (llama.py), whose
 ops mirror `transformers`' order, so fp32 logits are bit-identical to `transformers` on the same
-weights. `export_hf` writes our Llama weights back as such a directory, which
+weights. `export_hf` writes our weights back as such a directory (a Llama as "llama", or
+"qwen2" with q/k/v biases; a dense GPT as "gpt2", see _hf_gpt2.py), which
 `transformers.AutoModelForCausalLM.from_pretrained` loads with equal logits.
 
 Only `json` and `safetensors` are used: safetensors never executes code (pickled
@@ -27,6 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from hyphae.training._hf_gpt2 import gpt2_config, gpt2_tensors
 from hyphae.training.llama import Llama
 from hyphae.training.model import build_model
 from hyphae.training.model_config import ModelConfig
@@ -88,8 +90,7 @@ def _check_exportable(config: ModelConfig) -> None:
     if config.arch != "llama":
         raise ValueError(
             f"only arch='llama' models map onto Hugging Face's Llama family; this is arch={config.arch!r} "
-            "(learned positions, LayerNorm, GELU: no HF model computes exactly that). Train a llama-* preset "
-            "(e.g. 'llama-125m') to get an exportable model"
+            "(export_hf writes a GPT as GPT-2 instead)"
         )
     if config.is_moe:
         raise ValueError(
@@ -322,11 +323,11 @@ def export_hf(
     *,
     tokenizer_file: str | Path | None = None,
 ) -> Path:
-    """Write our dense Llama weights as a Hugging Face model directory.
+    """Write our dense Llama or GPT weights as a Hugging Face model directory.
 
     Args:
         state_dict: the model's `state_dict()` (a tied head's duplicate entry is dropped).
-        config: its config (`arch='llama'`, dense).
+        config: its config (dense; a GPT becomes a GPT-2 with exact GELU).
         out_dir: created if missing; config.json and model.safetensors are (over)written.
         tokenizer_file: a `tokenizer.json` to copy next to the weights.
 
@@ -334,22 +335,25 @@ def export_hf(
         `out_dir`.
 
     Raises:
-        ValueError: a GPT or MoE config, or a state_dict that does not fit the config.
+        ValueError: an MoE config, or a state_dict that does not fit the config.
     """
-    names = hf_names(config)
-    extra = sorted(set(state_dict) - set(names) - {"lm_head.weight"})
-    missing = sorted(set(names) - set(state_dict))
-    if extra or missing:
-        raise ValueError(
-            f"state_dict does not fit the config: missing {missing[:5]}, unexpected {extra[:5]}; "
-            "pass the state_dict of the model this config built"
-        )
-    tensors = {theirs: state_dict[ours].detach().to("cpu").contiguous().clone() for ours, theirs in names.items()}
-    dtype = tensors["model.embed_tokens.weight"].dtype
+    if config.arch == "gpt":
+        tensors = gpt2_tensors(state_dict, config)
+        hf_config = gpt2_config(config, dtype=tensors["transformer.wte.weight"].dtype)
+    else:
+        names = hf_names(config)
+        extra = sorted(set(state_dict) - set(names) - {"lm_head.weight"})
+        missing = sorted(set(names) - set(state_dict))
+        if extra or missing:
+            raise ValueError(
+                f"state_dict does not fit the config: missing {missing[:5]}, unexpected {extra[:5]}; "
+                "pass the state_dict of the model this config built"
+            )
+        tensors = {theirs: state_dict[ours].detach().to("cpu").contiguous().clone() for ours, theirs in names.items()}
+        hf_config = model_config_to_hf_config(config, dtype=tensors["model.embed_tokens.weight"].dtype)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    hf_config = model_config_to_hf_config(config, dtype=dtype)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
     if tokenizer_file is not None:
         shutil.copyfile(tokenizer_file, out / "tokenizer.json")

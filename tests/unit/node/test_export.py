@@ -87,12 +87,15 @@ def test_hyphae_export_hf_writes_the_newest_checkpoint_transformers_loads_with_e
     assert torch.equal(_hf_logits(tmp_path / "old"), logits[1])
 
 
-def test_a_gpt_checkpoint_is_refused_with_what_to_do_instead(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_a_gpt_checkpoint_exports_as_gpt2_and_an_moe_one_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     gpt = ModelConfig(vocab_size=256, context_length=16, n_layer=1, n_head=2, d_model=16)
-    _train_and_checkpoint(gpt, tmp_path / "ckpts", steps=(1,))
-    assert _main("--hf", tmp_path / "out", "--checkpoint", tmp_path / "ckpts") == 1
-    err = capsys.readouterr().err
-    assert "arch='gpt'" in err and "llama-* preset" in err
+    logits = _train_and_checkpoint(gpt, tmp_path / "gpt", steps=(1,))
+    assert _main("--hf", tmp_path / "gpt2", "--checkpoint", tmp_path / "gpt") == 0
+    assert torch.equal(_hf_logits(tmp_path / "gpt2"), logits[1])
+
+    _train_and_checkpoint(gpt.replace(n_experts=2, top_k=1), tmp_path / "moe", steps=(1,))
+    assert _main("--hf", tmp_path / "out", "--checkpoint", tmp_path / "moe") == 1
+    assert "mixture-of-experts" in capsys.readouterr().err
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 

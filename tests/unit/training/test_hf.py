@@ -187,19 +187,34 @@ def test_directories_without_safetensors_or_with_wrong_tensors_are_refused(tmp_p
         load_hf_model(tmp_path)
 
 
-def test_export_refuses_gpt_and_moe_models_and_mismatched_weights(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bias", [False, True])
+def test_our_gpt_exports_as_a_gpt2_transformers_loads_with_equal_logits(bias: bool, tmp_path: Path) -> None:
+    config = ModelConfig(vocab_size=80, context_length=32, n_layer=2, n_head=4, d_model=32, bias=bias)
+    model = build_model(config, seed=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    out = export_hf(model.state_dict(), config, tmp_path)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gpt2"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(back).__name__ == "GPT2LMHeadModel"
+    x = _tokens(32, 80)
+    assert torch.equal(_logits(back, x), _logits(model, x))
+
+
+def test_export_refuses_moe_models_and_mismatched_weights(tmp_path: Path) -> None:
     gpt = ModelConfig(vocab_size=64, context_length=16, n_layer=1, n_head=2, d_model=16)
-    with pytest.raises(ValueError, match="arch='gpt'.*llama-\\* preset"):
-        export_hf(build_model(gpt).state_dict(), gpt, tmp_path)
-    moe = gpt.replace(arch="llama", n_experts=4)
-    with pytest.raises(ValueError, match="mixture-of-experts"):
-        export_hf(build_model(moe).state_dict(), moe, tmp_path)
-    dense = gpt.replace(arch="llama")
-    weights = build_model(dense).state_dict()
-    del weights["blocks.0.attn.q.weight"]
-    with pytest.raises(ValueError, match="missing \\['blocks.0.attn.q.weight'\\]"):
-        export_hf(weights, dense, tmp_path)
+    for moe in (gpt.replace(n_experts=4), gpt.replace(arch="llama", n_experts=4)):
+        with pytest.raises(ValueError, match="mixture-of-experts"):
+            export_hf(build_model(moe).state_dict(), moe, tmp_path)
+    for config, name in ((gpt.replace(arch="llama"), "blocks.0.attn.q.weight"), (gpt, "blocks.0.attn.qkv.weight")):
+        weights = build_model(config).state_dict()
+        del weights[name]
+        with pytest.raises(ValueError, match=f"missing \\['{name}'\\]"):
+            export_hf(weights, config, tmp_path)
     assert not (tmp_path / "config.json").exists()
+    with pytest.raises(ValueError, match="arch='llama'"):
+        hf_names(gpt)
 
 
 def test_exported_config_round_trips_to_the_same_model_config() -> None:
