@@ -9,6 +9,12 @@ envelope (plain JSON-like dicts) plus a :class:`RuleContext` (the run, its owner
 raises :class:`WriteRejected` with a reason; per-entry rules check only the entries that changed. Receivers drop rejected envelopes: they are not
 stored, not re-published and not served in sync.
 
+Timestamps that decide who wins (``ts`` of config and algo entries, where the newest write wins,
+and a member's ``last_seen_ms`` / ``joined_ms``) may be at most :data:`MAX_CLOCK_SKEW_MS` ahead of
+the receiving replica's clock (``RuleContext.clock_ms``): a member writing a ts years ahead would
+otherwise own a shared key for good. Time only moves forward, so an entry accepted once stays
+acceptable when rules are re-checked later.
+
 Default rules (the table is pluggable: pass your own ``rules`` to the RunState):
 
 ============  ===============================  ===========================================================
@@ -49,6 +55,7 @@ __all__ = [
     "default_rules",
     "WRITERS_KEY",
     "CONFIG_KEY_RE",
+    "MAX_CLOCK_SKEW_MS",
 ]
 
 WRITERS_KEY = "@writers"
@@ -56,6 +63,8 @@ CONFIG_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 _HEX_RE = re.compile(r"^[0-9a-f]*$")
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 MAX_EXPERT_ID = 65535
+MAX_CLOCK_SKEW_MS = 300_000
+"""How far ahead of this replica's clock a winning timestamp may be (5 minutes, as Kerberos)."""
 
 
 class WriteRejected(HyphaeError):
@@ -75,6 +84,8 @@ class RuleContext:
     run: str
     owner: str | None = None
     config_writers: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    clock_ms: Callable[[], int] | None = None
+    """This replica's wall clock in ms; None (pure tests) skips the future-timestamp check."""
 
 
 Check = Callable[[str, Mapping[str, Any], Mapping[str, Any], RuleContext], None]
@@ -155,6 +166,18 @@ def _changed_items(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[tuple
 # ---- the default rules -----------------------------------------------------------------------
 
 
+def _ts(value: Any, what: str, ctx: RuleContext) -> int:
+    """A timestamp (ms) that is not beyond this replica's clock + MAX_CLOCK_SKEW_MS."""
+    ts = _int(value, what)
+    if ctx.clock_ms is not None:
+        now = ctx.clock_ms()
+        if ts > now + MAX_CLOCK_SKEW_MS:
+            raise WriteRejected(f"{what} {ts} is {(ts - now) / 1000:.0f} s ahead of this node's clock, more than the "
+                                f"{MAX_CLOCK_SKEW_MS // 1000} s skew allowed (the writer's clock is wrong, or it "
+                                f"tries to win every later write); fix the clock (NTP)"[:300])
+    return ts
+
+
 def check_genesis(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx: RuleContext) -> None:
     if set(new) - {"created_ms"}:
         raise WriteRejected(f"genesis holds only created_ms, got {sorted(new)[:8]}")
@@ -170,7 +193,7 @@ def check_config(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ct
             raise WriteRejected(f"config key {key[:80]!r} must match {CONFIG_KEY_RE.pattern}")
         if not isinstance(entry, dict) or set(entry) != {"v", "ts"}:
             raise WriteRejected(f"config entry {key!r} must be {{'v': value, 'ts': ms}}")
-        _int(entry["ts"], f"config {key} ts")
+        _ts(entry["ts"], f"config {key} ts", ctx)
     if WRITERS_KEY in new:
         writers = new[WRITERS_KEY]["v"]
         if not isinstance(writers, dict):
@@ -210,6 +233,9 @@ def check_member(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ct
     for key, validate in _MEMBER_FIELDS.items():
         if key in new:
             validate(new[key], f"member {key}")
+    for key in ("joined_ms", "last_seen_ms"):
+        if key in new:
+            _ts(new[key], f"member {key}", ctx)
     if "peer_id" in new and new["peer_id"] != author:
         raise WriteRejected(f"member entry of {author} claims to be {str(new['peer_id'])[:60]}: a member "
                             f"writes only its own entry")
@@ -277,7 +303,7 @@ def check_algo(author: str, old: Mapping[str, Any], new: Mapping[str, Any], ctx:
             raise WriteRejected(f"algo key {key[:80]!r} belongs to {owned.group(1)}; only it may write it")
         if not isinstance(entry, dict) or set(entry) != {"v", "ts"}:
             raise WriteRejected(f"algo entry {key!r} must be {{'v': value, 'ts': ms}}")
-        _int(entry["ts"], f"algo {key} ts")
+        _ts(entry["ts"], f"algo {key} ts", ctx)
 
 
 def default_rules() -> dict[str, SectionRule]:

@@ -139,7 +139,7 @@ class RunState:
         if self._ctx is None:
             owner = run_owner(self.replica.values("genesis"), self.config.owner)
             writers = config_writers(self.replica.values("config").get(owner, {})) if owner else {}
-            self._ctx = RuleContext(self.run, owner, writers)
+            self._ctx = RuleContext(self.run, owner, writers, clock_ms=self._now_ms)
             self.precheck_context = self._ctx
         return self._ctx
 

@@ -61,3 +61,28 @@ def test_the_gossip_validator_scores_forgeries_and_refuses_floods(ids) -> None:
     assert verdicts.count(False) >= 10 and verdicts[0]  # the bucket refills a little meanwhile
     assert scores.scores()[sender]["violations"]["runstate.rate"] >= 10
     assert validate(ids[0].peer_id, b"anything from ourselves is not judged here")
+
+
+def test_a_timestamp_beyond_the_clock_skew_bound_is_refused_so_nobody_owns_a_shared_key_for_good(ids) -> None:
+    from hyphae.protocol.runstate.rules import MAX_CLOCK_SKEW_MS
+
+    from .conftest import FakeClock
+
+    now = FakeClock()
+    year_ahead = FakeClock(now.now_s + 365 * 86400)  # mallory's clock, or mallory's lie
+    reader, honest = RunState("r", ids[0], clock=now), RunState("r", ids[2], clock=now)
+    mallory = RunState("r", ids[1], clock=year_ahead)
+    mallory.write("algo", {"shared": {"v": "mine for a year", "ts": int(year_ahead() * 1000)}})
+    mallory.set_member(roles=["trainer"])
+    refused = reader.receive(mallory.envelopes()).rejected
+    assert refused and all("ahead of this node's clock" in why for _, why in refused)
+    honest.write("algo", {"shared": {"v": "honest", "ts": int(now() * 1000)}})
+    assert not reader.receive(honest.envelopes()).rejected
+    assert reader.newest("algo")["shared"] == "honest"
+    assert ids[1].peer_id not in reader.members()
+    # A clock a little ahead (within the skew bound) is an honest clock: accepted.
+    skewed = RunState("r", ids[3], clock=FakeClock(now.now_s + MAX_CLOCK_SKEW_MS / 1000 - 60))
+    skewed.write("algo", {"other": {"v": "fine", "ts": int(skewed.clock() * 1000)}})
+    skewed.set_member(roles=["trainer"])
+    assert not reader.receive(skewed.envelopes()).rejected
+    assert reader.newest("algo")["other"] == "fine" and ids[3].peer_id in reader.members()
