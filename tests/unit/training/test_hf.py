@@ -83,6 +83,16 @@ def test_hf_model_loads_with_bit_identical_logits_and_exports_back_bit_identical
     assert again == config
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_bf16_loads_match_transformers_in_bf16_too(kind: str, tmp_path: Path) -> None:
+    _hf_model(kind).save_pretrained(tmp_path, safe_serialization=True)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ours, _ = load_hf_model(tmp_path, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
+    x = _tokens()
+    assert torch.equal(_logits(ours, x), _logits(reference, x))
+
+
 def test_sharded_safetensors_load_like_a_single_file(tmp_path: Path) -> None:
     reference = _hf_model("llama")
     reference.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")

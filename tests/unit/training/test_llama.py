@@ -148,6 +148,17 @@ def test_activation_checkpointing_recomputes_blocks_in_backward_and_gives_the_sa
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
+def test_bf16_autocast_keeps_losses_router_and_gradients_fp32(llama_config: ModelConfig) -> None:
+    model = build_model(llama_config.replace(n_experts=4), seed=0)
+    x, y = _stream(0).next()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    assert out.logits.dtype == torch.bfloat16 and out.ce.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for v in out.aux.values())
+    out.loss.backward()
+    assert all(p.grad is None or (p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()) for p in model.parameters())
+
+
 def test_llama_moe_experts_are_addressable_swiglu_triples(llama_config: ModelConfig) -> None:
     cfg = llama_config.replace(n_experts=4, top_k=2)
     model = build_model(cfg, seed=0)
