@@ -289,6 +289,12 @@ class Comm(ABC):
     async def aclose(self) -> None:
         """Leave the run: others see this peer gone. Idempotent."""
 
+    async def refuse(self, peer: str, reason: str) -> None:
+        """Tell this peer's node that `peer` sent a contribution the algorithm refused (NaN/Inf,
+        wrong tensors): the daemon lowers that peer's score, so a member that keeps sending
+        garbage is disconnected. Not abstract: a Comm with no node behind it (the simulator)
+        has nobody to tell, and the algorithm keeps its own count either way."""
+
     async def put_tensors(self, tensors: Mapping[str, torch.Tensor]) -> str:
         """`put_blob` of named tensors in the deterministic HYT1 format; returns the hash."""
         return await self.put_blob(encode_tensors(dict(tensors)))

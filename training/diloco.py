@@ -16,21 +16,20 @@ Oracle: N = 1, outer lr 1, momentum 0 ⇒ φ − (φ − θ) = θ: plain AdamW, 
 the rounding of that subtraction). torch's SGD refuses nesterov with momentum 0, so Nesterov
 is only switched on when momentum > 0.
 
-Robust variant (`robust` = "median" | "trimmed_mean", or `norm_clip` > 0; `training/robust.py`):
-instead of the all-reduce, every peer swaps Δ with every other member (an all-gather by
-`comm.exchange`, N − 1 model-sized transfers each way per peer instead of ~2 for a ring),
-drops non-finite contributions, clips each Δ to `norm_clip` × the round's median norm, and
-combines coordinate-wise by the median or trimmed mean. Peers that gathered the same set get
-the same bits; a peer that missed someone (or was told different things by a liar) ends the
-round slightly apart, which the next rounds absorb as in NoLoCo. Meant for small groups where
-one Byzantine member must not steer the model.
+Safe by default (`training/_robust_gather.py`): instead of the all-reduce, every peer swaps Δ
+with every other member (an all-gather by `comm.exchange`, N − 1 model-sized transfers each way
+per peer instead of ~2 for a ring), refuses non-finite contributions (and tells its node, which
+lowers the sender's score), clips each Δ to `norm_clip` (3) × the round's median norm, and
+combines by the mean, or the coordinate-wise median / trimmed mean (`robust`). Peers that
+gathered the same set get the same bits; a peer that missed someone (or was told different
+things by a liar) ends the round slightly apart, which the next rounds absorb as in NoLoCo.
+`norm_clip = 0` with `robust = "none"` is the plain all-reduce (large groups, trusted peers):
+then a round whose mean is non-finite is skipped (a local outer step), but nobody is refused.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 
 from hyphae.training import robust
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
@@ -70,15 +70,15 @@ class DiLoCoConfig:
     """How long an outer all-reduce waits for stragglers before finishing without them."""
 
     robust: str = "none"
-    """"none": mean by all-reduce. "median" / "trimmed_mean": all-gather by exchange, then
-    that coordinate-wise aggregate (training/robust.py)."""
+    """How the checked gather combines the Δs: "none" (mean), "median" or "trimmed_mean",
+    coordinate-wise (training/robust.py)."""
 
     trim_fraction: float = 0.25
     """With robust = "trimmed_mean": share of the members dropped at each end, per coordinate."""
 
-    norm_clip: float = 0.0
-    """k >= 1: (all-gather) scale any Δ whose norm exceeds k × the round's median norm down to
-    that; 0 = off."""
+    norm_clip: float = 3.0
+    """k >= 1: scale any Δ whose norm exceeds k × the round's median norm down to that. 0 (with
+    robust = "none") = the unchecked all-reduce."""
 
     outer_state_device: str = "same"
     """Where φ and the outer momentum live: "same" (the model's device) or "cpu" — two fp32
@@ -140,6 +140,7 @@ class DiLoCo(Strategy):
         self.outer_steps = 0
         self.failed_rounds = 0
         self.rejected_updates = 0
+        self.rejected_peers: list[str] = []
 
     async def step(self, step: int) -> Metrics:
         metrics = self.local_update(self.inner, self.config.inner, step)
@@ -165,60 +166,35 @@ class DiLoCo(Strategy):
 
     async def _average(self, delta: dict[str, torch.Tensor]) -> int:
         tag = f"diloco/{self.outer_steps}"
-        if self.config.robust != "none" or self.config.norm_clip:
-            return await self._gather_robustly(delta, tag)
+        cfg = self.config
         try:
             group = await self.comm.members()
-            result = await self.comm.all_reduce(delta, group=group, tag=tag, timeout_s=self.config.timeout_s)
+            if checks_on(cfg.robust, cfg.norm_clip):
+                gathered = await gather_checked(self.comm, delta, group=group, tag=tag, timeout_s=cfg.timeout_s,
+                                                method=cfg.robust, trim_fraction=cfg.trim_fraction,
+                                                norm_clip=cfg.norm_clip)
+                self.rejected_updates += len(gathered.refused)
+                self.rejected_peers = remember_refused(self.rejected_peers, gathered.refused)
+                for t in delta.values():  # nothing passed (our own Δ was non-finite too): φ stays
+                    t.zero_()
+                if gathered.tensors is not None:
+                    delta.update(gathered.tensors)
+                return len(gathered.included)
+            result = await self.comm.all_reduce(delta, group=group, tag=tag, timeout_s=cfg.timeout_s)
         except CommClosed:
             raise
         except (CommError, TimeoutError) as exc:
             self.failed_rounds += 1
             logger.warning("diloco outer step %d: all-reduce failed (%s); local outer step", self.outer_steps, exc)
             return 1
+        if not result_is_finite(result.tensors, tag):  # a local outer step on our own Δ, if it is sane
+            self.failed_rounds += 1
+            if not robust.is_finite(delta):
+                for t in delta.values():
+                    t.zero_()
+            return 1
         delta.update(result.tensors)
         return len(result.included)
-
-    async def _gather_robustly(self, delta: dict[str, torch.Tensor], tag: str) -> int:
-        """Swap Δ with every member, then combine robustly (see the module docstring)."""
-        me = self.comm.peer_id
-        try:
-            others = [p for p in await self.comm.members() if p != me]
-        except CommClosed:
-            raise
-        except (CommError, TimeoutError) as exc:
-            self.failed_rounds += 1
-            logger.warning("diloco outer step %d: no members (%s); local outer step", self.outer_steps, exc)
-            return 1
-        try:
-            async with asyncio.TaskGroup() as tasks:  # _swap turns every expected failure into None
-                swaps = {p: tasks.create_task(self._swap(p, delta, tag)) for p in others}
-        except* CommClosed as errors:  # this peer left: say so plainly, not as a group
-            raise errors.exceptions[0] from None
-        rows = {me: delta, **{p: t.result() for p, t in swaps.items() if t.result() is not None}}
-        if self.config.norm_clip:
-            norms = {p: robust.global_norm(r) for p, r in rows.items()}
-            cap = self.config.norm_clip * statistics.median(norms.values())
-            rows = {p: robust.scaled(r, cap / norms[p]) if norms[p] > cap else r for p, r in rows.items()}
-        order = sorted(rows)
-        delta.update(robust.aggregate([rows[p] for p in order], self.config.robust, self.config.trim_fraction))
-        return len(rows)
-
-    async def _swap(self, peer: str, delta: dict[str, torch.Tensor], tag: str) -> dict[str, torch.Tensor] | None:
-        try:
-            reply = await self.comm.exchange(peer, delta, tag=tag, timeout_s=self.config.timeout_s)
-        except CommClosed:
-            raise
-        except (CommError, TimeoutError) as exc:
-            logger.info("diloco outer step %s: %s unavailable (%s); without it", tag, peer, exc)
-            return None
-        ok = set(reply) == set(delta) and all(reply[n].shape == t.shape for n, t in delta.items())
-        if not ok or not robust.is_finite(reply):
-            self.rejected_updates += 1
-            logger.warning("diloco outer step %s: rejected the Δ of %s (%s)", tag, peer,
-                           "non-finite values" if ok else "wrong tensors")
-            return None
-        return {n: reply[n].to(t.device, torch.float32) for n, t in delta.items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -29,10 +29,11 @@ telescope over outer steps instead of accumulating. A node always uses its own e
 the means, which halves the quantization error in the group mean compared to using its own
 quantized copy.
 
-Robustness (`training/robust.py`): a partner's (φ, θ − φ) holding NaN/Inf is always dropped;
-with `norm_clip` = k > 0 so is one whose progress norm, or whose φ's distance from ours, exceeds
+Robustness (`training/robust.py`): a partner's (φ, θ − φ) holding NaN/Inf is always dropped,
+and its sender reported to the node (`Comm.refuse`, which lowers its score); with `norm_clip`
+= k > 0 (3 by default) so is one whose progress norm, or whose φ's distance from ours, exceeds
 k × (our own progress norm or the running median of accepted ones) — the step then goes on
-without it, as if it had not answered. With `robust` = "median" / "trimmed_mean" a group of
+without it, as if it had not answered (not reported: an honest outlier can trip it). With `robust` = "median" / "trimmed_mean" a group of
 n ≥ 3 combines coordinate-wise robustly instead of by the mean.
 """
 
@@ -49,6 +50,7 @@ import torch
 from hyphae.kernels import DEFAULT_BLOCK_SIZE, Quantized, dequantize, noloco_outer_, quantize, quantize_ef_
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training import robust
+from hyphae.training._robust_gather import remember_refused
 from hyphae.training._pairing import group_of
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -115,10 +117,10 @@ class NoLoCoConfig:
     trim_fraction: float = 0.25
     """With robust = "trimmed_mean": share of the group dropped at each end, per coordinate."""
 
-    norm_clip: float = 0.0
+    norm_clip: float = 3.0
     """k >= 1: reject a partner whose progress norm exceeds k × max(own progress norm, running
     median of accepted ones), or whose φ is further from ours than 2k × the same kind of
-    reference; 0 = off. 3 is a good value."""
+    reference; 0 = off."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
@@ -205,6 +207,8 @@ class NoLoCo(Strategy):
         self.local_only_steps = 0
         self.last_group: tuple[str, ...] = ()
         self.rejected_updates = 0
+        self.rejected_peers: list[str] = []
+        self._garbage: dict[str, str] = {}  # partner -> why, this step: reported to the node
         k = self.config.norm_clip
         # Progress norms of honest partners stay within ~1.4x of ours; φ distances, which build up
         # between pairings, reached ~3.6x our progress norm in 8-peer runs: that check gets 2k.
@@ -236,6 +240,8 @@ class NoLoCo(Strategy):
             phi = self.slow  # read-only until the update below; the Comm copies what it sends
             progress = {n: p.detach().float() - self.slow[n] for n, p in self._params}
         received = self._screen(await self._exchange_with_group(t, phi, progress), phi, progress)
+        for peer, why in self._garbage.items():
+            await self.comm.refuse(peer, f"noloco/{t}: {why}")
         if received:
             phibar, dbar = self._group_means(phi, progress, received, me)
         else:
@@ -261,11 +267,12 @@ class NoLoCo(Strategy):
         """Drop partners whose (φ, θ − φ) is non-finite or implausibly large (see module doc)."""
         own = robust.global_norm(progress) if self._guards else 0.0
         kept: dict[str, tuple[Tensors, Tensors]] = {}
+        self._garbage = {}
         for peer in sorted(received):
             their_phi, their_progress = received[peer]
             reason = ""
             if not (robust.is_finite(their_phi) and robust.is_finite(their_progress)):
-                reason = "non-finite values"
+                reason = self._garbage[peer] = "non-finite values"
             elif self._guards is not None:
                 norm, dist = robust.global_norm(their_progress), robust.distance(their_phi, phi)
                 if not self._guards[0].check(norm, own):
@@ -277,6 +284,7 @@ class NoLoCo(Strategy):
                 logger.warning("noloco outer step %d: rejected the update of %s (%s)", self.outer_steps, peer, reason)
                 continue
             kept[peer] = received[peer]
+        self.rejected_peers = remember_refused(self.rejected_peers, set(received) - set(kept))
         if self._guards is not None:
             self._guards[0].remember(own)
         return kept

@@ -29,6 +29,11 @@ ALGORITHMS.md §1 (arXiv 2602.11543), without the paper's parameter server:
   6. the first included node also stores the averaged shared tensors as a blob
      (`spes/shared`), so a node joining later starts from the synced weights.
   `transfer_dtype="bfloat16"` halves every byte of it (§1), nodes stay bit-identical.
+- Safe by default (`training/_robust_gather.py`): step 2 swaps the shared tensors with every
+  member and checks them first — a non-finite contribution is refused (its sender reported,
+  and left out of `included`, so it loses its experts), one whose norm exceeds `norm_clip` (3)
+  × the members' median is scaled down to that. `norm_clip = 0` with `robust = "none"` is the
+  all-reduce. A fetched expert or shared blob holding NaN/Inf is never loaded.
   With static membership and no merge, all nodes end a sync bit-identical: each expert is its
   owner's pre-sync value, each shared tensor the all-reduce's fp32 mean.
 - Local training: AdamW β (0.9, 0.95), wd 0.1, clip 1.0, warm-up + cosine (`AdamWConfig`);
@@ -45,8 +50,10 @@ from typing import Any
 
 import torch
 
+from hyphae.training import robust
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training._experts import assign_experts, expert_tensors, merge_coefficient, merge_model_experts_
+from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
 from hyphae.training.comm import BlobCorrupt, Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
@@ -97,9 +104,20 @@ class SPESConfig:
     copy of each published expert to bf16 too, so every node still holds the same bits; the
     optimizer state stays fp32."""
 
+    robust: str = "none"
+    """How the checked gather combines the shared tensors: "none" (mean), "median" or "trimmed_mean"."""
+
+    trim_fraction: float = 0.25
+    """With robust = "trimmed_mean": share of the members dropped at each end, per coordinate."""
+
+    norm_clip: float = 3.0
+    """k >= 1: scale shared tensors whose norm exceeds k × the members' median down to that. 0
+    (with robust = "none") = the unchecked all-reduce."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, AdamWConfig):
             raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
+        robust.check_robust_options(self.robust, self.trim_fraction, self.norm_clip)
         check_int("sync_steps", self.sync_steps, minimum=1)
         check_int("merge_interval", self.merge_interval, minimum=0)
         if self.merge_interval % self.sync_steps:
@@ -154,6 +172,8 @@ class SPES(Strategy):
         self.rounds = 0
         self.failed_rounds = 0
         self.merges = 0
+        self.rejected_updates = 0
+        self.rejected_peers: list[str] = []
         self._joined = False
 
     # --- ownership ---------------------------------------------------------------------------
@@ -225,7 +245,11 @@ class SPES(Strategy):
         except (CommError, TimeoutError) as exc:
             logger.warning("spes: could not fetch the shared weights (%s); keeping the local ones", exc)
         else:
-            self._load(tensors, self._shared)
+            if robust.is_finite(tensors):
+                self._load(tensors, self._shared)
+            else:
+                logger.warning("spes: the run's shared weights %s hold NaN/Inf; keeping the local ones",
+                               shared["hash"][:12])
 
     # --- the sync ----------------------------------------------------------------------------
 
@@ -271,22 +295,34 @@ class SPES(Strategy):
 
     async def _average_shared(self, r: int) -> tuple[str, ...] | None:
         """Replace the shared tensors by their fp32 mean; returns who was included (None: failed)."""
+        cfg, tag = self.config, f"spes/{r}"
         try:
             group = await self.comm.members()
             if group == [self.comm.peer_id]:
                 return (self.comm.peer_id,)
-            result = await self.comm.all_reduce(
-                self._wire(self._shared),
-                group=group, tag=f"spes/{r}", timeout_s=self.config.timeout_s,
-            )
+            if checks_on(cfg.robust, cfg.norm_clip):
+                gathered = await gather_checked(self.comm, self._wire(self._shared), group=group, tag=tag,
+                                                timeout_s=cfg.timeout_s, method=cfg.robust,
+                                                trim_fraction=cfg.trim_fraction, norm_clip=cfg.norm_clip)
+                self.rejected_updates += len(gathered.refused)
+                self.rejected_peers = remember_refused(self.rejected_peers, gathered.refused)
+                mean, included = gathered.tensors, gathered.included
+            else:
+                result = await self.comm.all_reduce(self._wire(self._shared), group=group, tag=tag,
+                                                    timeout_s=cfg.timeout_s)
+                ok = result_is_finite(result.tensors, tag)
+                mean, included = (result.tensors if ok else None), result.included
         except CommClosed:
             raise
         except (CommError, TimeoutError) as exc:
             self.failed_rounds += 1
             logger.warning("spes round %d: all-reduce failed (%s); keeping local shared weights", r, exc)
             return None
-        self._load(result.tensors, self._shared)
-        return result.included
+        if mean is None:
+            self.failed_rounds += 1
+            return None
+        self._load(mean, self._shared)
+        return included
 
     async def _refresh(self, e: int, r: int, expected: set[str]) -> None:
         """Bring expert e to its latest blob, waiting for this round's if its owner is expected."""
@@ -317,6 +353,9 @@ class SPES(Strategy):
         params = expert_tensors(self.model, e)
         if set(tensors) != set(params):
             raise BlobCorrupt(f"expert blob {digest} holds {sorted(tensors)[:2]}..., not expert {e} of this model")
+        if not robust.is_finite(tensors):
+            logger.warning("spes: expert %d blob %s holds NaN/Inf; keeping the local copy", e, digest[:12])
+            return
         self._load(tensors, params)
         self.loaded[e] = digest
 

@@ -53,7 +53,8 @@ def _final_losses(corpus, algorithm: str, peers: int, steps: int, h: int) -> tup
         comm.all_reduce = counted
     lr = dict(lr=3e-3, warmup_steps=10, decay_steps=steps)  # warm-up then cosine, as the papers
     if algorithm == "diloco":
-        strategies = [DiLoCo(build_model(cfg, seed=0), c, DiLoCoConfig(inner=AdamWConfig(**lr), inner_steps=h),
+        strategies = [DiLoCo(build_model(cfg, seed=0), c, DiLoCoConfig(inner=AdamWConfig(**lr), inner_steps=h,
+                                                                       norm_clip=0.0),  # the all-reduce
                              precision="fp32") for c in comms]
     else:
         ncfg = NoLoCoConfig(inner=InnerAdamConfig(**lr), inner_steps=h, timeout_s=30.0)
