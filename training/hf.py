@@ -9,7 +9,7 @@ weights. `export_hf` writes our weights back as such a directory (a Llama as "ll
 
 Only `json` and `safetensors` are used: safetensors never executes code (pickled
 `pytorch_model.bin` files are refused), and nothing is downloaded. What we do not implement
-exactly (RoPE scaling, o_proj/MLP biases, other activations, unknown model types) is refused
+exactly (RoPE scalings but Llama 3's, o_proj/MLP biases, other activations, unknown model types) is refused
 with a ValueError naming the config key, rather than loaded approximately. A sliding attention
 window is exact for sequences no longer than the window, so the loaded model's context_length
 is capped at it (longer inputs are refused by `forward`).
@@ -128,7 +128,7 @@ def hf_config_to_model_config(config_json: Mapping[str, Any]) -> ModelConfig:
                 f"config.json {key}=true is not supported (hyphae's Llama has no o_proj/MLP biases; Qwen2-style "
                 f"q/k/v biases are); use a checkpoint with {key}=false"
             )
-    theta = _rope_theta(cfg)
+    rope = _rope(cfg)
     heads = need("num_attention_heads")
     hidden = need("hidden_size")
     kv = cfg.get("num_key_value_heads") or heads
@@ -150,7 +150,7 @@ def hf_config_to_model_config(config_json: Mapping[str, Any]) -> ModelConfig:
         d_ff=need("intermediate_size"),
         qkv_bias=model_type == "qwen2",
         tie_embeddings=bool(cfg["tie_word_embeddings"]),
-        rope_theta=float(theta),
+        **rope,
         norm_eps=float(cfg["rms_norm_eps"]),
         init_std=float(cfg.get("initializer_range", 0.02)),
     )
@@ -159,25 +159,36 @@ def hf_config_to_model_config(config_json: Mapping[str, Any]) -> ModelConfig:
     return default if default.mlp_hidden == config.d_ff else config
 
 
-def _rope_theta(cfg: Mapping[str, Any]) -> float:
-    """The RoPE base; refuses any RoPE variant but the default one."""
-    if cfg.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError("config.json partial_rotary_factor must be 1.0 (hyphae rotates whole heads)")
-    for key in ("rope_parameters", "rope_scaling"):
+def _rope(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Our RoPE fields for an HF config (5.x `rope_parameters` or 4.x `rope_theta` +
+    `rope_scaling`); refuses the RoPE variants we do not implement."""
+    params: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):  # the newer key wins
         rope = cfg.get(key) or {}
         if not isinstance(rope, Mapping):
             raise ValueError(f"config.json {key} must be an object, got {rope!r}")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind != "default":
-            raise ValueError(
-                f"config.json {key} has rope_type {kind!r}, which hyphae does not implement (only the default "
-                "RoPE); use a checkpoint without RoPE scaling or load it with transformers"
+        params.update(rope)
+    if {params.get("partial_rotary_factor", 1.0), cfg.get("partial_rotary_factor", 1.0)} != {1.0}:
+        raise ValueError("config.json partial_rotary_factor must be 1.0 (hyphae rotates whole heads)")
+    kind = params.get("rope_type", params.get("type", "default"))
+    out: dict[str, Any] = {"rope_theta": float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))}
+    if kind == "llama3":
+        original = cfg.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+        try:
+            out.update(
+                rope_scaling="llama3", rope_factor=float(params["factor"]),
+                rope_low_freq_factor=float(params["low_freq_factor"]),
+                rope_high_freq_factor=float(params["high_freq_factor"]),
+                rope_original_context=int(original or cfg["max_position_embeddings"]),
             )
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"config.json {key}.partial_rotary_factor must be 1.0 (hyphae rotates whole heads)")
-        if "rope_theta" in rope:
-            return float(rope["rope_theta"])
-    return float(cfg.get("rope_theta", 10000.0))
+        except KeyError as exc:
+            raise ValueError(f"config.json rope_type 'llama3' needs {exc.args[0]!r} in rope_parameters") from None
+    elif kind != "default":
+        raise ValueError(
+            f"config.json rope_parameters/rope_scaling has rope_type {kind!r}, which hyphae does not implement "
+            "(only the default RoPE and 'llama3'); use another checkpoint or load it with transformers"
+        )
+    return out
 
 
 def _sliding_window(cfg: Mapping[str, Any], model_type: str) -> int | None:
@@ -218,6 +229,7 @@ def model_config_to_hf_config(config: ModelConfig, *, dtype: torch.dtype = torch
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,  # what transformers 4.x reads
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},  # 5.x
+        "rope_scaling": None,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "attention_dropout": 0.0,
@@ -225,6 +237,12 @@ def model_config_to_hf_config(config: ModelConfig, *, dtype: torch.dtype = torch
         "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if config.rope_scaling == "llama3":
+        scaling = {"rope_type": "llama3", "factor": config.rope_factor, "low_freq_factor": config.rope_low_freq_factor,
+                   "high_freq_factor": config.rope_high_freq_factor,
+                   "original_max_position_embeddings": config.rope_original_context}
+        out["rope_parameters"].update(scaling)
+        out["rope_scaling"] = scaling  # 4.x
     if qwen:
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=config.n_layer,
                    layer_types=["full_attention"] * config.n_layer)

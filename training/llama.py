@@ -21,6 +21,8 @@ hf.py gives bit-identical fp32 logits. Parameter names (the one HF mapping table
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -47,9 +49,27 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(dtype)
 
 
-def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
     """RoPE inverse frequencies, fp32 on the CPU (as HF computes them, whatever the device)."""
-    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device="cpu") / head_dim))
+    dim = config.attn_head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim))
+    if config.rope_scaling == "llama3":
+        inv = _llama3_scaling(inv, config)
+    return inv
+
+
+def _llama3_scaling(inv: torch.Tensor, config: ModelConfig) -> torch.Tensor:
+    """Llama 3.1's frequency rule, in HF's op order: scale long wavelengths down by `factor`,
+    keep short ones, interpolate smoothly in between."""
+    factor, low, high = config.rope_factor, config.rope_low_freq_factor, config.rope_high_freq_factor
+    old = config.rope_original_context
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -168,7 +188,7 @@ class Llama(CausalLM):
         """cos and sin of shape (1, t, head_dim) in `x`'s dtype, built like HF's rotary embedding."""
         inv = self._inv_freq.get(x.device)
         if inv is None:
-            inv = rope_inv_freq(self.config.attn_head_dim, self.config.rope_theta).to(x.device)
+            inv = rope_inv_freq(self.config).to(x.device)
             self._inv_freq[x.device] = inv
         pos = torch.arange(t, device=x.device).unsqueeze(0)
         freqs = pos[..., None].float() * inv

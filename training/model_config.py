@@ -33,7 +33,11 @@ from hyphae.training._config import (
 ARCHS = ("gpt", "llama")
 """Architectures `build_model` knows."""
 
-_LLAMA_ONLY_DEFAULTS = {"n_kv_head": None, "head_dim": None, "tie_embeddings": True, "qkv_bias": False}
+_LLAMA_ONLY_DEFAULTS = {
+    "n_kv_head": None, "head_dim": None, "tie_embeddings": True, "qkv_bias": False, "rope_scaling": "none",
+}
+ROPE_SCALINGS = ("none", "llama3")
+"""RoPE frequency scalings `rope_scaling` may name."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -88,6 +92,23 @@ class ModelConfig:
     rope_theta: float = 10000.0
     """RoPE base (Llama only; Llama-3 uses 500000)."""
 
+    rope_scaling: str = "none"
+    """RoPE frequency scaling (Llama only): "none", or "llama3" (Llama 3.1+'s long-context
+    rule, parameterised by the four rope_* fields below; HF's rope_type "llama3")."""
+
+    rope_factor: float = 8.0
+    """llama3 scaling: low frequencies are divided by this."""
+
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_context / this are fully scaled."""
+
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_context / this are left alone (between the
+    two bounds they are interpolated)."""
+
+    rope_original_context: int = 8192
+    """llama3 scaling: the context length the model was pretrained with."""
+
     norm_eps: float = 1e-5
     """Epsilon of LayerNorm (GPT) or RMSNorm (Llama)."""
 
@@ -128,6 +149,16 @@ class ModelConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         check_positive("rope_theta", self.rope_theta)
+        check_choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling == "llama3":
+            check_positive("rope_factor", self.rope_factor)
+            check_positive("rope_low_freq_factor", self.rope_low_freq_factor)
+            check_int("rope_original_context", self.rope_original_context, minimum=1)
+            if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+                raise ValueError(
+                    f"rope_high_freq_factor ({self.rope_high_freq_factor!r}) must exceed rope_low_freq_factor "
+                    f"({self.rope_low_freq_factor!r}); Llama 3 uses 4.0 and 1.0"
+                )
         check_positive("norm_eps", self.norm_eps)
         if self.head_dim is None and self.d_model % self.n_head:
             raise ValueError(

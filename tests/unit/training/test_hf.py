@@ -59,6 +59,9 @@ CASES = {
     "llama-gqa-untied": ("llama", {}),
     "llama-mha-tied": ("llama", {"tie_word_embeddings": True, "num_key_value_heads": 4}),
     "llama-theta-eps": ("llama", {"rope_theta": 500000.0, "rms_norm_eps": 1e-5}),
+    "llama3-rope-scaling": ("llama", {"rope_parameters": {  # wavelengths in all three bands of the rule
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}),
     "qwen2-qkv-bias": ("qwen2", {}),
     "qwen2-tied": ("qwen2", {"tie_word_embeddings": True}),
     "mistral-wide-heads": ("mistral", {"head_dim": 32}),
@@ -149,8 +152,9 @@ def _config_json(**changes) -> dict:
     [
         ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported"),
         ({"model_type": None}, "model_type None is not supported"),
-        ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}}, "rope_parameters has rope_type 'llama3'"),
-        ({"rope_parameters": ..., "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling has rope_type 'linear'"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5, "factor": 8.0}}, "rope_type 'yarn'.*not implement"),
+        ({"rope_parameters": ..., "rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type 'linear'"),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}}, "'llama3' needs 'low_freq_factor'"),
         ({"attention_bias": True}, "attention_bias=true is not supported"),
         ({"mlp_bias": True}, "mlp_bias=true"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
@@ -169,6 +173,14 @@ def test_old_style_rope_theta_and_absent_optional_keys_use_hf_defaults() -> None
         _config_json(rope_parameters=..., rope_theta=1e6, rms_norm_eps=..., tie_word_embeddings=..., num_key_value_heads=...)
     )
     assert (config.rope_theta, config.norm_eps, config.tie_embeddings, config.kv_heads) == (1e6, 1e-6, False, 4)
+
+
+def test_transformers_4_style_llama3_rope_scaling_is_read() -> None:
+    config = hf_config_to_model_config(_config_json(
+        rope_parameters=..., rope_theta=5e5, original_max_position_embeddings=8192,
+        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}))
+    assert (config.rope_scaling, config.rope_theta, config.rope_factor, config.rope_original_context) == ("llama3", 5e5, 32.0, 8192)
+    assert hf_config_to_model_config(model_config_to_hf_config(config)) == config
 
 
 def test_directories_without_safetensors_or_with_wrong_tensors_are_refused(tmp_path: Path) -> None:
