@@ -211,7 +211,8 @@ class NodeConfig:
 _TOP_KEYS = {"data_dir", "log_level", "log_json", "train", "api", "network", "training", "run", "run_owner",
              "run_secret_file", "run_allowlist"}
 _NETWORK_KEYS = {"listen", "announce", "bootstrap", "mdns", "dht_mode", "name", "target_peers",
-                 "max_connections", "ping_interval_s", "discovery_interval_s", "dial_timeout_s"}
+                 "max_connections", "ping_interval_s", "discovery_interval_s", "dial_timeout_s",
+                 "hello_deadline_s"}
 
 
 def _check_keys(table: Mapping[str, Any], allowed: set[str], where: str) -> None:

@@ -55,7 +55,9 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 
+from . import _heap
 from .admission import Admission
+from ._pubsub_gate import GatedPubsub
 from ._addrs import is_dialable
 from ._yamux import LeanYamux, honor_muxer_opt
 from .config import HostConfig, parse_peer_multiaddr
@@ -80,7 +82,6 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
 
 DHT_VALUE_MAX_BYTES = 64 * 1024
-HELLO_GRACE_S = 15.0
 HELLO_TIMEOUT_WAIT_S = 5.0
 MEET_ATTEMPTS = 4
 FAST_DISCOVERY_S = 60.0  # after a start or a change, look for peers every FAST_DISCOVERY_INTERVAL_S
@@ -93,6 +94,8 @@ FAST_GET_FANOUT = 2
 FAST_GET_TIMEOUT_S = 2.0
 REDIAL_AT_START = 16
 REFUSED_HOLD_S = 300.0  # a peer whose hello we refused is not dialled (or sent our hello) again for this long
+TRIM_AFTER_BUFFERED_BYTES = 4 << 20  # a peer gone that had this much parked in our buffers: trim the heap
+TRIM_DELAY_S = 1.0  # let its streams' handlers drop their last references first
 REFUSED_MAX = 4096  # refusals remembered (peer ids cost nothing to make: bounded, oldest forgotten)
 EXPLICIT_SOURCES = frozenset({"manual", "bootstrap"})  # dials an operator asked for, never held off
 
@@ -258,6 +261,7 @@ class TrioHost:
         self.peers: dict[str, PeerState] = {}
         self._dialing: set[str] = set()
         self._dial_sources: dict[str, str] = {}
+        self._trim_pending = False
         self._refused: dict[str, float] = {}  # peer id -> monotonic time we refused its hello
         self._pool: dict[tuple[str, str], list[TrioFramedStream]] = {}
         self._kick = trio.Event()
@@ -286,7 +290,9 @@ class TrioHost:
                 max_messages_per_topic_per_second=GOSSIP_MAX_MSGS_PER_TOPIC_PER_S,
                 eclipse_protection_enabled=False,
             )
-            self.pubsub = Pubsub(self.host, gossip)  # strict signing: every message carries its author's signature
+            # Strict signing: every message carries its author's signature. In a closed run
+            # pubsub exchanges nothing with a peer before it passes admission (_pubsub_gate.py).
+            self.pubsub = GatedPubsub(self.host, gossip, admitted=self._pubsub_admitted if self.closed else None)
             async with (background_trio_service(self.dht), background_trio_service(self.pubsub),
                         background_trio_service(gossip), trio.open_nursery() as nursery):
                 await self.pubsub.wait_until_ready()
@@ -345,6 +351,9 @@ class TrioHost:
         if self.closed and not await self.wait_admitted(peer_id):
             raise PeerError(f"{peer_id} is not admitted to this closed run")
 
+    async def _pubsub_admitted(self, peer_id: str) -> bool:
+        return await self.wait_admitted(peer_id, self.config.hello_deadline_s + ADMIT_WAIT_S)
+
     async def wait_admitted(self, peer_id: str, timeout_s: float = ADMIT_WAIT_S) -> bool:
         """A peer that just connected may still be in its hello: wait for it a little."""
         with trio.move_on_after(timeout_s):
@@ -365,6 +374,8 @@ class TrioHost:
         source = "inbound" if direction == "inbound" else self._dial_sources.pop(peer_id, "dht")
         state = self.peers.get(peer_id)
         if state is not None:
+            if state.hello is not None:
+                self._admit_muxers(peer_id)  # another connection of a peer that passed hello
             if direction == "outbound" and state.direction == "inbound" and state.hello is None:
                 # Both sides dialled at once (mDNS tells them together) and each registered the
                 # other's connection first: as listeners neither would speak, and both dropped
@@ -383,6 +394,10 @@ class TrioHost:
 
     def on_disconnected(self, conn: INetConn) -> None:
         peer_id = str(conn.muxed_conn.peer_id)
+        peak = getattr(conn.muxed_conn, "peak_buffered_bytes", 0)
+        if peak >= TRIM_AFTER_BUFFERED_BYTES:
+            log.info("%s left with up to %.0f MiB parked in our stream buffers: trimming the heap", peer_id, peak / 2**20)
+            self._trim_heap_soon()
         if self.host is not None and self._has_conn(peer_id):
             return  # another connection to the same peer is still up
         state = self.peers.pop(peer_id, None)
@@ -393,10 +408,26 @@ class TrioHost:
         if state is not None and state.hello is not None:
             self._on_event("disconnected", peer_id)
 
+    def _trim_heap_soon(self) -> None:
+        """Memory a flooding peer made us buffer goes back to the OS once it is gone (_heap.py)."""
+        if self._nursery is None or self._trim_pending:
+            return
+        self._trim_pending = True
+
+        async def trim() -> None:
+            try:
+                await trio.sleep(TRIM_DELAY_S)
+                await trio.to_thread.run_sync(_heap.trim)
+            finally:
+                self._trim_pending = False
+
+        self._nursery.start_soon(trim)
+
     async def _after_connect(self, peer_id: str, direction: str) -> None:
         if direction == "outbound":
             await self._greet(peer_id)
-        with trio.move_on_after(HELLO_GRACE_S):
+        deadline_s = self.config.hello_deadline_s
+        with trio.move_on_after(deadline_s):
             while peer_id in self.peers and self.peers[peer_id].hello is None and self._has_conn(peer_id):
                 await trio.sleep(0.05)
         state = self.peers.get(peer_id)
@@ -408,7 +439,7 @@ class TrioHost:
                 self.peers.pop(peer_id, None)
                 await self._forget_dead_connections(peer_id)
                 return
-            log.info("dropping %s: no hello within %.0f s (not a hyphae node?)", peer_id, HELLO_GRACE_S)
+            log.info("dropping %s: no hello within %.1f s (not a hyphae node?)", peer_id, deadline_s)
             await self.disconnect(peer_id)
             if self.peers.get(peer_id) is state:  # the disconnect event can come while py-libp2p
                 self.peers.pop(peer_id, None)     # still lists the closing connection
@@ -461,6 +492,7 @@ class TrioHost:
         if state is None or state.hello is not None:
             return
         state.hello = result
+        self._admit_muxers(peer_id)
         self._refused.pop(peer_id, None)
         addrs = [a for a in result.listen if is_dialable(a)]
         self.peerbook.record(peer_id, addrs, source=next(iter(state.sources)))
@@ -472,6 +504,13 @@ class TrioHost:
             self._nursery.start_soon(self._add_to_dht, peer_id)
             self._nursery.start_soon(self._ping_one, peer_id)
         self._kick_rendezvous()
+
+    def _admit_muxers(self, peer_id: str) -> None:
+        """Lift the before-hello stream and buffer budgets of the peer's connections (_yamux.py)."""
+        for conn in live_connections(self.host.get_network(), peer_id):
+            admit = getattr(conn.muxed_conn, "admit", None)
+            if admit is not None:
+                admit()
 
     def _note_refused(self, peer_id: str) -> None:
         self._refused.pop(peer_id, None)

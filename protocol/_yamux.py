@@ -31,9 +31,21 @@ How this one differs:
   takes a ``trio.Lock`` around every call.
 * A received GO_AWAY tears the connection down, as py-libp2p's Yamux does (it and go-yamux
   send GO_AWAY when closing, right before closing the socket).
+* Budgets per connection (one connection per peer, so per peer): every stream is granted the
+  spec's 256 KiB window, so a peer that opens streams and writes without us reading could park
+  ~250 MiB per connection in our buffers (measured: 300 streams x 256 KiB raised a daemon's RSS
+  by 65 MiB, never returned). Until the host calls :meth:`LeanYamux.admit` (the peer passed
+  hello) a connection gets :data:`UNADMITTED_MAX_INBOUND_STREAMS` inbound streams, each
+  holding at most :data:`UNADMITTED_STREAM_BYTES` unread and all at most
+  :data:`UNADMITTED_BUFFER_BYTES`; after it, :data:`MAX_INBOUND_STREAMS` and
+  :data:`MAX_BUFFERED_BYTES`. A stream that would go over is reset (its bytes dropped); the
+  connection and its other streams go on. When the connection is lost, only a stream the peer
+  had finished (FIN) and we still read keeps its bytes: py-libp2p keeps referencing a dead
+  connection's streams, and their unread buffers with them (measured: a gone flooder's 16 MiB).
 
 Errors: ``read`` raises ``MuxedStreamEOF`` after the peer's FIN and ``MuxedStreamReset`` after a
-RST or a lost connection (buffered data is returned first, except after a RST); ``write``
+RST or a lost connection (buffered data is returned first after the peer's FIN, unless we had
+closed our side or the stream was reset); ``write``
 raises ``MuxedStreamClosed`` after our own close and ``MuxedStreamReset`` after a RST or a lost
 connection; ``open_stream`` / ``accept_stream`` raise ``MuxedConnUnavailable`` once the
 connection is closing. Cancelling ``read`` or a writer waiting for window loses nothing.
@@ -81,7 +93,11 @@ INITIAL_WINDOW = 256 * 1024  # fixed by the spec; we never grant more per stream
 # Header + payload fit one Noise message (65535 - 16 byte tag), so a frame is one encryption.
 MAX_DATA_PAYLOAD = 65535 - 16 - HEADER_SIZE
 ACCEPT_BACKLOG = 256  # inbound streams not yet accepted; beyond it new ones are refused (RST)
-MAX_INBOUND_STREAMS = 1000  # open inbound streams per connection, as go-yamux
+MAX_INBOUND_STREAMS = 512  # open inbound streams per admitted connection (go-yamux: 1000)
+MAX_BUFFERED_BYTES = 16 << 20  # received, unread bytes per admitted connection, all streams
+UNADMITTED_MAX_INBOUND_STREAMS = 8  # before hello: identify, hello, pubsub, DHT, ping need fewer
+UNADMITTED_STREAM_BYTES = 64 << 10  # unread bytes one stream may hold before hello
+UNADMITTED_BUFFER_BYTES = 256 << 10  # unread bytes the whole connection may hold before hello
 _MAX_STREAM_ID = 0xFFFFFFFF
 # How a transport says "the connection is gone"; anything else from the reader is logged as a bug.
 _EXPECTED_READ_ERRORS = (OSError, EOFError, ValueError, trio.BrokenResourceError, trio.ClosedResourceError,
@@ -178,6 +194,7 @@ class LeanYamuxStream(IMuxedStream):
         else:
             data = bytes(buf[:n])
             del buf[:n]
+        self.conn.buffered_bytes -= len(data)
         self._consumed += len(data)
         if self._consumed >= INITIAL_WINDOW // 2 and not self._remote_closed:
             await self._grant_credit()
@@ -277,6 +294,7 @@ class LeanYamuxStream(IMuxedStream):
 
     def _mark_reset(self) -> None:
         self._reset = True
+        self.conn.buffered_bytes -= len(self._rbuf)
         self._rbuf.clear()
         self._read_lot.unpark_all()
         self._window_lot.unpark_all()
@@ -292,6 +310,14 @@ class LeanYamuxStream(IMuxedStream):
         self._recv_window -= size
         if self._remote_closed or self._reset:
             return  # data after FIN/RST: dropped
+        over = self.conn._over_budget(len(self._rbuf) + size, size)
+        if over is not None:
+            self.conn._reset_stream(self, over)
+            return
+        conn = self.conn
+        conn.buffered_bytes += size
+        if conn.buffered_bytes > conn.peak_buffered_bytes:
+            conn.peak_buffered_bytes = conn.buffered_bytes
         self._rbuf += payload
         self._read_lot.unpark_all()
 
@@ -307,6 +333,10 @@ class LeanYamuxStream(IMuxedStream):
 
     def _on_lost(self, reason: str) -> None:
         self._lost = reason
+        if self._local_closed or not self._remote_closed:
+            # Nobody will use half a message or an answer to a request already done with.
+            self.conn.buffered_bytes -= len(self._rbuf)
+            self._rbuf = bytearray()
         self._read_lot.unpark_all()
         self._window_lot.unpark_all()
 
@@ -350,6 +380,13 @@ class LeanYamux(IMuxedConn):
         self._streams: dict[int, LeanYamuxStream] = {}
         self._next_id = 1 if self._initiator else 2
         self._inbound = 0
+        self._admitted = False
+        self.buffered_bytes = 0
+        """Received bytes waiting in stream buffers for the application to read."""
+        self.peak_buffered_bytes = 0
+        """The most :attr:`buffered_bytes` ever were (the host trims the heap after a big one)."""
+        self.streams_refused = 0
+        """Inbound streams refused or reset for going over this connection's budgets."""
         self._accept_send, self._accept_recv = trio.open_memory_channel[LeanYamuxStream](ACCEPT_BACKLOG)
         self._lock = _SendLock()
         self._nursery: trio.Nursery | None = None
@@ -437,6 +474,38 @@ class LeanYamux(IMuxedConn):
         for stream in self._streams.values():
             stream._on_lost(reason)
         self._streams.clear()
+
+    # ---- budgets ---------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """The peer passed hello: give it the full stream and buffer budgets (idempotent)."""
+        self._admitted = True
+
+    @property
+    def admitted(self) -> bool:
+        return self._admitted
+
+    def _over_budget(self, stream_bytes: int, size: int) -> str | None:
+        """Why ``size`` more bytes for a stream that would then hold ``stream_bytes`` unread go
+        over a budget; None if they fit."""
+        if self._admitted:
+            if self.buffered_bytes + size > MAX_BUFFERED_BYTES:
+                return f"the connection would hold {self.buffered_bytes + size} unread bytes, limit {MAX_BUFFERED_BYTES}"
+            return None
+        if stream_bytes > UNADMITTED_STREAM_BYTES:
+            return f"the stream would hold {stream_bytes} unread bytes before hello, limit {UNADMITTED_STREAM_BYTES}"
+        if self.buffered_bytes + size > UNADMITTED_BUFFER_BYTES:
+            return (f"the connection would hold {self.buffered_bytes + size} unread bytes before hello, "
+                    f"limit {UNADMITTED_BUFFER_BYTES}")
+        return None
+
+    def _reset_stream(self, stream: LeanYamuxStream, why: str) -> None:
+        """Reset one stream that went over a budget; the connection and its other streams go on."""
+        self.streams_refused += 1
+        level = logging.INFO if self.streams_refused == 1 else logging.DEBUG  # a flood is one line
+        log.log(level, "resetting stream %d from %s (and any more that go over): %s", stream.stream_id, self.peer_id, why)
+        stream._mark_reset()
+        self._spawn(self._send_quietly, _HEADER.pack(0, TYPE_WINDOW_UPDATE, FLAG_RST, stream.stream_id, 0))
 
     # ---- streams ---------------------------------------------------------------------------------
 
@@ -573,8 +642,10 @@ class LeanYamux(IMuxedConn):
         if flags & FLAG_RST:
             return None  # opened and aborted at once: nothing to accept
         stream = LeanYamuxStream(self, stream_id, inbound=True)
-        if self._inbound >= MAX_INBOUND_STREAMS:
-            self._refuse(stream_id, f"{MAX_INBOUND_STREAMS} inbound streams already open")
+        most = MAX_INBOUND_STREAMS if self._admitted else UNADMITTED_MAX_INBOUND_STREAMS
+        if self._inbound >= most:
+            self.streams_refused += 1
+            self._refuse(stream_id, f"{most} inbound streams already open" + ("" if self._admitted else " before hello"))
             return None
         try:
             self._accept_send.send_nowait(stream)

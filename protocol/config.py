@@ -60,6 +60,10 @@ class HostConfig:
     """Steady-state period of the DHT rendezvous lookup (it starts at 1 s and backs off)."""
     dial_timeout_s: float = 10.0
     """Give up a single dial after this long."""
+    hello_deadline_s: float = 3.0
+    """Drop a connection whose peer has not passed hello (and, in a closed run, admission) this
+    long after it opened. Until then the peer gets few streams and little buffer (_yamux.py);
+    an honest hello takes milliseconds. A stranger that redials is dropped again as fast."""
     nat: NatConfig = NatConfig()
     """NAT traversal: reachability checks, UPnP, relay service and client, hole punching (TOML:
     a ``[network.nat]`` table; see :class:`~hyphae.protocol.nat.NatConfig`)."""
@@ -90,6 +94,8 @@ class HostConfig:
         for name in ("ping_interval_s", "discovery_interval_s", "dial_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.hello_deadline_s <= 60:
+            raise ConfigError(f"hello_deadline_s must be in (0, 60] seconds, got {self.hello_deadline_s}")
 
     def _check_types(self) -> None:
         for name in ("listen", "announce", "bootstrap"):
@@ -107,5 +113,6 @@ class HostConfig:
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "mdns": (bool,), "dht_mode": (str,), "network": (str,), "target_peers": (int,), "max_connections": (int,),
     "ping_interval_s": (int, float), "discovery_interval_s": (int, float), "dial_timeout_s": (int, float),
+    "hello_deadline_s": (int, float),
 }
 """HostConfig's scalar fields and the types TOML may give them (a bool is not a number here)."""

@@ -2,8 +2,8 @@
 
 * :func:`wait_for` polls a condition with a deadline and a message that says what never happened.
 * :class:`RawPeer` is a bare py-libp2p host in its own trio thread with whatever security
-  transports a test chooses, able to send arbitrary bytes on any protocol: the adversary in
-  tests of refusal and malformed input.
+  transports a test chooses, able to send arbitrary bytes on any protocol or to listen on a
+  gossipsub topic: the adversary in tests of refusal, eavesdropping and malformed input.
 """
 
 from __future__ import annotations
@@ -18,9 +18,12 @@ import trio
 from libp2p import new_host
 from libp2p.custom_types import TProtocol
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.tools.anyio_service import background_trio_service
 
 from ._bridge import TrioThread
 from ._trio_host import _build_libp2p_host
@@ -58,6 +61,7 @@ class RawPeer:
         self.security = security
         self._thread = TrioThread(name="raw-peer")
         self._cancel = trio.CancelScope()
+        self._services: list[trio.CancelScope] = []
         self.host: Any = None
 
     def _build(self) -> Any:
@@ -85,7 +89,8 @@ class RawPeer:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._thread.run_sync_soon(self._cancel.cancel)
+        for scope in (*self._services, self._cancel):
+            self._thread.run_sync_soon(scope.cancel)
         await asyncio.to_thread(self._thread.stop, 3.0)
 
     async def connect(self, addr: str) -> None:
@@ -114,3 +119,29 @@ class RawPeer:
             return received
 
         return await self._thread.run(exchange)
+
+    async def listen_gossip(self, topic: str) -> list[bytes]:
+        """Run py-libp2p's own gossipsub on this host (no hello, no secret) subscribed to
+        ``topic``; returns the list the data of every message it receives is appended to.
+        Call before connecting, as pubsub learns of peers from connection events."""
+        received: list[bytes] = []
+
+        async def run(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            gossip = GossipSub(protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11], degree=6, degree_low=4,
+                               degree_high=12, heartbeat_interval=1, heartbeat_initial_delay=0.1)
+            pubsub = Pubsub(self.host, gossip)
+            scope = trio.CancelScope()
+            self._services.append(scope)
+            with scope:
+                async with background_trio_service(pubsub), background_trio_service(gossip):
+                    await pubsub.wait_until_ready()
+                    subscription = await pubsub.subscribe(topic)
+                    task_status.started()
+                    async for message in subscription:
+                        received.append(bytes(message.data))
+
+        async def start() -> None:
+            await self._thread.start_service(run)
+
+        await self._thread.run(start)
+        return received

@@ -4,6 +4,7 @@ with it, it can. Real daemons and real hosts on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ from hyphae.protocol.host import open_host
 from hyphae.protocol.identity import Identity
 from hyphae.protocol.tensor import TensorConfig, open_tensor_plane
 from hyphae.protocol.tensor.blobs import BlobConfig, BlobService
-from hyphae.protocol.testing import wait_for
+from hyphae.protocol.testing import RawPeer, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -205,3 +206,49 @@ async def test_a_refused_stranger_is_not_dialled_or_greeted_again_by_discovery(t
         # An explicit dial (a bootstrap address, `hyphae node connect`) is never held off.
         assert not trio_host.held_off(stranger.peer_id, "bootstrap")
         assert trio_host.held_off(stranger.peer_id, "mdns")
+
+
+async def _keep_connecting(raw: RawPeer, addr: str) -> None:
+    """The eavesdropper of issue 23: dropped for want of a hello, it dials straight back."""
+    while True:
+        with contextlib.suppress(Exception):
+            await raw.connect(addr)
+        await asyncio.sleep(0.3)
+
+
+async def test_a_stranger_on_gossipsub_gets_no_message_of_a_closed_run_while_a_member_gets_them_all() -> None:
+    """py-libp2p's pubsub is not gated by our hello: a fresh identity with no secret that only
+    speaks gossipsub (and reconnects whenever dropped) received every run-state envelope."""
+    key = os.urandom(32)
+    topic = f"/hyphae/run/{RUN}/1"
+    config = HostConfig(listen=("/ip4/127.0.0.1/tcp/0",), mdns=False)
+    published = [f"envelope-{i}".encode() for i in range(8)]
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(open_host(Identity.generate(), config, agent="closed-test/1",
+                                                      admission=Admission.closed_by(RUN, secret=key)))
+        b = await stack.enter_async_context(open_host(
+            Identity.generate(), HostConfig(listen=config.listen, mdns=False, bootstrap=(a.addrs[0],)),
+            agent="closed-test/1", admission=Admission.closed_by(RUN, secret=key)))
+        got: list[bytes] = []
+        await a.subscribe(topic, lambda author, data: None)
+        await b.subscribe(topic, lambda author, data: got.append(data))
+        raw = await stack.enter_async_context(RawPeer())
+        stolen = await raw.listen_gossip(topic)
+        dialer = asyncio.create_task(_keep_connecting(raw, a.addrs[0]))
+        try:
+            await wait_for(lambda: _topic_has(a, topic, b.peer_id), 20, "b in a's topic")
+            await asyncio.sleep(2.0)  # a heartbeat or two: time for the stranger to be grafted
+            for data in published:
+                await a.publish(topic, data)
+                await asyncio.sleep(0.5)
+            await wait_for(lambda: len(got) == len(published), 15, lambda: f"b to get all 8 (got {len(got)})")
+            await asyncio.sleep(1.0)
+        finally:
+            dialer.cancel()
+        assert sorted(got) == sorted(published)
+        assert stolen == [], f"the stranger received {len(stolen)} of {len(published)} messages"
+        assert raw.identity.peer_id not in await a.topic_peers(topic)
+
+
+async def _topic_has(host, topic: str, peer_id: str) -> bool:
+    return peer_id in await host.topic_peers(topic)

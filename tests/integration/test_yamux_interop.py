@@ -41,7 +41,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
 os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")  # as the project runs the stock Yamux
 
-MUXERS: dict[str, type] = {"lean": LeanYamux, "stock": Yamux}
+
+
+class AdmittedLeanYamux(LeanYamux):
+    """LeanYamux with its after-hello budgets from the start: these hosts run no hello, and
+    the before-hello budgets (tests/unit/protocol/test_yamux.py) are not what is tested here."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.admit()
+
+
+MUXERS: dict[str, type] = {"lean": AdmittedLeanYamux, "stock": Yamux}
 PAIRS = [("lean", "stock"), ("stock", "lean"), ("lean", "lean")]
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 ECHO = TProtocol("/test/echo/1")
@@ -114,7 +125,7 @@ def test_py_libp2p_ignores_muxer_opt_for_yamux_unless_honored() -> None:
         keypair = create_new_key_pair()
         noise = NoiseTransport(keypair, noise_privkey=create_x25519_key_pair().private_key)
         plain = new_host(key_pair=keypair, sec_opt={TProtocol(NOISE_PROTOCOL_ID): noise},
-                         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): LeanYamux}, listen_addrs=LISTEN)
+                         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): AdmittedLeanYamux}, listen_addrs=LISTEN)
         other = build_host("stock")
         async with plain.run(LISTEN), other.run(LISTEN):
             await plain.connect(PeerInfo(other.get_id(), other.get_addrs()))

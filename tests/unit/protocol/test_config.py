@@ -24,6 +24,9 @@ def test_defaults_are_valid() -> None:
         ({"target_peers": 0}, "target_peers must be between 1"),
         ({"target_peers": 100, "max_connections": 50}, "target_peers must be between 1"),
         ({"ping_interval_s": 0}, "ping_interval_s must be > 0"),
+        ({"hello_deadline_s": 0}, "hello_deadline_s must be in \\(0, 60\\]"),
+        ({"hello_deadline_s": 600}, "hello_deadline_s must be in \\(0, 60\\]"),
+        ({"hello_deadline_s": "3"}, "hello_deadline_s must be int or float"),
         # wrong types, as a TOML file can give them (found by the config fuzzer: name = [0])
         ({"network": [0]}, "network must be str, got \\[0\\]"),
         ({"mdns": "yes"}, "mdns must be bool"),

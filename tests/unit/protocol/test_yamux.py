@@ -36,11 +36,15 @@ from hyphae.protocol._yamux import (
     GO_AWAY_NORMAL,
     GO_AWAY_PROTOCOL_ERROR,
     INITIAL_WINDOW,
+    MAX_BUFFERED_BYTES,
     MAX_DATA_PAYLOAD,
     TYPE_DATA,
     TYPE_GO_AWAY,
     TYPE_PING,
     TYPE_WINDOW_UPDATE,
+    UNADMITTED_BUFFER_BYTES,
+    UNADMITTED_MAX_INBOUND_STREAMS,
+    UNADMITTED_STREAM_BYTES,
     LeanYamux,
 )
 
@@ -125,9 +129,13 @@ def run(test: Callable[..., Awaitable[None]], *args: Any) -> None:
     trio.run(main)
 
 
-async def muxer_and_raw(nursery: trio.Nursery, *, initiator: bool = True) -> tuple[LeanYamux, RawPeer]:
+async def muxer_and_raw(nursery: trio.Nursery, *, initiator: bool = True,
+                        admitted: bool = True) -> tuple[LeanYamux, RawPeer]:
+    """A muxer and the raw peer on its other end; ``admitted``: as after the peer's hello."""
     ours, theirs = trio.testing.memory_stream_pair()
     mux = LeanYamux(MemorySecureConn(ours, initiator=initiator), PEER)  # type: ignore[arg-type]
+    if admitted:
+        mux.admit()
     nursery.start_soon(mux.start)
     await mux.event_started.wait()
     return mux, RawPeer(theirs)
@@ -137,6 +145,8 @@ async def muxer_pair(nursery: trio.Nursery) -> tuple[LeanYamux, LeanYamux]:
     left, right = trio.testing.memory_stream_pair()
     a = LeanYamux(MemorySecureConn(left, initiator=True), PEER)  # type: ignore[arg-type]
     b = LeanYamux(MemorySecureConn(right, initiator=False), PEER)  # type: ignore[arg-type]
+    a.admit()
+    b.admit()
     nursery.start_soon(a.start)
     nursery.start_soon(b.start)
     await a.event_started.wait()
@@ -468,6 +478,89 @@ def test_accept_backlog_is_bounded_by_refusing_with_rst() -> None:
             refused = 2 * (ACCEPT_BACKLOG + 1)
             assert await raw.frame() == (TYPE_WINDOW_UPDATE, FLAG_RST, refused, 0, b"")
             assert (await mux.accept_stream()).stream_id == 2
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+# ---- budgets ------------------------------------------------------------------------------------
+
+
+async def _open_and_fill(raw: RawPeer, stream_id: int, nbytes: int) -> None:
+    """As a peer that writes without anyone reading: SYN, then ``nbytes`` in full frames."""
+    await raw.send(TYPE_WINDOW_UPDATE, FLAG_SYN, stream_id, 0)
+    while nbytes > 0:
+        size = min(nbytes, MAX_DATA_PAYLOAD)
+        await raw.send(TYPE_DATA, 0, stream_id, size, b"x" * size)
+        nbytes -= size
+
+
+def test_before_hello_a_peer_gets_a_few_inbound_streams_and_the_rest_are_refused() -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            mux, raw = await muxer_and_raw(nursery, admitted=False)
+            for i in range(UNADMITTED_MAX_INBOUND_STREAMS + 3):
+                await raw.send(TYPE_WINDOW_UPDATE, FLAG_SYN, 2 * (i + 1), 0)
+            refused = [2 * (UNADMITTED_MAX_INBOUND_STREAMS + i + 1) for i in range(3)]
+            assert [(await raw.frame())[:3] for _ in refused] == [(TYPE_WINDOW_UPDATE, FLAG_RST, s) for s in refused]
+            assert mux.streams_refused == 3
+            mux.admit()  # after hello the same peer may open more
+            await raw.send(TYPE_WINDOW_UPDATE, FLAG_SYN, 1000, 0)
+            for _ in range(UNADMITTED_MAX_INBOUND_STREAMS):
+                await mux.accept_stream()
+            assert (await mux.accept_stream()).stream_id == 1000
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_before_hello_a_stream_holding_too_many_unread_bytes_is_reset_and_the_rest_go_on() -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            mux, raw = await muxer_and_raw(nursery, admitted=False)
+            await _open_and_fill(raw, 2, UNADMITTED_STREAM_BYTES)  # exactly the limit: kept
+            await _open_and_fill(raw, 4, UNADMITTED_STREAM_BYTES + 1)  # one byte over: reset
+            assert await raw.frame() == (TYPE_WINDOW_UPDATE, FLAG_RST, 4, 0, b"")
+            kept, dropped = await mux.accept_stream(), await mux.accept_stream()
+            assert mux.buffered_bytes == UNADMITTED_STREAM_BYTES
+            with pytest.raises(MuxedStreamReset):
+                await dropped.read()
+            assert len(await kept.read()) == UNADMITTED_STREAM_BYTES
+            assert mux.buffered_bytes == 0 and mux.streams_refused == 1
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_before_hello_a_connection_holds_at_most_its_small_buffer_over_all_streams() -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            mux, raw = await muxer_and_raw(nursery, admitted=False)
+            per_stream = UNADMITTED_STREAM_BYTES
+            fits = UNADMITTED_BUFFER_BYTES // per_stream
+            for i in range(fits + 2):
+                await _open_and_fill(raw, 2 * (i + 1), per_stream)
+            resets = [(await raw.frame())[:3] for _ in range(2)]
+            assert resets == [(TYPE_WINDOW_UPDATE, FLAG_RST, 2 * (fits + i + 1)) for i in range(2)]
+            assert mux.buffered_bytes == UNADMITTED_BUFFER_BYTES
+            nursery.cancel_scope.cancel()
+
+    run(body)
+
+
+def test_an_admitted_connection_resets_the_stream_that_would_go_over_its_buffer_budget() -> None:
+    async def body() -> None:
+        async with trio.open_nursery() as nursery:
+            mux, raw = await muxer_and_raw(nursery)
+            fits = MAX_BUFFERED_BYTES // INITIAL_WINDOW
+            for i in range(fits + 1):
+                await _open_and_fill(raw, 2 * (i + 1), INITIAL_WINDOW)
+            assert (await raw.frame())[:3] == (TYPE_WINDOW_UPDATE, FLAG_RST, 2 * (fits + 1))
+            assert mux.buffered_bytes == MAX_BUFFERED_BYTES
+            streams = [await mux.accept_stream() for _ in range(fits)]
+            for stream in streams[:10]:
+                await stream.reset()
+            assert mux.buffered_bytes == MAX_BUFFERED_BYTES - 10 * INITIAL_WINDOW  # a reset frees its bytes
             nursery.cancel_scope.cancel()
 
     run(body)
