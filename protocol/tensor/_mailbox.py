@@ -1,8 +1,10 @@
-"""Received transfers waiting for ``recv(peer, tag)``, under a byte budget.
+"""Received transfers waiting for ``recv(peer, tag)``, under a byte budget per node and per peer.
 
 A transfer that arrives while someone already waits for its (peer, tag) is *claimed* and costs
 no budget. Otherwise its bytes count against ``max_unclaimed_bytes`` from its header on (so a
-peer cannot fill memory with transfers nobody asked for) until it is claimed or expires.
+peer cannot fill memory with transfers nobody asked for) until it is claimed or expires, and
+against its sender's own ``max_unclaimed_bytes_per_peer``: with one pool only, a single peer
+could fill it and keep every other peer's early transfers refused for the whole TTL.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ class _Item:
 class Mailbox:
     """Per (peer, tag) queues of received values and of waiting receivers."""
 
-    def __init__(self, max_unclaimed_bytes: int, ttl_s: float) -> None:
+    def __init__(self, max_unclaimed_bytes: int, ttl_s: float, max_unclaimed_bytes_per_peer: int | None = None) -> None:
         self.max_unclaimed_bytes = max_unclaimed_bytes
+        self.max_unclaimed_bytes_per_peer = (max_unclaimed_bytes if max_unclaimed_bytes_per_peer is None
+                                             else max_unclaimed_bytes_per_peer)
         self.ttl_s = ttl_s
         self.unclaimed_bytes = 0
+        self._by_peer: dict[str, int] = {}
         self._items: dict[Key, deque[_Item]] = {}
         self._waiters: dict[Key, deque[asyncio.Future[Any]]] = {}
 
@@ -51,18 +56,37 @@ class Mailbox:
         """
         if self._has_waiter((peer, tag)):
             return False
+        mine = self._by_peer.get(peer, 0)
+        if mine + nbytes > self.max_unclaimed_bytes_per_peer:
+            raise BusyError(
+                f"{nbytes}-byte transfer {tag!r:.60} would raise this peer's unclaimed bytes to "
+                f"{mine + nbytes}, limit {self.max_unclaimed_bytes_per_peer} per peer: the receiver must "
+                "recv() sooner, or raise max_unclaimed_bytes_per_peer"
+            )
         if self.unclaimed_bytes + nbytes > self.max_unclaimed_bytes:
             raise BusyError(
                 f"{nbytes}-byte transfer {tag!r:.60} would raise unclaimed bytes to "
                 f"{self.unclaimed_bytes + nbytes}, limit {self.max_unclaimed_bytes}: the receiver must recv() "
                 "sooner, or raise max_unclaimed_bytes"
             )
-        self.unclaimed_bytes += nbytes
+        self._count(peer, nbytes)
         return True
 
-    def unreserve(self, nbytes: int, counted: bool) -> None:
+    def unreserve(self, peer: str, nbytes: int, counted: bool) -> None:
         if counted:
-            self.unclaimed_bytes -= nbytes
+            self._count(peer, -nbytes)
+
+    def unclaimed_by(self, peer: str) -> int:
+        """Bytes of ``peer``'s transfers waiting unclaimed (or reserved for ones arriving)."""
+        return self._by_peer.get(peer, 0)
+
+    def _count(self, peer: str, delta: int) -> None:
+        self.unclaimed_bytes += delta
+        left = self._by_peer.get(peer, 0) + delta
+        if left:
+            self._by_peer[peer] = left
+        else:
+            self._by_peer.pop(peer, None)  # no entry per peer that ever sent: bounded by who holds bytes
 
     def put(self, peer: str, tag: str, value: Any, nbytes: int, counted: bool) -> None:
         """Hand ``value`` to the first waiter, or keep it (counted) until claimed or expired."""
@@ -72,10 +96,10 @@ class Mailbox:
             fut = waiters.popleft()
             if not fut.done():
                 fut.set_result(value)
-                self.unreserve(nbytes, counted)
+                self.unreserve(peer, nbytes, counted)
                 return
         if not counted:
-            self.unclaimed_bytes += nbytes  # its waiter left: it is unclaimed now
+            self._count(peer, nbytes)  # its waiter left: it is unclaimed now
         self._items.setdefault(key, deque()).append(_Item(value, nbytes, time.monotonic()))
 
     async def get(self, peer: str, tag: str) -> Any:
@@ -89,7 +113,7 @@ class Mailbox:
             item = items.popleft()
             if not items:
                 del self._items[key]
-            self.unclaimed_bytes -= item.nbytes
+            self._count(peer, -item.nbytes)
             return item.value
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, deque()).append(fut)
@@ -132,7 +156,7 @@ class Mailbox:
             items = self._items[key]
             while items and now - items[0].at > self.ttl_s:
                 item = items.popleft()
-                self.unclaimed_bytes -= item.nbytes
+                self._count(key[0], -item.nbytes)
                 dropped += 1
                 log.info("dropping unclaimed transfer %r from %s after %.0f s", key[1], key[0], self.ttl_s)
             if not items:
@@ -145,6 +169,6 @@ class Mailbox:
         dropped = 0
         for key in [k for k in self._items if k[1].startswith(prefix)]:
             for item in self._items.pop(key):
-                self.unclaimed_bytes -= item.nbytes
+                self._count(key[0], -item.nbytes)
                 dropped += 1
         return dropped

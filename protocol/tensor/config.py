@@ -33,6 +33,10 @@ class TensorConfig:
     """Most tensors in one transfer."""
     max_unclaimed_bytes: int = 2 << 30
     """Bytes of received transfers nobody has asked for yet; beyond it new ones are refused."""
+    max_unclaimed_bytes_per_peer: int | None = None
+    """The share of ``max_unclaimed_bytes`` one peer's transfers may hold (None: a quarter of it,
+    512 MiB by default), so one peer filling the pool cannot keep every other peer's early
+    transfers refused for the whole ``mailbox_ttl_s``. At most ``max_unclaimed_bytes``."""
     recv_pool_bytes: int = 512 << 20
     """Receive buffers kept for reuse once their tensors are gone (0: none). Reused memory
     decrypts twice as fast as fresh memory; idle buffers are released after a minute."""
@@ -56,12 +60,17 @@ class TensorConfig:
             _check_addr(addr, "tensor announce address", allow_wildcard=False)
         if not _MIN_FRAME <= self.frame_bytes <= _MAX_FRAME:
             raise ConfigError(f"frame_bytes must be in [{_MIN_FRAME}, {_MAX_FRAME}], got {self.frame_bytes}")
-        for name in ("max_transfer_bytes", "max_tensors", "max_unclaimed_bytes", "max_sessions_per_peer",
-                     "recv_pool_bytes"):
+        if self.max_unclaimed_bytes_per_peer is None and isinstance(self.max_unclaimed_bytes, int):
+            object.__setattr__(self, "max_unclaimed_bytes_per_peer", max(1, self.max_unclaimed_bytes // 4))
+        for name in ("max_transfer_bytes", "max_tensors", "max_unclaimed_bytes", "max_unclaimed_bytes_per_peer",
+                     "max_sessions_per_peer", "recv_pool_bytes"):
             value = getattr(self, name)
             least = 0 if name == "recv_pool_bytes" else 1
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ConfigError(f"{name} must be an int >= {least}, got {value!r}")
+        if self.max_unclaimed_bytes_per_peer > self.max_unclaimed_bytes:
+            raise ConfigError(f"max_unclaimed_bytes_per_peer ({self.max_unclaimed_bytes_per_peer}) must be <= "
+                              f"max_unclaimed_bytes ({self.max_unclaimed_bytes}): lower it or raise the total")
         for name in ("dial_timeout_s", "handshake_timeout_s", "idle_timeout_s", "mailbox_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)!r}")

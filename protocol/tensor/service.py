@@ -82,7 +82,7 @@ class TensorPlane:
         self._tg = task_group
         self._puncher = puncher
         self._limits = config.limits
-        self._mailbox = Mailbox(config.max_unclaimed_bytes, config.mailbox_ttl_s)
+        self._mailbox = Mailbox(config.max_unclaimed_bytes, config.mailbox_ttl_s, config.max_unclaimed_bytes_per_peer)
         self._buffers = BufferPool(config.recv_pool_bytes)
         self._sessions: dict[str, list[Session]] = {}
         self._reserved: set[Session] = set()
@@ -240,6 +240,7 @@ class TensorPlane:
                 "bytes_sent": dict(st.traffic.sent), "bytes_received": dict(st.traffic.received),
                 "transfers_sent": st.transfers_sent, "transfers_received": st.transfers_received,
                 "failures": st.failures, "last_error": st.last_error,
+                "unclaimed_bytes": self._mailbox.unclaimed_by(peer),
             }
             for path, n in st.traffic.sent.items():
                 sent[path] = sent.get(path, 0) + n
@@ -412,7 +413,7 @@ class TensorPlane:
         self._admitted[id(begin)] = counted
 
     def discard(self, session: Session, begin: Begin) -> None:
-        self._mailbox.unreserve(begin.nbytes, self._admitted.pop(id(begin), False))
+        self._mailbox.unreserve(session.peer_id, begin.nbytes, self._admitted.pop(id(begin), False))
         self._guard.release(session.peer_id, id(begin))
 
     def deliver(self, session: Session, begin: Begin, tensors: list[Tensor]) -> None:
@@ -422,7 +423,7 @@ class TensorPlane:
         if begin.kind == KIND_MESSAGE:
             self._mailbox.put(peer, begin.tag, Message(tensors, begin.meta), begin.nbytes, counted)
             return
-        self._mailbox.unreserve(begin.nbytes, counted)
+        self._mailbox.unreserve(peer, begin.nbytes, counted)
         if begin.kind == KIND_REPLY:
             if not self._requests.resolve(peer, begin.request_id, Reply(begin.meta, tensors)):
                 log.debug("late reply %d from %s dropped", begin.request_id, peer)

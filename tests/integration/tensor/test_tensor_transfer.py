@@ -125,7 +125,8 @@ async def test_lossy_codecs_cross_within_their_error(make_group, codec: str) -> 
 async def test_receiver_refuses_over_limit_transfers_before_allocating(make_group, make_plane) -> None:
     hosts, _ = await make_group(2)
     a = await make_plane(hosts[0])
-    b = await make_plane(hosts[1], max_transfer_bytes=1 << 20, max_unclaimed_bytes=3 << 20)
+    b = await make_plane(hosts[1], max_transfer_bytes=1 << 20, max_unclaimed_bytes=3 << 20,
+                         max_unclaimed_bytes_per_peer=3 << 20)  # the node's total is tested here
     with pytest.raises(Refused, match="limit 1048576"):
         await a.send(b.peer_id, "big", [Tensor.from_numpy("x", np.zeros(1 << 19, np.float32))])
     ok = [Tensor.from_numpy("x", np.zeros(1 << 17, np.float32))]  # 512 KiB: fits
@@ -138,6 +139,27 @@ async def test_receiver_refuses_over_limit_transfers_before_allocating(make_grou
     # A transfer someone already waits for is claimed and costs no budget.
     got, _ = await asyncio.gather(b.recv(a.peer_id, "claimed"), a.send(b.peer_id, "claimed", ok))
     assert same(got, ok)
+
+
+async def test_one_peer_filling_the_unclaimed_pool_cannot_keep_another_peers_transfer_out(make_group, make_plane) -> None:
+    """Issue 23: with one pool per node, a peer that kept it full (unclaimed transfers live for
+    the whole TTL) had every other peer's early transfers refused."""
+    hosts, _ = await make_group(3)
+    filler, honest = await make_plane(hosts[0]), await make_plane(hosts[2])
+    b = await make_plane(hosts[1], max_unclaimed_bytes=4 << 20, max_unclaimed_bytes_per_peer=2 << 20)
+    chunk = [Tensor.from_numpy("x", np.zeros(1 << 17, np.float32))]  # 512 KiB
+    sent = 0
+    with pytest.raises(Refused, match="per peer"):
+        for i in range(16):  # as many as it is let
+            await filler.send(b.peer_id, f"fill-{i}", chunk)
+            sent += 1
+    assert sent == 4 and b.stats()["peers"][filler.peer_id]["unclaimed_bytes"] == 2 << 20
+    for i in range(4):  # the other peer's early arrivals still land: the rest of the pool is theirs
+        await honest.send(b.peer_id, f"early-{i}", chunk)
+    assert same(await b.recv(honest.peer_id, "early-3"), chunk)
+    assert same(await b.recv(filler.peer_id, "fill-0"), chunk)
+    await filler.send(b.peer_id, "after-a-claim", chunk)  # its own claim frees its own share
+    assert b.stats()["unclaimed_bytes"] == (3 + 4) * (1 << 19)
 
 
 async def test_requests_reach_handlers_and_errors_come_back(make_group) -> None:
