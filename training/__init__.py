@@ -57,7 +57,8 @@ from hyphae.training.loop import (
     save_checkpoint,
     train,
 )
-from hyphae.training.model import GPT, ModelOutput, build_model, parse_expert_name
+from hyphae.training.hf import export_hf, hf_config_to_model_config, load_hf_model
+from hyphae.training.model import GPT, CausalLM, Llama, ModelOutput, build_model, parse_expert_name
 from hyphae.training.model_config import PRESETS, ModelConfig, model_config
 from hyphae.training.optim import AdamWConfig, build_adamw
 from hyphae.training.sim import SimComm, SimNetwork
@@ -67,6 +68,8 @@ __all__ = [
     "ALGORITHMS",
     "DDP",
     "GPT",
+    "CausalLM",
+    "Llama",
     "PRESETS",
     "AdamWConfig",
     "AllReduceResult",
@@ -124,6 +127,9 @@ __all__ = [
     "text_validation_batches",
     "model_config",
     "load_corpus",
+    "export_hf",
+    "hf_config_to_model_config",
+    "load_hf_model",
     "parse_expert_name",
     "resolve_precision",
     "resume",
