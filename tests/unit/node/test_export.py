@@ -16,7 +16,6 @@ from hyphae.cli.main import main
 from hyphae.node.export import ExportError, export_checkpoint_hf
 from hyphae.training import (
     DDP,
-    AdamWConfig,
     BatchStream,
     CheckpointStore,
     LoopConfig,
