@@ -156,6 +156,12 @@ class CommBackend:
     def _report(self, peer: str, what: str, severity: Severity, detail: str) -> None:
         scores_for(self.daemon.host).report(peer, what, severity, detail)
 
+    def refuse(self, peer: str, reason: str) -> None:
+        """The worker's algorithm refused ``peer``'s contribution (NaN/Inf, wrong tensors): a
+        training update rejected as garbage, so a severe violation (two in a row disconnect)."""
+        if peer != self.peer_id:
+            self._report(peer, "training update refused", Severity.SEVERE, reason[:200])
+
     # ---- membership ------------------------------------------------------------------------
 
     @property

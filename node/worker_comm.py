@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -57,6 +58,18 @@ def raise_remote_error(error: Mapping[str, str]) -> None:
     if kind == "ValueError":
         raise ValueError(message)
     raise RuntimeError(f"daemon failed the call ({kind}): {message}")
+
+
+TEST_ONLY_POISON_ENV = "HYPHAE_TEST_ONLY_POISON_EXCHANGES"
+"""TEST ONLY. Set to "nan" in a worker's environment and everything it sends by ``exchange``
+(DiLoCo's, DDP's and SPES's checked gathers, NoLoCo's pairs) is NaN: a real daemon playing the
+poisoning member of an attack test (tests/integration/test_poisoned_aggregation.py). Never set it
+on a node that trains for real: its peers refuse it and lower its score until they disconnect it."""
+
+
+def _poisoned(tensors: Mapping[str, torch.Tensor], peer: str, tag: str) -> dict[str, torch.Tensor]:
+    log.warning("TEST ONLY (%s=nan): sending NaN to %s for %s", TEST_ONLY_POISON_ENV, peer, tag)
+    return {name: torch.full_like(t, float("nan")) for name, t in tensors.items()}
 
 
 class DaemonComm(Comm):
@@ -147,6 +160,8 @@ class DaemonComm(Comm):
                        timeout_s: float) -> dict[str, torch.Tensor]:
         if peer == self._peer_id:
             raise ValueError("cannot exchange with this peer itself")
+        if os.environ.get(TEST_ONLY_POISON_ENV) == "nan":
+            tensors = _poisoned(tensors, peer, tag)
         _, out = await self._call("exchange", {"peer": peer, "tag": tag, "timeout_s": timeout_s}, tensors)
         return out
 
@@ -185,6 +200,9 @@ class DaemonComm(Comm):
     async def state_items(self, prefix: str = "") -> dict[str, Any]:
         result, _ = await self._call("state_items", {"prefix": prefix})
         return dict(result)
+
+    async def refuse(self, peer: str, reason: str) -> None:
+        await self._call("refuse", {"peer": peer, "reason": reason[:500]})
 
     def now(self) -> float:
         """The run's clock: wall-clock seconds, which NTP keeps within milliseconds across
