@@ -68,6 +68,9 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", type=Path, help="text file/dir or .bin shards (default: Python stdlib sources)")
     t.add_argument("--seed", type=int, help="base seed")
     t.add_argument("--threads", type=int, help="torch CPU threads (0 = one per core; 1 for testnets)")
+    t.add_argument("--workers", type=int, metavar="N",
+                   help="N training workers on this node, one member of the run (CPU workers without --gpus)")
+    t.add_argument("--gpus", metavar="LIST", help="train on these GPUs, one worker each: all or e.g. 0,1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +136,8 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
         "training.data": args.data,
         "training.seed": args.seed,
         "training.threads": args.threads,
+        "training.workers": args.workers,
+        "training.gpus": args.gpus,
     }
 
 

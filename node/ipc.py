@@ -116,6 +116,12 @@ class Setup(Message):
     log_every: int
     eval_every: int
     checkpoint_every: int
+    rank: int = 0
+    """This worker's rank in its node's local group; rank 0 alone talks to the run."""
+    world: int = 1
+    """Workers on this node, one member of the run (hyphae.training.local_group)."""
+    group_port: int = 0
+    """The local group's rendezvous port on 127.0.0.1 (when world > 1)."""
     init_from: str = ""
     threads: int = 0
 
@@ -229,7 +235,6 @@ CALL_ARGS: dict[str, dict[str, Any]] = {
     "state_get": {"key": str},
     "state_set": {"key": str, "value": (object, bool)},  # any plain value, booleans too
     "state_items": {"prefix": str},
-    "refuse": {"peer": str, "reason": str},
 }
 """The argument schema of each Comm method a worker may call."""
 PROGRESS_KINDS = frozenset({"log", "eval", "checkpoint", "joined", "resumed", "done"})

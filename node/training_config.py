@@ -13,9 +13,33 @@ from typing import Any
 
 from hyphae.protocol.errors import ConfigError
 
-__all__ = ["TrainConfig", "ALGORITHMS"]
+__all__ = ["TrainConfig", "ALGORITHMS", "GROUP_UNSUPPORTED", "parse_gpus"]
 
 ALGORITHMS = ("ddp", "diloco", "noloco", "dadao", "spes", "zo")
+
+
+GROUP_UNSUPPORTED = {
+    "dadao": "its gossip runs on its own timer, so the workers would drift apart",
+    "zo": "its steps have no gradients for the workers to average",
+}
+"""Algorithms a node's local workers cannot run in lockstep (hyphae.training.local_group), and why."""
+
+
+def parse_gpus(text: str) -> tuple[int, ...] | None:
+    """The GPU indices of ``training.gpus``: () for "", None for "all", else the listed ones.
+
+    Raises:
+        ConfigError: not "", "all" or a comma-separated list of distinct indices >= 0.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"training.gpus must be a string such as \"all\" or \"0,1\", got {text!r}")
+    text = text.strip()
+    if text in ("", "all"):
+        return () if not text else None
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() for p in parts) or len(set(map(int, parts))) != len(parts):
+        raise ConfigError(f"training.gpus must be \"all\" or distinct GPU indices like \"0,1\", got {text!r}")
+    return tuple(int(p) for p in parts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +72,14 @@ class TrainConfig:
     threads: int = 0
     """Torch CPU threads for the worker (0 = torch's default, one per core). Set 1 when several
     nodes share a machine (testnets): oversubscribed OpenMP threads run 5-10x slower."""
+    workers: int = 1
+    """Training workers on this node. They average their gradients among themselves every step
+    and take part in the run as one member: N workers of ``batch_size`` B train like one worker
+    on N x B. Without ``gpus`` they are CPU workers (``threads`` torch threads each); with
+    ``gpus`` there is one per GPU, and this must be left at 1 or equal the number of GPUs."""
+    gpus: str = ""
+    """The GPUs to train on, one worker each: "all" (every visible one) or indices like "0,1".
+    Empty: one worker on GPU 0 where there is one, else on the CPU (or ``workers`` CPU workers)."""
     init_from: str = ""
     """Start a fresh node from these weights instead of a seeded init: a checkpoint directory
     (e.g. another run's DATA_DIR/checkpoints), or "run" for the newest checkpoint the run's
@@ -66,8 +98,22 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        self._check_workers()
         if not isinstance(self.algorithm_config, dict):
             raise ConfigError(f"training.algorithm_config must be a table, got {self.algorithm_config!r}")
+
+    def _check_workers(self) -> None:
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 1:
+            raise ConfigError(f"training.workers must be an integer >= 1, got {self.workers!r}")
+        gpus = parse_gpus(self.gpus)
+        if gpus and self.workers not in (1, len(gpus)):
+            raise ConfigError(f"training.workers is {self.workers} but training.gpus lists {len(gpus)} GPUs "
+                              f"({self.gpus}); there is one worker per GPU: leave workers at 1 or set {len(gpus)}")
+        count = len(gpus) if gpus else self.workers  # "all" (None): the daemon counts and checks again
+        if count > 1 and self.algorithm in GROUP_UNSUPPORTED:
+            raise ConfigError(f"algorithm {self.algorithm!r} cannot run on several workers of one node "
+                              f"({GROUP_UNSUPPORTED[self.algorithm]}); use --workers 1 and one GPU, or another "
+                              "algorithm")
 
     @classmethod
     def from_dict(cls, table: dict[str, Any]) -> TrainConfig:
@@ -78,9 +124,10 @@ class TrainConfig:
         values = dict(table)
         if values.get("data") is not None:
             values["data"] = Path(str(values["data"])).expanduser()
-        ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "threads")
-        for name in ("preset", "algorithm", "init_from", *ints):
-            kind = str if name in ("preset", "algorithm", "init_from") else int
+        ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "threads",
+                "workers")
+        for name in ("preset", "algorithm", "init_from", "gpus", *ints):
+            kind = str if name in ("preset", "algorithm", "init_from", "gpus") else int
             if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
                 raise ConfigError(f"training.{name} must be {kind.__name__}, got {values[name]!r}")
         return cls(**values)

@@ -1,8 +1,9 @@
 """The daemon's training service: starts the worker, serves its Comm, restarts it if it dies.
 
-One worker process per local GPU is the design; this service runs one worker (GPU 0 if CUDA is
-present, else the CPU) — several workers per node need per-worker peer ids and a local reduce
-first, which is future work. The worker talks to the daemon over a Linux abstract Unix socket
+It runs one worker (GPU 0 if CUDA is present, else the CPU), or a group: one worker per GPU of
+``--gpus``, or ``--workers N`` CPU workers (:mod:`.worker_group`). A group's workers reduce
+among themselves and only worker 0 calls the Comm or reports progress, so the node is one
+member of the run; one worker exiting restarts the whole group. The worker talks to the daemon over a Linux abstract Unix socket
 (no path-length limit, nothing left on disk) with typed messages (:mod:`.ipc`), tensors in
 shared memory (:mod:`.shm`). Any local user can connect to an abstract socket, so a connection
 is served only if the kernel says (``SO_PEERCRED``) it comes from our uid and from the pid of
@@ -19,8 +20,6 @@ import contextlib
 import logging
 import os
 import secrets
-import signal
-import sys
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ from hyphae.protocol.errors import EndOfStream, ProtocolViolation
 from . import ipc
 from .comm_backend import CommBackend, CommFailure, Tensors
 from .shm import Attachments, SegmentPool, numpy_views, write_numpy
+from .worker_group import WorkerProcesses, free_port, node_totals, worker_devices
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -41,18 +41,8 @@ __all__ = ["TrainingService"]
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 2.5
-KILL_AFTER_S = 1.0
 MAX_BACKOFF_S = 30.0
 PROGRESS_LOG_EVERY_S = 10.0
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return "cpu"
 
 
 class TrainingService:
@@ -74,6 +64,10 @@ class TrainingService:
         self.algorithm_state: dict[str, Any] = {}
         self._proc: asyncio.subprocess.Process | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._group = WorkerProcesses([])
+        self._devices: list[str] = []
+        self._group_port = 0
+        self._writers: dict[int, asyncio.StreamWriter] = {}
         self._finished = False
         self._pool = SegmentPool(f"hyd{os.getpid() % 100000}")
         self._attached = Attachments()
@@ -82,6 +76,7 @@ class TrainingService:
     # ---- lifecycle -------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self._devices = worker_devices(self.config)  # a ConfigError (no GPU for --gpus) stops the daemon
         await self.backend.start()
         server = await asyncio.start_unix_server(self._on_worker, path="\0" + self.address[1:])
         try:
@@ -96,14 +91,14 @@ class TrainingService:
         backoff = 1.0
         while True:
             self.state = "running"
-            self._proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "hyphae.node.worker", "--socket", self.address, "--index", "0",
-                stdin=asyncio.subprocess.DEVNULL,
-            )
+            self._group_port = free_port() if len(self._devices) > 1 else 0
+            self._group = await WorkerProcesses.spawn(self.address, len(self._devices))
+            self._proc = self._group.procs[0]
             self.worker_pid = self._proc.pid
             started = time.monotonic()
-            code = await self._proc.wait()
+            index, code = await self._group.wait_first()
             if self._finished:
+                await self._group.wait_all(STOP_GRACE_S)  # a group's workers end at the same step
                 self.state = "done"
                 log.info("training finished at step %s", self.latest.get("step"))
                 if self.config.max_steps:
@@ -113,48 +108,51 @@ class TrainingService:
                 backoff = 1.0
             self.restarts += 1
             self.state = "restarting"
-            log.error("training worker exited with code %s; restarting from the latest checkpoint in %.0f s",
-                      code, backoff)
+            which = "" if len(self._devices) == 1 else f" {index} of {len(self._devices)}"
+            log.error("training worker%s exited with code %s; restarting from the latest checkpoint in %.0f s",
+                      which, code, backoff)
+            await self._stop_worker()  # the rest of a group
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S)
 
     async def _stop_worker(self) -> None:
-        proc = self._proc
-        if proc is None or proc.returncode is not None:
+        """Ask every live worker to stop (it checkpoints), then SIGTERM, then SIGKILL."""
+        if all(p.returncode is not None for p in self._group.procs):
             return
         self.state = "stopping"
-        with contextlib.suppress(Exception):
-            if self._writer is not None:
-                await ipc.send(self._writer, ipc.Stop(reason="the daemon is stopping"))
-        for sig, wait_s in ((None, STOP_GRACE_S), (signal.SIGTERM, KILL_AFTER_S), (signal.SIGKILL, 5.0)):
-            if sig is not None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(sig)
-            try:
-                async with asyncio.timeout(wait_s):
-                    await proc.wait()
-                return
-            except TimeoutError:
-                log.warning("training worker did not stop%s", "" if sig is None else f" after {sig.name}")
+        await self._group.stop(self._ask_stop)
+
+    async def _ask_stop(self, index: int) -> None:
+        writer = self._writers.get(index)
+        if writer is not None:
+            await ipc.send(writer, ipc.Stop(reason="the daemon is stopping"))
 
     # ---- IPC -------------------------------------------------------------------------------
 
     async def _on_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        index: int | None = None
         try:
             if not self._is_our_worker(writer):
                 return
             hello = await ipc.recv(reader)
-            if not isinstance(hello, ipc.WorkerHello) or self._proc is None or hello.pid != self._proc.pid:
+            index = self._group.live_index(hello.pid) if isinstance(hello, ipc.WorkerHello) else None
+            if index is None or index != hello.index:
                 log.warning("refusing an IPC connection that is not our worker")
+                index = None
                 return
-            self._writer = writer
-            await ipc.send(writer, self._setup())
+            self._writers[index] = writer
+            if index == 0:
+                self._writer = writer
+            await ipc.send(writer, self._setup(index))
             async with asyncio.TaskGroup() as calls:
-                await self._read_worker(reader, writer, calls)
+                await self._read_worker(reader, writer, calls, leader=index == 0)
         except (EndOfStream, ConnectionError):
             pass
         finally:
-            self._writer = None
+            if index is not None and self._writers.get(index) is writer:
+                del self._writers[index]
+            if self._writer is writer:
+                self._writer = None
             writer.close()
 
     def _is_our_worker(self, writer: asyncio.StreamWriter) -> bool:
@@ -164,16 +162,20 @@ class TrainingService:
         except ProtocolViolation as exc:
             log.warning("refusing an IPC connection: %s", exc)
             return False
-        worker = self._proc.pid if self._proc is not None and self._proc.returncode is None else None
-        if uid != os.getuid() or pid != worker:
+        live = [p.pid for p in self._group.procs if p.returncode is None]
+        worker = live[0] if len(live) == 1 else (live or None)
+        if uid != os.getuid() or pid not in live:
             log.warning("refusing an IPC connection from pid %d uid %d: not the worker this daemon started "
                         "(pid %s, uid %d)", pid, uid, worker, os.getuid())
             return False
         return True
 
     async def _read_worker(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                           calls: asyncio.TaskGroup) -> None:
-        """Dispatch the worker's messages until it disconnects; calls run concurrently."""
+                           calls: asyncio.TaskGroup, *, leader: bool = True) -> None:
+        """Dispatch the worker's messages until it disconnects; calls run concurrently.
+
+        Only a group's worker 0 (the leader) speaks for the node: the others' calls are refused
+        and their progress reports dropped (they mirror worker 0's)."""
         while True:
             try:
                 message = await ipc.recv(reader)
@@ -182,23 +184,29 @@ class TrainingService:
             except ProtocolViolation as exc:
                 log.error("the worker broke the IPC protocol, dropping its connection: %s", exc)
                 return
-            if isinstance(message, ipc.Call):
+            if isinstance(message, ipc.Call) and not leader:
+                await ipc.send(writer, ipc.Reply(id=message.id, error={
+                    "kind": "PermissionError", "message": "only worker 0 of a node's group calls the Comm"}))
+            elif isinstance(message, ipc.Call):
                 calls.create_task(self._serve_call(message, writer))
+            elif isinstance(message, ipc.Progress) and not leader:
+                pass
             elif isinstance(message, ipc.Progress):
                 self._on_progress(message)
             elif isinstance(message, ipc.Release):
                 self._pool.release(message.shm)
 
-    def _setup(self) -> ipc.Setup:
+    def _setup(self, index: int = 0) -> ipc.Setup:
         cfg = self.config
         root = self.daemon.datadir.root
         return ipc.Setup(
             peer_id=self.daemon.host.peer_id, preset=cfg.preset, algorithm=cfg.algorithm,
             algorithm_config=dict(cfg.algorithm_config), max_steps=cfg.max_steps, seed=cfg.seed,
             data=str(cfg.data) if cfg.data else "", cache_dir=str(root / "cache"),
-            checkpoint_dir=str(root / "checkpoints"), device=_device(), batch_size=cfg.batch_size,
+            checkpoint_dir=str(root / "checkpoints"), device=self._devices[index], batch_size=cfg.batch_size,
             seq_len=cfg.seq_len, log_every=cfg.log_every, eval_every=cfg.eval_every,
             checkpoint_every=cfg.checkpoint_every, init_from=cfg.init_from, threads=cfg.threads,
+            rank=index, world=len(self._devices), group_port=self._group_port,
         )
 
     async def _serve_call(self, call: ipc.Call, writer: asyncio.StreamWriter) -> None:
@@ -244,14 +252,13 @@ class TrainingService:
             return await b.state_set(str(args["key"]), args["value"]), {}
         if method == "state_items":
             return await b.state_items(str(args["prefix"])), {}
-        if method == "refuse":
-            return b.refuse(str(args["peer"]), str(args["reason"])), {}
         raise CommFailure("ValueError", f"unknown Comm method {method!r}")
 
     # ---- progress --------------------------------------------------------------------------
 
     def _on_progress(self, p: ipc.Progress) -> None:
         now = time.time()
+        p = node_totals(p, len(self._devices))
         if p.kind == "log":
             self.latest.update(step=p.step, loss=p.loss, tokens=p.tokens, tokens_per_s=p.tokens_per_s, at=now)
             self.history.append({"step": p.step, "loss": p.loss, "tokens": p.tokens, "tokens_per_s": p.tokens_per_s, "t": now})
@@ -289,6 +296,8 @@ class TrainingService:
             "checkpoint_step": self.latest.get("checkpoint_step"),
             "worker_pid": self.worker_pid,
             "worker_restarts": self.restarts,
+            "workers": len(self._devices),
+            "worker_pids": self._group.pids,
             "members": None,
             "algorithm_state": dict(self.algorithm_state),
             "history": list(self.history)[-500:],

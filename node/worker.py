@@ -19,7 +19,6 @@ import os
 import signal
 import socket
 import sys
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -39,17 +38,15 @@ from hyphae.training import (
     build_model,
     load_corpus,
     model_config,
-    resume,
     save_checkpoint,
     train,
     validation_batches,
 )
 from hyphae.training.algorithms import build_strategy
-from hyphae.training.comm import CommClosed, CommError
-from hyphae.training.robust import is_finite
 
 from . import ipc
 from .worker_comm import DaemonComm
+from .worker_rank import WorkerRank
 
 __all__ = ["main", "connect_address"]
 
@@ -73,7 +70,6 @@ _STATUS_ATTRS = {
     "owned_experts": "owned", "sync_rounds": "rounds",
     "merges": "merges", "zo_next_step": "next_step", "zo_snapshot_step": "snapshot_step",
     "zo_weights_hash": "last_hash", "zo_updates_applied": "updates_applied", "failed_rounds": "failed_rounds",
-    "rejected_updates": "rejected_updates", "refused_peers": "rejected_peers",
 }
 
 
@@ -150,46 +146,50 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     if setup.threads:
         torch.set_num_threads(setup.threads)
     torch.manual_seed(setup.seed)
+    rank = await WorkerRank.open(setup)  # one of the node's workers (a lone worker: rank 0 of 1)
     config = model_config(setup.preset)
     model = build_model(config, seed=setup.seed, device=setup.device)  # identical init on every peer
     data = DataConfig(source=setup.data or "stdlib", cache_dir=setup.cache_dir)
     corpus = load_corpus(data, min_tokens=config.context_length + 1)
     seq_len = min(setup.seq_len, config.context_length)
     batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed,
-                          stream=setup.peer_id)
+                          stream=rank.stream())
     val = validation_batches(corpus.val, batch_size=setup.batch_size, seq_len=seq_len, n_batches=EVAL_BATCHES)
     store = CheckpointStore(Path(setup.checkpoint_dir))
     joined = 0
     if not store.steps():  # a fresh node: maybe start from given weights, or the run's
-        joined = await _initial_weights(setup, comm, model)
+        joined = await _initial_weights(setup, comm, model) if rank.leader else 0
+    joined = await rank.share_weights(model, joined)
     # The strategy is built after the weights are in place: slow weights start from them.
-    strategy = build_strategy(setup.algorithm, model, comm, setup.algorithm_config)
-    start = resume(store, strategy, batches)
+    strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config)
+    start = rank.resume(store, strategy, batches)
     if start:
         await comm.send_message(ipc.Progress(kind="resumed", step=start, tokens=0, elapsed_s=0.0))
     elif joined:
         start = joined
         strategy.join_at(start)
-    loop = LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
-                      eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,
-                      compute_in_thread=True)
+    loop = rank.loop(LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
+                                eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,
+                                compute_in_thread=True))
     if loop.max_steps is not None and start >= loop.max_steps:
         await comm.send_message(ipc.Progress(kind="done", step=start, tokens=0, elapsed_s=0.0))
         return 0
     reporter = _Reporter(comm, strategy, setup.preset)
     steps = _StepCounter(start)
     training = asyncio.ensure_future(train(strategy, batches, loop, val_set=val, checkpoints=store,
-                                           callbacks=[reporter, steps], start_step=start))
-    stopper = asyncio.ensure_future(stop.wait())
+                                           callbacks=rank.callbacks([reporter], [steps], stop), start_step=start))
+    stopper = asyncio.ensure_future(rank.stop_signal(stop).wait())
     await asyncio.wait([training, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
-    if training.done():
+    if training.done() and not rank.stopped_together(training):
         result = training.result()
         await comm.send_message(ipc.Progress(kind="done", step=start + result.steps, tokens=result.tokens,
                                              elapsed_s=result.elapsed_s))
         return 0
     training.cancel()
     await asyncio.gather(training, return_exceptions=True)
+    if not rank.leader:
+        return 0  # rank 0 saves the group's checkpoint
     manifest = save_checkpoint(store, steps.done, strategy, batches)
     log.info("stopped at step %d; checkpoint %s saved", steps.done, manifest.weights_sha256[:12])
     await comm.send_message(ipc.Progress(kind="checkpoint", step=steps.done, tokens=0, elapsed_s=0.0,
@@ -224,47 +224,13 @@ async def _initial_weights(setup: ipc.Setup, comm: DaemonComm, model: torch.nn.M
               and isinstance(r.get("weights"), str) and isinstance(r.get("step"), int)]
     if not usable:
         return 0
-    newest, weights = await _fetch_checked(comm, model, records, usable)
-    if newest is None:
-        return 0
+    newest = max(usable, key=lambda r: (r["step"], r["weights"]))
+    weights = await comm.get_tensors(newest["weights"], timeout_s=FETCH_TIMEOUT_S)
     model.load_state_dict(weights)
     step = 0 if setup.init_from == "run" else newest["step"]
     await comm.send_message(ipc.Progress(kind="joined", step=step, tokens=0, elapsed_s=0.0,
                                          checkpoint=f"weights {newest['weights'][:12]} of step {newest['step']}"))
     return step
-
-
-async def _fetch_checked(comm: DaemonComm, model: torch.nn.Module, records: dict[str, Any],
-                         usable: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
-    """The newest believable checkpoint record and its weights, checked before anything loads them.
-
-    A record's step is only its author's claim, and a joiner takes the highest: so a step above
-    the median (low) of the members' recorded steps is not believed (a member claiming step 10^9
-    would otherwise always be picked), and the fetched tensors must be finite with this model's
-    names and shapes. A record that fails is skipped, its author reported, and the next one tried.
-    """
-    believable = statistics.median_low(r["step"] for r in usable)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    for record in sorted((r for r in usable if r["step"] <= believable),
-                         key=lambda r: (r["step"], r["weights"]), reverse=True):
-        author = next((k[len(RUN_CHECKPOINTS):] for k, v in records.items() if v is record), "")
-        try:
-            weights = await comm.get_tensors(record["weights"], timeout_s=FETCH_TIMEOUT_S)
-        except CommClosed:
-            raise
-        except (CommError, TimeoutError) as exc:
-            log.warning("the run's weights %s (step %d) are unavailable (%s)", record["weights"][:12], record["step"], exc)
-            continue
-        shapes = {n: tuple(t.shape) for n, t in weights.items()}
-        why = ("names or shapes differ from this model" if shapes != expected
-               else "" if is_finite(weights) else "NaN/Inf values")
-        if not why:
-            return record, weights
-        log.warning("refusing the run's weights %s of step %d from %s: %s", record["weights"][:12], record["step"],
-                    author or "?", why)
-        if author:
-            await comm.refuse(author, f"checkpoint {record['weights'][:12]}: {why}")
-    return None, {}
 
 
 class _StepCounter(Callback):
