@@ -235,6 +235,7 @@ CALL_ARGS: dict[str, dict[str, Any]] = {
     "state_get": {"key": str},
     "state_set": {"key": str, "value": (object, bool)},  # any plain value, booleans too
     "state_items": {"prefix": str},
+    "refuse": {"peer": str, "reason": str},
 }
 """The argument schema of each Comm method a worker may call."""
 PROGRESS_KINDS = frozenset({"log", "eval", "checkpoint", "joined", "resumed", "done"})

@@ -252,6 +252,8 @@ class TrainingService:
             return await b.state_set(str(args["key"]), args["value"]), {}
         if method == "state_items":
             return await b.state_items(str(args["prefix"])), {}
+        if method == "refuse":
+            return b.refuse(str(args["peer"]), str(args["reason"])), {}
         raise CommFailure("ValueError", f"unknown Comm method {method!r}")
 
     # ---- progress --------------------------------------------------------------------------

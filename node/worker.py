@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -43,6 +44,8 @@ from hyphae.training import (
     validation_batches,
 )
 from hyphae.training.algorithms import build_strategy
+from hyphae.training.comm import CommClosed, CommError
+from hyphae.training.robust import is_finite
 
 from . import ipc
 from .worker_comm import DaemonComm
@@ -70,6 +73,7 @@ _STATUS_ATTRS = {
     "owned_experts": "owned", "sync_rounds": "rounds",
     "merges": "merges", "zo_next_step": "next_step", "zo_snapshot_step": "snapshot_step",
     "zo_weights_hash": "last_hash", "zo_updates_applied": "updates_applied", "failed_rounds": "failed_rounds",
+    "rejected_updates": "rejected_updates", "refused_peers": "rejected_peers",
 }
 
 
@@ -224,13 +228,47 @@ async def _initial_weights(setup: ipc.Setup, comm: DaemonComm, model: torch.nn.M
               and isinstance(r.get("weights"), str) and isinstance(r.get("step"), int)]
     if not usable:
         return 0
-    newest = max(usable, key=lambda r: (r["step"], r["weights"]))
-    weights = await comm.get_tensors(newest["weights"], timeout_s=FETCH_TIMEOUT_S)
+    newest, weights = await _fetch_checked(comm, model, records, usable)
+    if newest is None:
+        return 0
     model.load_state_dict(weights)
     step = 0 if setup.init_from == "run" else newest["step"]
     await comm.send_message(ipc.Progress(kind="joined", step=step, tokens=0, elapsed_s=0.0,
                                          checkpoint=f"weights {newest['weights'][:12]} of step {newest['step']}"))
     return step
+
+
+async def _fetch_checked(comm: DaemonComm, model: torch.nn.Module, records: dict[str, Any],
+                         usable: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, dict[str, torch.Tensor]]:
+    """The newest believable checkpoint record and its weights, checked before anything loads them.
+
+    A record's step is only its author's claim, and a joiner takes the highest: so a step above
+    the median (low) of the members' recorded steps is not believed (a member claiming step 10^9
+    would otherwise always be picked), and the fetched tensors must be finite with this model's
+    names and shapes. A record that fails is skipped, its author reported, and the next one tried.
+    """
+    believable = statistics.median_low(r["step"] for r in usable)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    for record in sorted((r for r in usable if r["step"] <= believable),
+                         key=lambda r: (r["step"], r["weights"]), reverse=True):
+        author = next((k[len(RUN_CHECKPOINTS):] for k, v in records.items() if v is record), "")
+        try:
+            weights = await comm.get_tensors(record["weights"], timeout_s=FETCH_TIMEOUT_S)
+        except CommClosed:
+            raise
+        except (CommError, TimeoutError) as exc:
+            log.warning("the run's weights %s (step %d) are unavailable (%s)", record["weights"][:12], record["step"], exc)
+            continue
+        shapes = {n: tuple(t.shape) for n, t in weights.items()}
+        why = ("names or shapes differ from this model" if shapes != expected
+               else "" if is_finite(weights) else "NaN/Inf values")
+        if not why:
+            return record, weights
+        log.warning("refusing the run's weights %s of step %d from %s: %s", record["weights"][:12], record["step"],
+                    author or "?", why)
+        if author:
+            await comm.refuse(author, f"checkpoint {record['weights'][:12]}: {why}")
+    return None, {}
 
 
 class _StepCounter(Callback):
