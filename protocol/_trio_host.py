@@ -64,6 +64,7 @@ from .config import HostConfig, parse_peer_multiaddr
 from .errors import NotAdmitted, PeerError
 from .hello import PROTOCOL_ID as HELLO_PROTOCOL_ID
 from .hello import Hello, HelloService
+from .hello.service import HELLO_TIMEOUT_S
 from .identity import Identity
 from .nat.addrs import advertised as advertised_addrs
 from .nat.addrs import dial_any, install_get_addrs
@@ -352,7 +353,9 @@ class TrioHost:
             raise PeerError(f"{peer_id} is not admitted to this closed run")
 
     async def _pubsub_admitted(self, peer_id: str) -> bool:
-        return await self.wait_admitted(peer_id, self.config.hello_deadline_s + ADMIT_WAIT_S)
+        """Pubsub's gate (_pubsub_gate.py): as long as a hello can take, identify wait included.
+        Nothing is read or sent meanwhile, and a stranger's connection is gone before then."""
+        return await self.wait_admitted(peer_id, IDENTIFY_WAIT_S + HELLO_TIMEOUT_S + self.config.hello_deadline_s)
 
     async def wait_admitted(self, peer_id: str, timeout_s: float = ADMIT_WAIT_S) -> bool:
         """A peer that just connected may still be in its hello: wait for it a little."""

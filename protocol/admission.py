@@ -12,7 +12,8 @@ An open run admits every peer of the network. A closed run admits a peer only if
 Admission is judged once per connection, in the hello (:mod:`.hello`); a peer that fails is
 disconnected, and every hyphae protocol handler and pubsub topic answers only admitted peers
 (see :class:`~hyphae.protocol.host.Host`), so a non-member cannot write the run state, open a
-tensor-plane session or fetch a blob.
+tensor-plane session or fetch a blob. py-libp2p's pubsub itself exchanges nothing with a peer
+before its hello passed (:mod:`._pubsub_gate`), so a non-member cannot read the run's gossip.
 """
 
 from __future__ import annotations
