@@ -252,3 +252,36 @@ async def test_a_stranger_on_gossipsub_gets_no_message_of_a_closed_run_while_a_m
 
 async def _topic_has(host, topic: str, peer_id: str) -> bool:
     return peer_id in await host.topic_peers(topic)
+
+
+async def test_daemons_of_a_closed_run_publish_while_a_gossip_only_stranger_listens_and_it_gets_nothing(
+        tmp_path: Path) -> None:
+    """The probe of issue 23 against real daemons: a stranger connected to a member, subscribed to
+    ``/hyphae/run/<run>/1`` and redialling whenever dropped, while two more members join (each
+    join is signed run-state envelopes published on that topic)."""
+    secret = tmp_path / "secret"
+    secret.write_text(os.urandom(32).hex())
+    secret.chmod(0o600)
+    closed = ["--run", RUN, "--run-secret-file", str(secret)]
+    a = await asyncio.to_thread(DaemonProcess(tmp_path / "a", closed).start)
+    daemons = [a]
+    try:
+        async with RawPeer() as raw:
+            stolen = await raw.listen_gossip(f"/hyphae/run/{RUN}/1")
+            dialer = asyncio.create_task(_keep_connecting(raw, a.multiaddr))
+            try:
+                await asyncio.sleep(2.0)  # connected and subscribed before anything is written
+                for name in ("b", "c"):
+                    d = DaemonProcess(tmp_path / name, [*closed, "--bootstrap", a.multiaddr])
+                    daemons.append(await asyncio.to_thread(d.start))
+                everyone = {d.peer_id for d in daemons}
+                await asyncio.to_thread(sync_wait, lambda: all(everyone <= _members(d) for d in daemons), 60,
+                                        "every member to hold every member entry")
+                await asyncio.sleep(2.0)
+            finally:
+                dialer.cancel()
+        assert stolen == [], f"the stranger received {len(stolen)} run-state envelopes"
+        assert "not admitted" in a.log() or "no hello within" in a.log()  # it was there, and turned away
+    finally:
+        for d in daemons:
+            d.kill()
