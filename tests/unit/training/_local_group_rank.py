@@ -29,8 +29,12 @@ from hyphae.training import (
     DDPConfig,
     DiLoCo,
     DiLoCoConfig,
+    SPES,
     LoopConfig,
     ModelConfig,
+    NoLoCo,
+    NoLoCoConfig,
+    SPESConfig,
     PeerUnavailable,
     SimNetwork,
     Strategy,
@@ -38,6 +42,7 @@ from hyphae.training import (
     train,
 )
 from hyphae.training.comm import BlobUnavailable
+from hyphae.training.noloco import InnerAdamConfig
 from hyphae.training.local_group import LocalGroup, LocalGroupComm, LocalGroupConfig, LocalGroupSync
 
 CONFIG = ModelConfig(vocab_size=256, context_length=16, n_layer=2, n_head=2, d_model=32)
@@ -66,9 +71,15 @@ class _Union:
 
 
 def _strategy(algorithm: str, comm) -> Strategy:  # noqa: ANN001 - any Comm
+    if algorithm == "spes":  # load balancing is not linear in the batch; the rest of an MoE step is
+        model = build_model(CONFIG.replace(n_experts=4, top_k=2, load_balance_coef=0.0), seed=1)
+        return SPES(model, comm, SPESConfig(optimizer=OPT, sync_steps=2))
     model = build_model(CONFIG, seed=1)
     if algorithm == "ddp":
         return DDP(model, comm, DDPConfig(optimizer=OPT))
+    if algorithm == "noloco":
+        return NoLoCo(model, comm, NoLoCoConfig(inner=InnerAdamConfig(lr=3e-3, warmup_steps=0, grad_clip=0.5),
+                                                inner_steps=2))
     return DiLoCo(model, comm, DiLoCoConfig(inner=OPT, inner_steps=2, outer_lr=0.7, outer_momentum=0.9))
 
 
@@ -130,7 +141,7 @@ async def _comm(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("mode", choices=["train", "comm"])
-    parser.add_argument("--algorithm", choices=["ddp", "diloco"], default="ddp")
+    parser.add_argument("--algorithm", choices=["ddp", "diloco", "noloco", "spes"], default="ddp")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--world", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)

@@ -1,6 +1,7 @@
 """A node's local workers as one member: 2 gloo workers with batch B train like one on 2B.
 
-Each rank runs in its own process (torch.distributed needs one per rank); the script is
+Every algorithm the daemon lets run on several workers is checked (SPES on an MoE model whose
+load-balancing loss is off: it is not linear in the batch). Each rank runs in its own process (torch.distributed needs one per rank); the script is
 _local_group_rank.py next to this file.
 """
 
@@ -39,7 +40,7 @@ def _run_all(commands: list[list[str]], timeout_s: float = 150) -> None:
         assert p.returncode == 0, f"{' '.join(c)} exited {p.returncode}:\n{out[-3000:]}"
 
 
-@pytest.mark.parametrize("algorithm", ["ddp", "diloco"])
+@pytest.mark.parametrize("algorithm", ["ddp", "diloco", "noloco", "spes"])
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(algorithm: str, tmp_path: Path) -> None:
     port = _free_port()
     out = {name: str(tmp_path / f"{name}.safetensors") for name in ("rank0", "rank1", "oracle")}
@@ -55,7 +56,7 @@ def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(algorithm: str,
     for name in (n for n in oracle if n.startswith("grad.")):  # the mean of the halves is the union's gradient
         torch.testing.assert_close(rank0[name], oracle[name], rtol=1e-5, atol=1e-7, msg=name)
     # AdamW divides by each gradient's own scale, so last-bit differences in tiny gradients grow
-    # to ~2e-5 in the weights after 6 steps (measured); a missing average is ~1e-3 off.
+    # to ~3e-5 in the weights after 6 steps (measured); a missing average is ~1e-3 off.
     for name in (n for n in oracle if not n.startswith("grad.")):
         torch.testing.assert_close(rank0[name], oracle[name], rtol=1e-4, atol=1e-4, msg=name)
 
