@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 from hyphae.training import BatchStream, Callback, CheckpointStore, Comm, LoopConfig, Strategy, resume
@@ -46,6 +47,10 @@ class WorkerRank:
         """Join the node's group (blocks until every worker has joined); alone, nothing to join."""
         if setup.world <= 1:
             return cls(setup, None)
+        if setup.device.startswith("cuda"):
+            # The current device is per thread and starts at GPU 0; kernels follow their tensors'
+            # device, but a bare "cuda" or synchronize() would land on GPU 0 in every worker.
+            torch.cuda.set_device(setup.device)
         config = LocalGroupConfig(rank=setup.rank, world=setup.world, port=setup.group_port, device=setup.device)
         return cls(setup, await asyncio.to_thread(LocalGroup, config))
 
