@@ -65,9 +65,11 @@ class LocalGroupConfig:
     host: str = "127.0.0.1"
     """Rendezvous address: the group never leaves the machine."""
 
-    timeout_s: float = 600.0
-    """How long a collective waits for the other workers before failing (a dead worker fails
-    it sooner: its sockets close)."""
+    timeout_s: float = 1800.0
+    """How long a collective waits for the other workers before failing. A dead worker fails it
+    at once (its sockets close); this bounds a live one that hangs. It must outlast rank 0's
+    longest Comm call, which the others wait for in a broadcast (a joiner's weight download,
+    a slow outer all-reduce)."""
 
     bucket_bytes: int = 25 << 20
     """Gradients are flattened into buckets of about this size, one all-reduce each."""
@@ -250,7 +252,14 @@ class _PositionOnly:
         self._batches = batches
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self._batches.position = int(state["position"])
+        target = int(state["position"])
+        if isinstance(self._batches, BatchStream):
+            self._batches.position = target  # its batches are a function of the position alone
+            return
+        # A streamed text source (TextStream) is positioned by what it has read: draw the batches
+        # this rank drew before, so it resumes exactly (costs re-reading its shard that far).
+        while self._batches.position < target:
+            self._batches.next()
 
 
 def resume_in_group(group: LocalGroup, store: CheckpointStore, strategy: Strategy, batches: BatchStream) -> int:
