@@ -75,6 +75,7 @@ _skipped: list[dict[str, object]] = []
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and os.environ.get("HYPHAE_SKIP_REPORT"):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
         markers = sorted(k for k in ("root", "tools", "gpu", "slow") if k in report.keywords)
         _skipped.append({"nodeid": report.nodeid, "markers": markers, "reason": reason,
                          "required_in_ci": any(m in markers for m in REQUIRED_IN_CI)})

@@ -119,7 +119,7 @@ def _doc_update(fill) -> bytes:
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", "{not json")), "not JSON"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k", "[" * 5000 + "]" * 5000)), "bytes, limit"),
     (_doc_update(lambda d: d.get("s", type=Map).__setitem__("k" * 200, "1")), "characters"),
-])
+], ids=["garbage", "other-root", "int", "map", "text", "bad-json", "deep", "long-key"])  # fixed: xdist compares ids
 def test_materialize_refuses_malformed_documents(update: bytes, match: str) -> None:
     with pytest.raises(WriteRejected, match=match):
         materialize([update], RULES["progress"])

@@ -35,7 +35,7 @@ def test_envelope_round_trips_and_verifies() -> None:
 @pytest.mark.parametrize("field,value", [
     ("run", "run-2"), ("section", "progress"), ("epoch", 1_700_000_000_001), ("seq", 4),
     ("update", b"\x01\x02other"), ("author", Identity.generate().peer_id),
-])
+], ids=["run", "section", "epoch", "seq", "update", "author"])  # the author is random: xdist compares ids
 def test_signature_binds_every_field(field: str, value: object) -> None:
     assert not verify_envelope(_env(**{field: value}))
 
