@@ -71,6 +71,17 @@ def _join_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, metavar="N",
                    help="N training workers on this node, one member of the run (CPU workers without --gpus)")
     t.add_argument("--gpus", metavar="LIST", help="train on these GPUs, one worker each: all or e.g. 0,1")
+    t.add_argument("--model", type=Path, metavar="DIR",
+                   help="local Hugging Face model dir (config.json + *.safetensors); replaces --preset")
+    t.add_argument("--tokenizer", type=Path, metavar="PATH", help="tokenizer.json (default: the model's, else bytes)")
+    t.add_argument("--text-field", metavar="NAME", help="text field of .jsonl/.parquet records (default text)")
+    t.add_argument("--batch-size", type=int, help="sequences per micro-batch (default 8)")
+    t.add_argument("--seq-len", type=int, help="tokens per sequence (default 128)")
+    t.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default 1)")
+    t.add_argument("--precision", choices=["auto", "fp32", "bf16"], help="compute precision (default auto)")
+    t.add_argument("--activation-checkpointing", action="store_true", default=None,
+                   help="recompute activations in backward (less memory)")
+    t.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +149,15 @@ def _join_flags(args: argparse.Namespace) -> dict[str, Any]:
         "training.threads": args.threads,
         "training.workers": args.workers,
         "training.gpus": args.gpus,
+        "training.model": args.model,
+        "training.tokenizer": args.tokenizer,
+        "training.text_field": args.text_field,
+        "training.batch_size": args.batch_size,
+        "training.seq_len": args.seq_len,
+        "training.grad_accum": args.grad_accum,
+        "training.precision": args.precision,
+        "training.activation_checkpointing": args.activation_checkpointing,
+        "training.compile": args.compile,
     }
 
 

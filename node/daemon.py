@@ -62,14 +62,18 @@ class Daemon:
         self.started_at = time.time()
         self._stop = asyncio.Event()
         self.stop_reason = ""
+        self.exit_code = 0
         self._service_factories = services or []
         self.services: list[Service] = []
 
-    def request_stop(self, reason: str) -> None:
-        """Ask the daemon to stop cleanly (idempotent, callable from signal handlers)."""
+    def request_stop(self, reason: str, *, exit_code: int = 0) -> None:
+        """Ask the daemon to stop cleanly (idempotent, callable from signal handlers).
+
+        ``exit_code`` is what ``hyphae node join`` exits with (2: a setting must be fixed)."""
         if not self._stop.is_set():
-            log.info("stopping: %s", reason)
+            (log.error if exit_code else log.info)("stopping: %s", reason)
             self.stop_reason = reason
+            self.exit_code = exit_code
             self._stop.set()
 
     @property

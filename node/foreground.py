@@ -61,7 +61,7 @@ async def _main(config: NodeConfig, on_ready: Callable[[dict[str, Any]], None] |
         loop.add_signal_handler(signum, on_signal, signum)
     await daemon.run(on_ready=on_ready)
     log.info("stopped cleanly")
-    return 0
+    return daemon.exit_code
 
 
 def _arm_watchdog() -> None:

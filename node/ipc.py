@@ -124,6 +124,13 @@ class Setup(Message):
     """The local group's rendezvous port on 127.0.0.1 (when world > 1)."""
     init_from: str = ""
     threads: int = 0
+    model_dir: str = ""
+    tokenizer: str = ""
+    text_field: str = "text"
+    grad_accum: int = 1
+    precision: str = "auto"
+    activation_checkpointing: bool = False
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,9 @@ class Progress(Message):
     checkpoint: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
     """The algorithm's own numbers (outer step, peers averaged, gossips, ZO hash, ...)."""
+    message: str = ""
+    """With kind "failed": why the worker cannot train (a setting to fix); it exits and is not
+    restarted."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +240,7 @@ CALL_ARGS: dict[str, dict[str, Any]] = {
     "all_reduce": {"group": list, "tag": str, "timeout_s": _NUM, "op": str},
     "publish": {"topic": str, "step": int, "value": bytes},
     "collect": {"topic": str, "step": int, "peers": list, "timeout_s": _NUM},
-    "put_blob": {"data": bytes},
+    "put_blob": {},  # the bytes are the uint8 tensor "blob" in the call's segment
     "get_blob": {"digest": str, "timeout_s": _NUM},
     "state_get": {"key": str},
     "state_set": {"key": str, "value": (object, bool)},  # any plain value, booleans too
@@ -238,7 +248,7 @@ CALL_ARGS: dict[str, dict[str, Any]] = {
     "refuse": {"peer": str, "reason": str},
 }
 """The argument schema of each Comm method a worker may call."""
-PROGRESS_KINDS = frozenset({"log", "eval", "checkpoint", "joined", "resumed", "done"})
+PROGRESS_KINDS = frozenset({"log", "eval", "checkpoint", "joined", "resumed", "done", "failed"})
 MAX_LIST = 65536
 MAX_METRICS = 128
 

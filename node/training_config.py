@@ -16,6 +16,10 @@ from hyphae.protocol.errors import ConfigError
 __all__ = ["TrainConfig", "ALGORITHMS", "GROUP_UNSUPPORTED", "parse_gpus"]
 
 ALGORITHMS = ("ddp", "diloco", "noloco", "dadao", "spes", "zo")
+PRECISIONS = ("auto", "fp32", "bf16")
+_BASE_PRESETS = ("tiny", "small", "medium", "large", "llama-20m", "llama-125m", "llama-350m", "llama-1b")
+PRESETS = tuple(name + suffix for name in _BASE_PRESETS for suffix in ("", "-moe"))
+"""The model presets (``hyphae.training.PRESETS``; a unit test keeps the two in step)."""
 
 
 GROUP_UNSUPPORTED = {
@@ -86,10 +90,31 @@ class TrainConfig:
     members announce. Empty: a node with no checkpoint of its own joins a run in progress by
     taking the newest weights its members announce (DDP, DiLoCo, NoLoCo, DADAO), or starts
     from the seeded init when the run is new."""
+    model: Path | None = None
+    """A local Hugging Face model directory (``config.json`` + ``*.safetensors``, optionally
+    ``tokenizer.json``) of a Llama / Qwen2 / Mistral-family model: its architecture replaces
+    ``preset`` and a fresh node starts from its weights. Nothing is downloaded."""
+    tokenizer: Path | None = None
+    """A ``tokenizer.json`` (or a directory holding one) to tokenize ``data`` with; None takes the
+    model directory's tokenizer when it has one, else bytes (vocabulary 256)."""
+    text_field: str = "text"
+    """The field of each ``.jsonl`` record / ``.parquet`` column that holds the text."""
+    grad_accum: int = 1
+    """Micro-batches of ``batch_size`` sequences accumulated per optimizer step."""
+    precision: str = "auto"
+    """"auto" (bf16 autocast on CUDA devices that have it, fp32 elsewhere), "bf16" or "fp32".
+    Master weights and outer/pseudo-gradient state stay fp32 either way."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in the backward pass: less memory, ~30% more compute."""
+    compile: bool = False
+    """``torch.compile`` the model (faster steps on GPU after a warm-up of a minute or so)."""
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ConfigError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {self.algorithm!r}")
+        if self.preset not in PRESETS:
+            raise ConfigError(f"training.preset must be one of {', '.join(PRESETS)}, got {self.preset!r} "
+                              "(or give training.model = a Hugging Face model directory)")
         if self.max_steps < 0:
             raise ConfigError(f"max_steps must be >= 0 (0 = no limit), got {self.max_steps}")
         for name in ("batch_size", "seq_len", "log_every"):
@@ -98,6 +123,13 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every", "threads"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"training.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"training.grad_accum must be >= 1 (1 = no accumulation), got {self.grad_accum}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"training.text_field must be a non-empty string, got {self.text_field!r}")
+        self._check_paths()
         self._check_workers()
         if not isinstance(self.algorithm_config, dict):
             raise ConfigError(f"training.algorithm_config must be a table, got {self.algorithm_config!r}")
@@ -115,6 +147,18 @@ class TrainConfig:
                               f"({GROUP_UNSUPPORTED[self.algorithm]}); use --workers 1 and one GPU, or another "
                               "algorithm")
 
+    def _check_paths(self) -> None:
+        if self.model is not None:
+            if not (self.model / "config.json").is_file():
+                raise ConfigError(f"training.model {self.model} must be a directory holding config.json and "
+                                  "*.safetensors (a Hugging Face model saved with save_pretrained)")
+            if not any(self.model.glob("*.safetensors")):
+                raise ConfigError(f"training.model {self.model} holds no *.safetensors file; save the model "
+                                  "with safe_serialization=True (pickled .bin weights are not loaded)")
+        if self.tokenizer is not None and not (self.tokenizer.is_file() or (self.tokenizer / "tokenizer.json").is_file()):
+            raise ConfigError(f"training.tokenizer {self.tokenizer} must be a tokenizer.json file or a directory "
+                              "holding one")
+
     @classmethod
     def from_dict(cls, table: dict[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -122,12 +166,19 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(names))}")
         values = dict(table)
-        if values.get("data") is not None:
-            values["data"] = Path(str(values["data"])).expanduser()
+        for name in ("data", "model", "tokenizer"):
+            if values.get(name) is not None:
+                if not isinstance(values[name], str | Path):
+                    raise ConfigError(f"training.{name} must be a path, got {values[name]!r}")
+                values[name] = Path(str(values[name])).expanduser()
+        for name in ("activation_checkpointing", "compile"):
+            if name in values and not isinstance(values[name], bool):
+                raise ConfigError(f"training.{name} must be true or false, got {values[name]!r}")
         ints = ("max_steps", "seed", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "threads",
-                "workers")
-        for name in ("preset", "algorithm", "init_from", "gpus", *ints):
-            kind = str if name in ("preset", "algorithm", "init_from", "gpus") else int
+                "grad_accum", "workers")
+        strs = ("preset", "algorithm", "init_from", "text_field", "precision", "gpus")
+        for name in (*strs, *ints):
+            kind = str if name in strs else int
             if name in values and (not isinstance(values[name], kind) or isinstance(values[name], bool)):
                 raise ConfigError(f"training.{name} must be {kind.__name__}, got {values[name]!r}")
         return cls(**values)

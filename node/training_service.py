@@ -24,6 +24,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from aiohttp import web
 
 from hyphae.protocol.errors import EndOfStream, ProtocolViolation
@@ -69,6 +70,7 @@ class TrainingService:
         self._group_port = 0
         self._writers: dict[int, asyncio.StreamWriter] = {}
         self._finished = False
+        self._failed = ""
         self._pool = SegmentPool(f"hyd{os.getpid() % 100000}")
         self._attached = Attachments()
         self._last_progress_log = 0.0
@@ -97,6 +99,11 @@ class TrainingService:
             self.worker_pid = self._proc.pid
             started = time.monotonic()
             index, code = await self._group.wait_first()
+            if self._failed:
+                self.state = "failed"
+                self.latest.update(error=self._failed)
+                self.daemon.request_stop(f"training cannot start: {self._failed}", exit_code=2)
+                await asyncio.Event().wait()
             if self._finished:
                 await self._group.wait_all(STOP_GRACE_S)  # a group's workers end at the same step
                 self.state = "done"
@@ -207,6 +214,9 @@ class TrainingService:
             seq_len=cfg.seq_len, log_every=cfg.log_every, eval_every=cfg.eval_every,
             checkpoint_every=cfg.checkpoint_every, init_from=cfg.init_from, threads=cfg.threads,
             rank=index, world=len(self._devices), group_port=self._group_port,
+            model_dir=str(cfg.model or ""), tokenizer=str(cfg.tokenizer or ""), text_field=cfg.text_field,
+            grad_accum=cfg.grad_accum, precision=cfg.precision,
+            activation_checkpointing=cfg.activation_checkpointing, compile=cfg.compile,
         )
 
     async def _serve_call(self, call: ipc.Call, writer: asyncio.StreamWriter) -> None:
@@ -243,9 +253,13 @@ class TrainingService:
             return await b.collect(str(args["topic"]), int(args["step"]), list(args["peers"]),
                                    float(args["timeout_s"])), {}
         if method == "put_blob":
-            return await b.put_blob(bytes(args["data"])), {}
+            dtype, _, data = tensors["blob"]
+            if dtype != "uint8" or len(tensors) != 1:
+                raise CommFailure("ValueError", "put_blob takes exactly one uint8 tensor named 'blob'")
+            return await b.put_blob(data.tobytes()), {}
         if method == "get_blob":
-            return await b.get_blob(str(args["digest"]), float(args["timeout_s"])), {}
+            data = await b.get_blob(str(args["digest"]), float(args["timeout_s"]))
+            return None, {"blob": ("uint8", (len(data),), np.frombuffer(data, dtype=np.uint8))}
         if method == "state_get":
             return await b.state_get(str(args["key"])), {}
         if method == "state_set":
@@ -280,6 +294,9 @@ class TrainingService:
         elif p.kind == "resumed":
             self.latest.update(step=p.step, resumed_from=p.step)
             log.info("training resumed from the checkpoint at step %d", p.step)
+        elif p.kind == "failed":
+            self._failed = p.message or "the worker gave no reason"
+            log.error("training cannot start: %s", self._failed)
         elif p.kind == "done":
             self._finished = True
             self.latest.update(step=p.step)
@@ -298,6 +315,7 @@ class TrainingService:
             "checkpoint_step": self.latest.get("checkpoint_step"),
             "worker_pid": self.worker_pid,
             "worker_restarts": self.restarts,
+            "error": self.latest.get("error"),
             "workers": len(self._devices),
             "worker_pids": self._group.pids,
             "members": None,

@@ -28,26 +28,20 @@ from typing import Any
 import torch
 
 from hyphae.training import (
-    BatchStream,
     Callback,
     CheckpointStore,
-    DataConfig,
     EvalInfo,
     LoopConfig,
     Manifest,
     StepInfo,
-    build_model,
-    load_corpus,
-    model_config,
     save_checkpoint,
     train,
-    validation_batches,
 )
 from hyphae.training.algorithms import build_strategy
 from hyphae.training.comm import CommClosed, CommError
 from hyphae.training.robust import is_finite
 
-from . import ipc
+from . import ipc, worker_build
 from .worker_comm import DaemonComm
 from .worker_rank import WorkerRank
 
@@ -55,7 +49,6 @@ __all__ = ["main", "connect_address"]
 
 log = logging.getLogger("hyphae.worker")
 
-EVAL_BATCHES = 8
 
 
 def connect_address(address: str) -> socket.socket:
@@ -151,21 +144,23 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         torch.set_num_threads(setup.threads)
     torch.manual_seed(setup.seed)
     rank = await WorkerRank.open(setup)  # one of the node's workers (a lone worker: rank 0 of 1)
-    config = model_config(setup.preset)
-    model = build_model(config, seed=setup.seed, device=setup.device)  # identical init on every peer
-    data = DataConfig(source=setup.data or "stdlib", cache_dir=setup.cache_dir)
-    corpus = load_corpus(data, min_tokens=config.context_length + 1)
-    seq_len = min(setup.seq_len, config.context_length)
-    batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed,
-                          stream=rank.stream())
-    val = validation_batches(corpus.val, batch_size=setup.batch_size, seq_len=seq_len, n_batches=EVAL_BATCHES)
+    share = rank.group.share_int if rank.group is not None else (lambda value: value)
+    try:
+        built = await worker_build.build(setup, members=comm.members, share_int=share,
+                                         local_rank=rank.rank, local_world=max(1, setup.world))
+    except ValueError as exc:  # a setting the user must fix: restarting would fail again
+        log.error("cannot train: %s", exc)
+        await comm.send_message(ipc.Progress(kind="failed", step=0, tokens=0, elapsed_s=0.0, message=str(exc)[:2000]))
+        return SETUP_FAILED
+    model, batches, val = built.model, built.batches, built.val
     store = CheckpointStore(Path(setup.checkpoint_dir))
     joined = 0
     if not store.steps():  # a fresh node: maybe start from given weights, or the run's
         joined = await _initial_weights(setup, comm, model) if rank.leader else 0
     joined = await rank.share_weights(model, joined)
     # The strategy is built after the weights are in place: slow weights start from them.
-    strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config)
+    strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config,
+                              precision=setup.precision)  # type: ignore[arg-type]  # checked by the daemon
     start = rank.resume(store, strategy, batches)
     if start:
         await comm.send_message(ipc.Progress(kind="resumed", step=start, tokens=0, elapsed_s=0.0))
@@ -173,12 +168,13 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         start = joined
         strategy.join_at(start)
     loop = rank.loop(LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
+                                grad_accum_steps=setup.grad_accum,
                                 eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,
                                 compute_in_thread=True))
     if loop.max_steps is not None and start >= loop.max_steps:
         await comm.send_message(ipc.Progress(kind="done", step=start, tokens=0, elapsed_s=0.0))
         return 0
-    reporter = _Reporter(comm, strategy, setup.preset)
+    reporter = _Reporter(comm, strategy, worker_build.model_label(setup))
     steps = _StepCounter(start)
     training = asyncio.ensure_future(train(strategy, batches, loop, val_set=val, checkpoints=store,
                                            callbacks=rank.callbacks([reporter], [steps], stop), start_step=start))
@@ -201,6 +197,8 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     return 0
 
 
+SETUP_FAILED = 3
+"""Exit code of a worker whose settings cannot work (the daemon does not restart it)."""
 CATCH_UP_ALGORITHMS = ("ddp", "diloco", "noloco", "dadao")
 """Algorithms whose joiners start from a member's weights (SPES and ZO have their own joins)."""
 RUN_CHECKPOINTS = "ckpt/"
@@ -223,7 +221,7 @@ async def _initial_weights(setup: ipc.Setup, comm: DaemonComm, model: torch.nn.M
     if setup.init_from != "run" and setup.algorithm not in CATCH_UP_ALGORITHMS:
         return 0
     records = await comm.state_items(RUN_CHECKPOINTS)
-    usable = [r for r in records.values() if isinstance(r, dict) and r.get("preset") == setup.preset
+    usable = [r for r in records.values() if isinstance(r, dict) and r.get("preset") == worker_build.model_label(setup)
               and (setup.init_from == "run" or r.get("algorithm") == setup.algorithm)
               and isinstance(r.get("weights"), str) and isinstance(r.get("step"), int)]
     if not usable:

@@ -60,6 +60,10 @@ def raise_remote_error(error: Mapping[str, str]) -> None:
     raise RuntimeError(f"daemon failed the call ({kind}): {message}")
 
 
+BLOB_TENSOR = "blob"
+"""The name of the uint8 tensor a blob crosses shared memory as, between worker and daemon."""
+
+
 TEST_ONLY_POISON_ENV = "HYPHAE_TEST_ONLY_POISON_EXCHANGES"
 """TEST ONLY. Set to "nan" in a worker's environment and everything it sends by ``exchange``
 (DiLoCo's, DDP's and SPES's checked gathers, NoLoCo's pairs) is NaN: a real daemon playing the
@@ -182,12 +186,17 @@ class DaemonComm(Comm):
         return {str(k): bytes(v) for k, v in result.items()}
 
     async def put_blob(self, data: bytes) -> str:
-        result, _ = await self._call("put_blob", {"data": bytes(data)})
+        # The bytes go through shared memory like tensors: a model's weights blob is far larger
+        # than an IPC frame may be (ipc.MAX_FRAME_BYTES).
+        blob = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.zeros(0, dtype=torch.uint8)
+        result, _ = await self._call("put_blob", {}, {BLOB_TENSOR: blob})
         return str(result)
 
     async def get_blob(self, digest: str, *, timeout_s: float) -> bytes:
-        result, _ = await self._call("get_blob", {"digest": digest, "timeout_s": timeout_s})
-        return bytes(result)
+        _, out = await self._call("get_blob", {"digest": digest, "timeout_s": timeout_s})
+        if BLOB_TENSOR not in out:
+            raise CommClosed(f"the daemon's reply to get_blob {digest[:12]} carried no blob")
+        return out[BLOB_TENSOR].numpy().tobytes()
 
     async def state_get(self, key: str) -> Any:
         result, _ = await self._call("state_get", {"key": key})

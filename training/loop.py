@@ -392,11 +392,13 @@ def _check_compatible(manifest: Manifest, strategy: Strategy) -> None:
 
 def _same_model(recorded: Mapping[str, Any], config: ModelConfig) -> bool:
     """Whether a manifest's model config is `config`. A manifest written before a ModelConfig
-    field existed lacks it, and that field then had its default value (e.g. arch="gpt")."""
+    field existed lacks it, and that field then had its default value (e.g. arch="gpt").
+    Activation checkpointing changes how a step runs, not the weights: it may differ."""
     try:
-        return ModelConfig.from_dict(recorded) == config
+        saved = ModelConfig.from_dict(recorded)
     except (ValueError, TypeError):
         return False
+    return saved.replace(activation_checkpointing=config.activation_checkpointing) == config
 
 
 def _rng_state() -> dict[str, Any]:
