@@ -149,9 +149,7 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         built = await worker_build.build(setup, members=comm.members, share_int=share,
                                          local_rank=rank.rank, local_world=max(1, setup.world))
     except ValueError as exc:  # a setting the user must fix: restarting would fail again
-        log.error("cannot train: %s", exc)
-        await comm.send_message(ipc.Progress(kind="failed", step=0, tokens=0, elapsed_s=0.0, message=str(exc)[:2000]))
-        return SETUP_FAILED
+        return await _cannot_train(comm, exc)
     model, batches, val = built.model, built.batches, built.val
     store = CheckpointStore(Path(setup.checkpoint_dir))
     joined = 0
@@ -159,8 +157,11 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         joined = await _initial_weights(setup, comm, model) if rank.leader else 0
     joined = await rank.share_weights(model, joined)
     # The strategy is built after the weights are in place: slow weights start from them.
-    strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config,
-                              precision=setup.precision)  # type: ignore[arg-type]  # checked by the daemon
+    try:
+        strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config,
+                                  precision=setup.precision)  # type: ignore[arg-type]  # checked by the daemon
+    except ValueError as exc:  # an unknown algorithm_config key, bf16 on a GPU without it, ...
+        return await _cannot_train(comm, exc)
     start = rank.resume(store, strategy, batches)
     if start:
         await comm.send_message(ipc.Progress(kind="resumed", step=start, tokens=0, elapsed_s=0.0))
@@ -199,6 +200,14 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
 
 SETUP_FAILED = 3
 """Exit code of a worker whose settings cannot work (the daemon does not restart it)."""
+
+
+async def _cannot_train(comm: DaemonComm, exc: ValueError) -> int:
+    """Tell the daemon why these settings cannot train (it stops the node with the message)."""
+    log.error("cannot train: %s", exc)
+    await comm.send_message(ipc.Progress(kind="failed", step=0, tokens=0, elapsed_s=0.0, message=str(exc)[:2000]))
+    return SETUP_FAILED
+
 CATCH_UP_ALGORITHMS = ("ddp", "diloco", "noloco", "dadao")
 """Algorithms whose joiners start from a member's weights (SPES and ZO have their own joins)."""
 RUN_CHECKPOINTS = "ckpt/"

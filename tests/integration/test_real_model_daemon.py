@@ -115,9 +115,16 @@ inner_steps = 4
     assert (out / "tokenizer.json").read_bytes() == user_files["tokenizer"].read_bytes()
 
 
-def test_a_setting_that_cannot_work_stops_the_node_with_a_message_not_a_restart_loop(tmp_path, user_files) -> None:
-    # The model directory brings a BPE tokenizer, but no --data: the built-in corpus is bytes.
-    code, log = _run_join(tmp_path, "--model", str(user_files["model"]), "--max-steps", "4", timeout_s=120)
+@pytest.mark.parametrize("case", ["tokenizer-without-data", "unknown-algorithm-key"])
+def test_a_setting_that_cannot_work_stops_the_node_with_a_message_not_a_restart_loop(
+        tmp_path, user_files, case: str) -> None:
+    if case == "tokenizer-without-data":  # the model dir brings a BPE tokenizer; the built-in corpus is bytes
+        args, expect = ["--model", str(user_files["model"])], "give --data"
+    else:
+        cfg = tmp_path / "bad.toml"
+        cfg.write_text("[training.algorithm_config]\ninner_stepz = 3\n")
+        args, expect = ["--config", str(cfg)], "inner_stepz"
+    code, log = _run_join(tmp_path, *args, "--max-steps", "4", timeout_s=120)
     assert code == 2, log[-3000:]
-    assert "training cannot start" in log and "give --data" in log, log[-3000:]
+    assert "training cannot start" in log and expect in log, log[-3000:]
     assert "restarting from the latest checkpoint" not in log
