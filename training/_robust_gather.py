@@ -17,6 +17,14 @@ transfers of the tensors each way per member and round, against about 2 for the 
 all-reduce; `norm_clip = 0` with `robust = "none"` switches an algorithm back to the
 all-reduce, whose result is still checked to be finite (a poisoned round is then skipped, but
 nobody can say who poisoned it).
+
+DDP and SPES (whose rounds rely on the all-reduce's rule that a member arriving late still gets
+the round's result: a gather has no such rule, so a node a round behind would wait out every
+round) use `reduce_verified` instead: the ring all-reduce first, and only if its result is not
+finite — every member holds the same bits, so every member decides the same — the round is
+redone as the checked gather, which names and refuses the poisoner. A finite but scaled
+contribution is not clipped on that path; `robust` = "median" / "trimmed_mean" gathers every
+round (clipped too).
 """
 
 from __future__ import annotations
@@ -106,6 +114,27 @@ async def gather_checked(comm: Comm, tensors: Mapping[str, torch.Tensor], *, gro
                                 trim_fraction)
     out = {n: combined[n].to(own[n].dtype) for n in own}
     return Gathered(out, tuple(order), refused, tuple(sorted(clipped)))
+
+
+async def reduce_verified(comm: Comm, tensors: Mapping[str, torch.Tensor], *, group: list[str], tag: str,
+                          timeout_s: float, method: str = "none", trim_fraction: float = 0.25,
+                          norm_clip: float = 3.0) -> Gathered:
+    """The ring all-reduce's mean, redone as :func:`gather_checked` if it is not finite.
+
+    Raises:
+        CommClosed: this peer's Comm closed.
+        CommError, TimeoutError: the all-reduce failed (the caller's fallback applies).
+    """
+    if method != "none":
+        return await gather_checked(comm, tensors, group=group, tag=tag, timeout_s=timeout_s, method=method,
+                                    trim_fraction=trim_fraction, norm_clip=norm_clip)
+    result = await comm.all_reduce(tensors, group=group, tag=tag, timeout_s=timeout_s)
+    if robust.is_finite(result.tensors):
+        return Gathered(result.tensors, tuple(result.included), {})
+    logger.warning("%s: the all-reduced mean holds NaN/Inf; redoing the round as a checked gather to find "
+                   "who sent them", tag)
+    return await gather_checked(comm, tensors, group=group, tag=f"{tag}/checked", timeout_s=timeout_s,
+                                method=method, trim_fraction=trim_fraction, norm_clip=norm_clip)
 
 
 def _check(row: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> str:

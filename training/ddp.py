@@ -11,12 +11,12 @@ a zero gradient (momentum and decay), as it would in a single process with zeroe
 If the all-reduce fails (this peer could not reach the group), the peer steps on its own
 gradient and logs a warning: replicas drift apart until the next full round.
 
-Safe by default (`training/_robust_gather.py`): the gradients are swapped with every member and
-checked before they are averaged — a non-finite contribution is refused (its sender reported to
-the node), one whose norm exceeds `norm_clip` (3) × the members' median is scaled down to that.
-That costs N − 1 gradient transfers per peer and step instead of ~2; `norm_clip = 0` with
-`robust = "none"` is the ring all-reduce, whose non-finite result is then only skipped. Without
-clipping (all norms under the cap) the checked mean is the all-reduce's mean, so the oracle holds.
+Safe by default (`training/_robust_gather.py`, `reduce_verified`): a step whose all-reduced
+gradient holds NaN/Inf is redone as a checked gather — every member swaps its gradient with
+every other, a non-finite one is refused (its sender reported to the node) and any whose norm
+exceeds `norm_clip` (3) × the members' median is scaled down to that. Honest steps cost nothing
+extra. `robust` = "median" / "trimmed_mean" gathers (and clips) every step, N − 1 transfers per
+peer instead of ~2; `norm_clip = 0` with `robust = "none"` only skips a poisoned step.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch
 
 from hyphae.training import robust
 from hyphae.training._config import check_positive, from_dict, to_dict
-from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
+from hyphae.training._robust_gather import checks_on, reduce_verified, remember_refused, result_is_finite
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
@@ -56,8 +56,8 @@ class DDPConfig:
     """With robust = "trimmed_mean": share of the members dropped at each end, per coordinate."""
 
     norm_clip: float = 3.0
-    """k >= 1: scale a gradient whose norm exceeds k × the members' median down to that. 0 (with
-    robust = "none") = the unchecked ring all-reduce."""
+    """k >= 1: in a checked gather, scale a gradient whose norm exceeds k × the members' median
+    down to that. 0 (with robust = "none") = the plain all-reduce, a poisoned step only skipped."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, AdamWConfig):
@@ -115,7 +115,7 @@ class DDP(Strategy):
             if group == [self.comm.peer_id]:
                 return 1  # alone in the run: the mean is our own gradient, nothing to send
             if checks_on(cfg.robust, cfg.norm_clip):
-                gathered = await gather_checked(self.comm, grads, group=group, tag=tag, timeout_s=cfg.timeout_s,
+                gathered = await reduce_verified(self.comm, grads, group=group, tag=tag, timeout_s=cfg.timeout_s,
                                                 method=cfg.robust, trim_fraction=cfg.trim_fraction,
                                                 norm_clip=cfg.norm_clip)
                 self.rejected_updates += len(gathered.refused)

@@ -29,11 +29,12 @@ ALGORITHMS.md §1 (arXiv 2602.11543), without the paper's parameter server:
   6. the first included node also stores the averaged shared tensors as a blob
      (`spes/shared`), so a node joining later starts from the synced weights.
   `transfer_dtype="bfloat16"` halves every byte of it (§1), nodes stay bit-identical.
-- Safe by default (`training/_robust_gather.py`): step 2 swaps the shared tensors with every
-  member and checks them first — a non-finite contribution is refused (its sender reported,
-  and left out of `included`, so it loses its experts), one whose norm exceeds `norm_clip` (3)
-  × the members' median is scaled down to that. `norm_clip = 0` with `robust = "none"` is the
-  all-reduce. A fetched expert or shared blob holding NaN/Inf is never loaded.
+- Safe by default (`training/_robust_gather.py`, `reduce_verified`): if step 2's mean holds
+  NaN/Inf, the round is redone as a checked gather — the shared tensors swapped with every
+  member, a non-finite contribution refused (its sender reported, and left out of `included`,
+  so it loses its experts), any over `norm_clip` (3) × the members' median norm scaled down.
+  `norm_clip = 0` with `robust = "none"` only skips a poisoned round. A fetched expert or shared
+  blob holding NaN/Inf is never loaded.
   With static membership and no merge, all nodes end a sync bit-identical: each expert is its
   owner's pre-sync value, each shared tensor the all-reduce's fp32 mean.
 - Local training: AdamW β (0.9, 0.95), wd 0.1, clip 1.0, warm-up + cosine (`AdamWConfig`);
@@ -53,7 +54,7 @@ import torch
 from hyphae.training import robust
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training._experts import assign_experts, expert_tensors, merge_coefficient, merge_model_experts_
-from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
+from hyphae.training._robust_gather import checks_on, reduce_verified, remember_refused, result_is_finite
 from hyphae.training.comm import BlobCorrupt, Comm, CommClosed, CommError
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
@@ -111,8 +112,8 @@ class SPESConfig:
     """With robust = "trimmed_mean": share of the members dropped at each end, per coordinate."""
 
     norm_clip: float = 3.0
-    """k >= 1: scale shared tensors whose norm exceeds k × the members' median down to that. 0
-    (with robust = "none") = the unchecked all-reduce."""
+    """k >= 1: in a checked gather, scale shared tensors whose norm exceeds k × the members'
+    median down to that. 0 (with robust = "none") = the plain all-reduce, a poisoned round skipped."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.optimizer, AdamWConfig):
@@ -301,7 +302,7 @@ class SPES(Strategy):
             if group == [self.comm.peer_id]:
                 return (self.comm.peer_id,)
             if checks_on(cfg.robust, cfg.norm_clip):
-                gathered = await gather_checked(self.comm, self._wire(self._shared), group=group, tag=tag,
+                gathered = await reduce_verified(self.comm, self._wire(self._shared), group=group, tag=tag,
                                                 timeout_s=cfg.timeout_s, method=cfg.robust,
                                                 trim_fraction=cfg.trim_fraction, norm_clip=cfg.norm_clip)
                 self.rejected_updates += len(gathered.refused)

@@ -191,7 +191,7 @@ def test_identical_data_and_sync_every_step_equals_one_process_training_everythi
 
 def test_sync_payload_matches_the_formula(micro_config: ModelConfig) -> None:
     cfg = _cfg(micro_config, experts=4)
-    net, nodes = _nodes(cfg, 4, SPESConfig(optimizer=OPT, sync_steps=2, merge_interval=0, norm_clip=0.0))  # the ring's bytes
+    net, nodes = _nodes(cfg, 4, SPESConfig(optimizer=OPT, sync_steps=2, merge_interval=0))
     _train_all(nodes, 2)
     formula = sync_bytes(cfg, n_nodes=4, owned=1)
     model = nodes[0].model
