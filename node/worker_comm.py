@@ -65,8 +65,8 @@ BLOB_TENSOR = "blob"
 
 
 TEST_ONLY_POISON_ENV = "HYPHAE_TEST_ONLY_POISON_EXCHANGES"
-"""TEST ONLY. Set to "nan" in a worker's environment and everything it sends by ``exchange``
-(DiLoCo's, DDP's and SPES's checked gathers, NoLoCo's pairs) is NaN: a real daemon playing the
+"""TEST ONLY. Set to "nan" in a worker's environment and everything it sends by ``exchange`` or
+``all_reduce`` (DiLoCo's gathers, DDP's and SPES's rounds, NoLoCo's pairs) is NaN: a real daemon playing the
 poisoning member of an attack test (tests/integration/test_poisoned_aggregation.py). Never set it
 on a node that trains for real: its peers refuse it and lower its score until they disconnect it."""
 
@@ -173,6 +173,8 @@ class DaemonComm(Comm):
                          timeout_s: float, op: ReduceOp = "mean") -> AllReduceResult:
         if self._peer_id not in group:
             raise ValueError(f"this peer {self._peer_id} is not in the group {list(group)}")
+        if os.environ.get(TEST_ONLY_POISON_ENV) == "nan":
+            tensors = _poisoned(tensors, "the group", tag)
         result, out = await self._call(
             "all_reduce", {"group": list(group), "tag": tag, "timeout_s": timeout_s, "op": op}, tensors)
         return AllReduceResult(tensors=out, included=tuple(result["included"]))
