@@ -502,7 +502,8 @@ def test_before_hello_a_peer_gets_a_few_inbound_streams_and_the_rest_are_refused
             for i in range(UNADMITTED_MAX_INBOUND_STREAMS + 3):
                 await raw.send(TYPE_WINDOW_UPDATE, FLAG_SYN, 2 * (i + 1), 0)
             refused = [2 * (UNADMITTED_MAX_INBOUND_STREAMS + i + 1) for i in range(3)]
-            assert [(await raw.frame())[:3] for _ in refused] == [(TYPE_WINDOW_UPDATE, FLAG_RST, s) for s in refused]
+            # each RST goes out from its own task: in any order
+            assert sorted([(await raw.frame())[:3] for _ in refused]) == [(TYPE_WINDOW_UPDATE, FLAG_RST, s) for s in refused]
             assert mux.streams_refused == 3
             mux.admit()  # after hello the same peer may open more
             await raw.send(TYPE_WINDOW_UPDATE, FLAG_SYN, 1000, 0)
@@ -540,7 +541,7 @@ def test_before_hello_a_connection_holds_at_most_its_small_buffer_over_all_strea
             fits = UNADMITTED_BUFFER_BYTES // per_stream
             for i in range(fits + 2):
                 await _open_and_fill(raw, 2 * (i + 1), per_stream)
-            resets = [(await raw.frame())[:3] for _ in range(2)]
+            resets = sorted([(await raw.frame())[:3] for _ in range(2)])  # sent from a task each: any order
             assert resets == [(TYPE_WINDOW_UPDATE, FLAG_RST, 2 * (fits + i + 1)) for i in range(2)]
             assert mux.buffered_bytes == UNADMITTED_BUFFER_BYTES
             nursery.cancel_scope.cancel()
