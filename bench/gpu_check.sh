@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for hyphae.kernels (issue 9): the kernel tests with CUDA tensors (compiled Triton
-# against the torch reference), then bench/kernels.py on the GPU; prints a compact summary.
+# GPU check for hyphae.kernels (issue 9) and real models (issue 17): the kernel tests with CUDA
+# tensors (compiled Triton against the torch reference), bench/kernels.py on the GPU, then
+# bench/gpu_model.py (llama-125m bf16 vs a bare loop, llama-1b memory); prints a compact summary.
 #
 #     bash bench/gpu_check.sh                 # from anywhere; uses .venv/bin/python if present
 #     PYTHON=/path/to/python bash bench/gpu_check.sh
@@ -19,10 +20,11 @@ fi
 unset TRITON_INTERPRET  # the point is the compiled kernels
 mkdir -p bench/results
 
-if ! "$PY" -c "import hyphae.kernels" 2>/dev/null; then
+if ! "$PY" -c "import hyphae.kernels, hyphae.training" 2>/dev/null; then
     shim="$(mktemp -d)"
     mkdir -p "$shim/hyphae"
     ln -s "$PWD/kernels" "$shim/hyphae/kernels"
+    ln -s "$PWD/training" "$shim/hyphae/training"  # bench/gpu_model.py needs torch + numpy only
     export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
 
@@ -74,6 +76,18 @@ EOF
 else
     echo "bench: failed or timed out (exit $bench_status):"
     tail -n 15 bench/results/kernels_gpu_bench.err
+    [ "$status" = 0 ] && status=1
+fi
+
+# Real models (issue 17): llama-125m bf16 in our loop vs a bare torch loop (tokens/s, MFU), and
+# llama-1b's peak GPU memory with DiLoCo's outer state on the CPU. Budget: <= 300 s.
+timeout 300 "$PY" bench/gpu_model.py --json bench/results/gpu_model.json >bench/results/gpu_model.log 2>&1
+model_status=$?
+if [ "$model_status" = 0 ]; then
+    tail -n 3 bench/results/gpu_model.log
+else
+    echo "gpu_model: failed or timed out (exit $model_status):"
+    tail -n 15 bench/results/gpu_model.log
     [ "$status" = 0 ] && status=1
 fi
 exit "$status"
