@@ -46,6 +46,8 @@ def test_daemons_without_the_secret_cannot_join_or_write_and_with_it_can(tmp_pat
     wrong = tmp_path / "wrong"
     wrong.write_text(os.urandom(32).hex())
     for path in (secret, wrong):
+        path.chmod(0o600)  # the daemon refuses a secret others could read, as ssh does
+    for path in (secret, wrong):
         path.chmod(0o600)  # a daemon refuses a secret file others may read
     closed = ["--run", RUN, "--run-secret-file", str(secret)]
     a = DaemonProcess(tmp_path / "a", closed).start()
