@@ -2,7 +2,7 @@
 
 The model is a preset (GPT or Llama, seeded init: identical on every peer) or a local Hugging
 Face directory (its architecture and weights). The tokenizer is the one named, else the model
-directory's ``tokenizer.json``, else bytes; a preset's vocabulary grows to fit the tokenizer.
+directory's ``tokenizer.json``, else bytes; a preset's vocabulary is sized to the tokenizer.
 
 Data (first match wins):
 
@@ -48,7 +48,7 @@ from hyphae.training.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 from . import ipc
 
-__all__ = ["Built", "build", "pad_vocab", "model_label"]
+__all__ = ["Built", "build", "fit_vocab", "model_label"]
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,9 @@ def model_label(setup: ipc.Setup) -> str:
     return f"hf:{Path(setup.model_dir).name}" if setup.model_dir else setup.preset
 
 
-def pad_vocab(vocab_size: int, tokenizer_vocab: int) -> int:
-    """The vocabulary a preset needs for a tokenizer: unchanged if it fits, else rounded up."""
-    if tokenizer_vocab <= vocab_size:
-        return vocab_size
+def fit_vocab(tokenizer_vocab: int) -> int:
+    """The vocabulary a preset gets for a tokenizer: its size rounded up to a multiple of 64
+    (a preset counts 32000 tokens; a 2048-token BPE would otherwise train 30000 dead rows)."""
     return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
@@ -150,7 +149,7 @@ def _model(setup: ipc.Setup, tokenizer: Tokenizer | None) -> nn.Module:
                  sum(p.numel() for p in model.parameters()) / 1e6, setup.model_dir)
     else:
         base = model_config(setup.preset)
-        vocab = pad_vocab(base.vocab_size, tokenizer.vocab_size) if tokenizer is not None else base.vocab_size
+        vocab = fit_vocab(tokenizer.vocab_size) if tokenizer is not None else base.vocab_size
         config = base.replace(vocab_size=vocab, activation_checkpointing=setup.activation_checkpointing)
         model = build_model(config, seed=setup.seed, device=setup.device)  # identical init on every peer
     if setup.compile:

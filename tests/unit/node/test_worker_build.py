@@ -36,10 +36,10 @@ def _jsonl(path: Path, docs: int = 3000) -> Path:
     return path
 
 
-def test_a_preset_grows_its_vocabulary_to_fit_the_tokenizer_rounded_to_64() -> None:
-    assert worker_build.pad_vocab(256, 200) == 256
-    assert worker_build.pad_vocab(256, 300) == 320
-    assert worker_build.pad_vocab(32000, 50257) == 50304
+def test_a_presets_vocabulary_is_the_tokenizers_rounded_up_to_64() -> None:
+    assert worker_build.fit_vocab(256) == 256
+    assert worker_build.fit_vocab(300) == 320
+    assert worker_build.fit_vocab(50257) == 50304
 
 
 def test_no_data_is_the_byte_level_builtin_corpus(tmp_path: Path) -> None:
