@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from aiohttp import web
 
+from hyphae.protocol.errors import PeerError
 from hyphae.protocol.tensor import (
     BlobConfig,
     BlobService,
@@ -112,6 +113,8 @@ class TensorService:
             result = await plane.all_reduce(group, tag, _to_plane(tensors), op=op, timeout_s=timeout_s)
         except TimeoutError:
             raise CommFailure("TimeoutError", f"all-reduce {tag} timed out after {timeout_s} s") from None
+        except PeerError as exc:  # no member's part reached every owner (views of the group differed)
+            raise CommFailure("PeerUnavailable", f"all-reduce {tag} failed: {exc}", group[0] if group else "") from None
         now = time.monotonic()
         for peer in result.included:
             self._active[peer] = now
