@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_requires.py, 
 
 import _requires  # noqa: E402
 
+pytest_plugins = ["pytester"]  # tests/unit/test_environment.py runs this conftest on scratch tests
+
 REQUIRED_IN_CI = ("root", "tools")
 """Markers of tests that ``.ci/run`` as root installs everything for: a skip there is a failure."""
 

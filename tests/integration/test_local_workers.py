@@ -50,6 +50,7 @@ def test_two_cpu_workers_train_as_one_member_and_report_the_nodes_tokens(tmp_pat
     assert sorted(int(p.name.split("-")[1]) for p in (d.data_dir / "checkpoints").glob("step-*"))[-1] == 20
 
 
+@pytest.mark.slow  # ~40 s; the two-worker training test above stays in the default tier
 def test_a_killed_worker_restarts_the_group_and_ctrl_c_resumes_both(tmp_path: Path) -> None:
     d = _daemon(tmp_path).start()
     try:

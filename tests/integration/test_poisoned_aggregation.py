@@ -55,6 +55,7 @@ def _weights(d: DaemonProcess, step: int) -> dict[str, torch.Tensor]:
     return store.load(step).weights
 
 
+@pytest.mark.slow  # four training daemons for ~90 s; tests/unit/training/test_robust*.py cover the rule quickly
 def test_a_nan_member_of_four_diloco_daemons_is_refused_and_the_others_keep_learning(tmp_path: Path) -> None:
     config = tmp_path / "diloco.toml"
     config.write_text(CONFIG)

@@ -23,6 +23,7 @@ def hyphae(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
                           timeout=timeout)
 
 
+@pytest.mark.slow  # 8 daemons and a CPU-idle window, ~45-60 s
 def test_testnet_of_8_meshes_idles_quietly_and_goes_down(tmp_path, make_daemon) -> None:
     root = tmp_path / "net"
     up = hyphae("testnet", "up", "--nodes", "8", "--dir", str(root), "--json")

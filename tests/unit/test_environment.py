@@ -11,8 +11,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import _requires
@@ -70,32 +68,54 @@ def test_each_package_is_named_once_in_the_install_hint() -> None:
     assert _requires.install_hint(tools) == "apt-get install iproute2 iptables"
 
 
-def test_a_tools_test_skips_with_the_apt_line_and_lands_in_the_skip_report(tmp_path: Path) -> None:
+@pytest.fixture
+def suite(pytester: pytest.Pytester) -> pytest.Pytester:
+    """A scratch test dir with this suite's conftest and tool table, run in this process."""
+    pytester.makeconftest((REPO / "tests" / "conftest.py").read_text())
+    (pytester.path / "_requires.py").write_text((REPO / "tests" / "_requires.py").read_text())
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+                     "markers =\n    slow: x\n    root: x\n    tools: x\n    gpu: x\n")
+    return pytester
+
+
+def test_a_tools_test_skips_with_the_apt_line_and_lands_in_the_skip_report(
+        suite: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    suite.makepyfile(test_fw="""
+        import pytest
+
+        @pytest.mark.tools("iptables", "ip")
+        def test_needs_the_firewall():
+            pass
+
+        def test_needs_nothing():
+            pass
+    """)
     report = tmp_path / "skips.jsonl"
-    env = {**os.environ, "PATH": _path_without(tmp_path, "docker", "docker-compose"),
-           "HYPHAE_SKIP_REPORT": str(report)}
-    test = "tests/unit/deploy/test_compose.py::test_compose_client_accepts_the_file"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rs", "-o",
-                           "addopts=--import-mode=importlib", test], capture_output=True, text=True, cwd=REPO,
-                          env=env, timeout=240)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "3 skipped" in done.stdout, done.stdout[-2000:]
-    assert "needs docker-compose: apt-get install docker-compose" in done.stdout
+    monkeypatch.setenv("PATH", _path_without(tmp_path, "iptables"))
+    monkeypatch.setenv("HYPHAE_SKIP_REPORT", str(report))
+    result = suite.runpytest("-rs", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*SKIPPED*needs iptables: apt-get install iptables"])
     rows = [json.loads(line) for line in report.read_text().splitlines()]
-    assert len(rows) == 3 and all(r["required_in_ci"] and "tools" in r["markers"] for r in rows)
+    assert rows == [{"nodeid": "test_fw.py::test_needs_the_firewall", "markers": ["tools"],
+                     "reason": "needs iptables: apt-get install iptables", "required_in_ci": True}]
 
 
-def test_the_default_tier_leaves_out_slow_tests_and_dash_m_slow_or_all_runs_them() -> None:
-    def collected(*args: str) -> set[str]:
-        done = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q",
-                               "-o", "addopts=--import-mode=importlib", "tests/unit/training/test_robust_attack.py",
-                               *args], capture_output=True, text=True, cwd=REPO, timeout=240)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return {line for line in done.stdout.splitlines() if "::" in line}
+def test_the_default_tier_leaves_out_slow_tests_and_dash_m_slow_or_all_runs_them(suite: pytest.Pytester) -> None:
+    suite.makepyfile(test_tiers="""
+        import pytest
 
-    default, slow, everything = collected(), collected("-m", "slow"), collected("--all")
-    assert default and slow and not default & slow
-    assert everything == default | slow
+        def test_quick():
+            pass
+
+        @pytest.mark.slow
+        def test_long():
+            pass
+    """)
+    suite.runpytest("-p", "no:cacheprovider").assert_outcomes(passed=1, deselected=1)
+    suite.runpytest("-p", "no:cacheprovider", "-m", "slow").assert_outcomes(passed=1, deselected=1)
+    suite.runpytest("-p", "no:cacheprovider", "--all").assert_outcomes(passed=2)
+    suite.runpytest("-p", "no:cacheprovider", "test_tiers.py::test_long").assert_outcomes(passed=1)
 
 
 def test_no_test_looks_for_a_system_tool_by_itself() -> None:

@@ -47,6 +47,7 @@ def _punched(logs: str) -> bool:
     return "relayed connection from" in logs and "after the relayed one" in logs
 
 
+@pytest.mark.slow  # ~60 s; the cone-NAT test above keeps daemons behind NATs in the default tier
 def test_with_50ms_delay_and_1pct_loss_joining_and_the_run_state_converge(tmp_path: Path) -> None:
     topology = Topology(public_hosts=1, segments=(Segment("cone"), Segment("cone"), Segment("symmetric")),
                         netem=Netem(delay_ms=50, loss_pct=1.0))

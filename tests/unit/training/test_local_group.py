@@ -40,7 +40,8 @@ def _run_all(commands: list[list[str]], timeout_s: float = 150) -> None:
         assert p.returncode == 0, f"{' '.join(c)} exited {p.returncode}:\n{out[-3000:]}"
 
 
-@pytest.mark.parametrize("algorithm", ["ddp", "diloco", "noloco", "spes"])
+# ~30 s each: diloco stays in the default tier, the other three run in the slow tier
+@pytest.mark.parametrize("algorithm", ["diloco", *(pytest.param(a, marks=pytest.mark.slow) for a in ("ddp", "noloco", "spes"))])
 def test_two_workers_with_batch_b_equal_one_worker_with_batch_2b(algorithm: str, tmp_path: Path) -> None:
     port = _free_port()
     out = {name: str(tmp_path / f"{name}.safetensors") for name in ("rank0", "rank1", "oracle")}

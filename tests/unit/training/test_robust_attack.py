@@ -69,6 +69,7 @@ def clean(corpus) -> float:
     return statistics.mean(losses)
 
 
+@pytest.mark.slow  # two 8-peer runs, ~45-60 s; the garbage attack below keeps norm clipping in the default tier
 def test_one_peer_of_8_scaling_its_updates_wrecks_the_run_without_norm_clip_and_is_harmless_with_it(
         corpus, clean) -> None:
     unprotected, _ = honest_losses(corpus, "scaled", norm_clip=0.0)

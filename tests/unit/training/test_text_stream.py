@@ -394,6 +394,7 @@ print(tokens, kb("VmHWM") - before)
 """
 
 
+@pytest.mark.slow  # writes and streams 200 MB, ~30 s
 def test_a_200_mb_jsonl_streams_end_to_end_with_under_100_mb_rss_growth(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     words = ["".join(map(chr, rng.integers(97, 123, rng.integers(2, 9)))) for _ in range(3000)]
