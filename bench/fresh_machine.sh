@@ -70,7 +70,7 @@ timed() {  # $1: label, then the command as one string, run by this shell (the v
 # --- the README's test commands, verbatim ---
 timed default "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[test]' && python -m pytest"
 if [ "$SLOW" = 1 ]; then
-    timed slow "python -m pytest -m slow"
+    timed slow "python -m pytest -m slow -n 0"
 else
     RC_slow="" WALL_slow=""
 fi

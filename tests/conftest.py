@@ -20,6 +20,22 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/_requires.py, imported by name
 
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+# Triton fixes interpreted-or-compiled when a kernel is decorated. tests/unit/kernels/conftest.py
+# sets this too, but only when its folder is collected: modules collected before it (the
+# integration tests come first) could load Triton code compiled-mode, and then 85 kernel tests
+# failed with "Cannot call @triton.jit'd outside of the scope of a kernel". So set it here, first.
+if "TRITON_INTERPRET" not in os.environ and not _cuda_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import _requires  # noqa: E402
 
 pytest_plugins = ["pytester"]  # tests/unit/test_environment.py runs this conftest on scratch tests
@@ -36,6 +52,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def _run_slow(config: pytest.Config) -> bool:
     return bool(config.getoption("all_tiers") or config.getoption("markexpr")
                 or any("::" in str(arg) for arg in config.args))
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto`` (the default, see pyproject): one worker per core, at least 4. Most tests
+    wait on daemons and timers, so 4 workers on 2 cores finish sooner than 2."""
+    return max(4, os.cpu_count() or 1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -61,14 +83,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 cuda = _cuda_available()
             if not cuda:
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (run bench/gpu_check.sh on one)"))
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
 
 
 _skipped: list[dict[str, object]] = []
