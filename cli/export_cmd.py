@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 from hyphae.node.config import default_data_dir, load_config
-from hyphae.node.export import export_checkpoint_hf
 
 __all__ = ["add_export_parser", "export_command"]
 
@@ -36,6 +35,8 @@ def export_command(args: argparse.Namespace) -> int:
     data_dir = None
     if args.checkpoint is None:
         data_dir = args.data_dir or load_config(flags={}).data_dir
+    from hyphae.node.export import export_checkpoint_hf  # torch + safetensors: only when exporting
+
     result = export_checkpoint_hf(args.hf, data_dir=data_dir, checkpoint=args.checkpoint, tokenizer_file=args.tokenizer)
     print(f"exported step {result.step} ({result.parameters / 1e6:.1f}M parameters) from {result.checkpoint}\n"
           f"to {result.path}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(result.path)!r})")
