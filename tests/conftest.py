@@ -60,7 +60,18 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(4, os.cpu_count() or 1)
 
 
+TRAINING_DAEMONS = ("test_training_daemon.py", "test_local_workers.py", "test_dashboard.py", "test_real_model_daemon.py",
+                    "test_worker_ipc_spoof.py", "test_algorithms_daemons.py", "test_poisoned_aggregation.py",
+                    "test_crash_safety.py")
+"""Integration modules whose daemons train. Their tests share one xdist worker (one at a time): side
+by side, with CPU load on 2 cores, their daemons' APIs missed the 5 s deadline of the test helper."""
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the xdist_group marks
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in TRAINING_DAEMONS and item.path.parent.name == "integration":
+            item.add_marker(pytest.mark.xdist_group("training-daemons"))
     if not _run_slow(config):
         slow = [item for item in items if "slow" in item.keywords]
         if slow:
