@@ -13,6 +13,7 @@ group, and it is the daemon's job to stop its workers in order.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import asyncio
 import logging
 import os
@@ -43,6 +44,7 @@ from hyphae.training.robust import is_finite
 
 from . import ipc, worker_build
 from .worker_comm import DaemonComm
+from .worker_group import AUTO_DEVICE
 from .worker_rank import WorkerRank
 
 __all__ = ["main", "connect_address"]
@@ -140,6 +142,8 @@ async def _run(address: str, index: int) -> int:
 
 
 async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int:
+    if setup.device == AUTO_DEVICE:
+        setup = dataclasses.replace(setup, device="cuda:0" if torch.cuda.is_available() else "cpu")
     if setup.threads:
         torch.set_num_threads(setup.threads)
     torch.manual_seed(setup.seed)

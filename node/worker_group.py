@@ -34,22 +34,28 @@ GROUP_STOP_GRACE_S = 5.0
 KILL_AFTER_S = 1.0
 
 
+AUTO_DEVICE = "auto"
+"""A lone worker's device: "cuda:0" where torch sees a GPU, else "cpu" (resolved by the worker)."""
+
+
 def worker_devices(config: TrainConfig) -> list[str]:
     """One device per worker: ``cuda:i`` for each GPU of ``gpus``, else ``workers`` CPU workers
-    (a lone worker takes GPU 0 where there is one, as before).
+    (a lone worker gets AUTO_DEVICE: GPU 0 where there is one, as before).
 
     Raises:
         ConfigError: GPUs asked for on a machine where torch sees none, an index that is not
             there, or several workers for an algorithm that cannot run in lockstep.
     """
-    import torch  # not at import: the CLI loads this package for every command
-
     gpus = parse_gpus(config.gpus)
     if gpus == ():
         if config.workers == 1:
-            return ["cuda:0" if torch.cuda.is_available() else "cpu"]
+            # The worker picks GPU 0 or the CPU itself: importing torch here would hold up the
+            # daemon's start by seconds (testnets of daemons started in turn drift apart).
+            return [AUTO_DEVICE]
         devices = ["cpu"] * config.workers
     else:
+        import torch  # only when GPUs are asked for: the daemon otherwise never loads torch
+
         if not torch.cuda.is_available():
             build = f"torch {torch.__version__}" + (", a CPU-only build" if torch.version.cuda is None else "")
             raise ConfigError(f"--gpus {config.gpus} needs CUDA, and torch sees no GPU on this machine ({build}); "

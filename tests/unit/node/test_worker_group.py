@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from hyphae.node import ipc
 from hyphae.node.training_config import ConfigError, TrainConfig, parse_gpus
-from hyphae.node.worker_group import node_totals, worker_devices
+from hyphae.node.worker_group import AUTO_DEVICE, node_totals, worker_devices
 
 
 def test_workers_n_without_gpus_are_n_cpu_workers() -> None:
     assert worker_devices(TrainConfig(workers=3)) == ["cpu"] * 3
 
 
-def test_a_lone_worker_takes_gpu_0_where_there_is_one() -> None:
-    assert worker_devices(TrainConfig()) == ["cuda:0" if torch.cuda.is_available() else "cpu"]
+def test_a_lone_worker_picks_its_device_itself_and_the_daemon_loads_no_torch() -> None:
+    assert worker_devices(TrainConfig()) == [AUTO_DEVICE]  # the worker takes GPU 0 where there is one
+    code = ("import sys; from hyphae.node.training_config import TrainConfig; "
+            "from hyphae.node.worker_group import worker_devices; "
+            "worker_devices(TrainConfig()); worker_devices(TrainConfig(workers=2)); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
