@@ -8,10 +8,11 @@ Data (first match wins):
 
 - none: the Python standard library's sources, byte-level (the built-in corpus);
 - ``.bin`` shards: pre-tokenized, memory-mapped;
-- ``.txt`` / ``.jsonl`` / ``.parquet`` files (a file, a directory or a glob), or any source with a
-  tokenizer: streamed and tokenized as read, never loaded whole (:mod:`hyphae.training.text_stream`),
-  with this member's own shard of the documents;
-- any other text files (a directory of ``.md``, say): the byte-level file corpus, as before.
+- ``.jsonl`` / ``.parquet`` files, a glob, or any text with a tokenizer: streamed and tokenized as
+  read, never loaded whole (:mod:`hyphae.training.text_stream`), with this member's own shard of
+  the documents;
+- other text files read as bytes (a ``.txt`` file, a directory of ``.md``): the byte-level file
+  corpus, as before (memory-mapped from the data dir's cache).
 
 A member's shard of streamed data is ``(k, n)``: its place among the run's members sorted by peer
 id when it first trained on this data, times the node's local workers. It is kept in
@@ -167,14 +168,9 @@ def _streamed(setup: ipc.Setup, tokenizer: Tokenizer | None) -> bool:
         if tokenizer is not None:
             raise ValueError(f"{setup.data} holds pre-tokenized .bin shards; drop --tokenizer for them")
         return False
-    return tokenizer is not None or is_text_source(setup.data) or _has_text_files(setup.data)
-
-
-def _has_text_files(source: str) -> bool:
-    path = Path(source)
-    if path.is_file():
-        return path.suffix.lower() in (".txt", ".jsonl", ".parquet")
-    return path.is_dir() and any(p.suffix.lower() in (".txt", ".jsonl", ".parquet") for p in path.rglob("*"))
+    # Plain text read as bytes keeps the file corpus (its split holds out the tail of a lone
+    # file, which a small corpus needs); a tokenizer, a glob or jsonl/parquet records stream.
+    return tokenizer is not None or is_text_source(setup.data)
 
 
 async def _shard(setup: ipc.Setup, members: Callable[[], Awaitable[list[str]]], share_int: Callable[[int], int],

@@ -74,3 +74,11 @@ def test_a_tokenizer_without_data_or_with_bin_shards_is_refused(tmp_path: Path) 
     (shards / "train.bin").write_bytes(b"")
     with pytest.raises(ValueError, match="drop --tokenizer"):
         _build(_setup(tmp_path, tokenizer=str(tmp_path / "tok.json"), data=str(shards)))
+
+
+def test_a_small_plain_text_file_without_a_tokenizer_is_the_byte_corpus_as_before(tmp_path: Path) -> None:
+    """The scenarios train on one small corpus.txt: too few records for a streamed held-out split."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("def f(x):\n    return x + 1\n" * 3000)
+    built = _build(_setup(tmp_path, data=str(text)))
+    assert isinstance(built.batches, BatchStream) and built.val
