@@ -184,8 +184,8 @@ run_id = "zo-test"
 @pytest.mark.xfail(strict=False, reason=(
     "regression found at the end of the session that changed it: the loss falls on all four, but "
     "two late joiners each end on their own weights (2 of 4 agree, 3 needed); passes at 208044c, "
-    "fails at HEAD, not caused by the pubsub gate, the yamux budgets or the stream cap (each "
-    "reverted and re-run); see the closing note of that stop"))
+    "fails since c6298ca (--workers/--gpus worker groups; bisected), not caused by the pubsub "
+    "gate, the yamux budgets or the stream cap; see the closing note of that stop"))
 def test_zo_with_four_daemons_lowers_the_loss_of_a_pretrained_checkpoint(tmp_path) -> None:
     pre_cfg = tmp_path / "pre.toml"
     pre_cfg.write_text(PRETRAIN)
