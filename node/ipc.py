@@ -212,9 +212,10 @@ def decode(body: Any) -> Message:
     Raises:
         ProtocolViolation: unknown type, missing/unknown field, or a field of the wrong kind.
     """
-    if not isinstance(body, dict) or body.get("t") not in _TYPES:
+    tag = body.get("t") if isinstance(body, dict) else None
+    if not isinstance(tag, str) or tag not in _TYPES:
         raise ProtocolViolation(f"unknown IPC message {str(body)[:80]}")
-    cls = _TYPES[body["t"]]
+    cls = _TYPES[tag]
     names = {f.name for f in dataclasses.fields(cls)}
     extra = set(body) - names - {"t"}
     if extra:
