@@ -172,6 +172,10 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     elif joined:
         start = joined
         strategy.join_at(start)
+    elif rank.leader and (caught := await strategy.catch_up()):  # ZO: the run's log, its clock
+        start = caught
+        await comm.send_message(ipc.Progress(kind="joined", step=start, tokens=0, elapsed_s=0.0,
+                                             checkpoint="the run's snapshot and log"))
     loop = rank.loop(LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
                                 grad_accum_steps=setup.grad_accum,
                                 eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,

@@ -145,6 +145,16 @@ class Strategy(ABC):
         """The weights validation loss is measured on (the local replica by default)."""
         return self.model
 
+    async def catch_up(self) -> int | None:
+        """Catch up with a run in progress from the run's own record; return the run step to start at.
+
+        Called once before training by a fresh peer (no checkpoint of its own) whose algorithm
+        joins through the run state itself (ZO replays the seed log), so the loop counts run
+        steps from there: a joiner then stops at the same run step as everyone else and its
+        checkpoints name the same boundaries. Default: None (nothing to catch up this way).
+        """
+        return None
+
     def join_at(self, step: int) -> None:
         """Align step-derived counters with a run that is at ``step`` (e.g. outer-step tags).
 

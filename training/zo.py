@@ -208,6 +208,11 @@ class ZO(Strategy):
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         await self._start()
 
+    async def catch_up(self) -> int | None:
+        """Replay the run's snapshot and log now; the loop then starts at the run's next step."""
+        await self._start()
+        return self.next_step
+
     async def step(self, step: int) -> Metrics:
         await self._start()
         cfg = self.config

@@ -265,6 +265,26 @@ def test_a_late_joiner_replaying_snapshot_and_log_reaches_the_incumbents_hash(mi
     assert joiner.last_hash == peers[0].last_hash
 
 
+def test_a_joiner_that_starts_its_loop_at_catch_up_ends_on_the_same_run_step_bit_identical(
+        micro_config: ModelConfig) -> None:
+    zo = ZOConfig(lr=1e-3, snapshot_steps=4)
+    net, peers = _peers(micro_config, 3, zo)
+    _train_all(peers, 6)
+    joiner = Probe(build_model(micro_config, seed=99), net.add_peer(), zo)
+    start = run_virtual(joiner.catch_up())  # what the worker does for a fresh node
+    assert start == 5
+
+    async def main():
+        return await asyncio.gather(
+            *(train(z, _stream(i), LoopConfig(max_steps=12), start_step=6) for i, z in enumerate(peers)),
+            train(joiner, _stream(3), LoopConfig(max_steps=12), start_step=start))
+
+    run_virtual(main())
+    assert joiner.snapshot_step == peers[0].snapshot_step == 12  # the loop stopped on the run's step 12
+    assert joiner.last_hash == peers[0].last_hash == weights_digest(joiner.named_weights())
+    assert all(torch.equal(a, b) for a, b in zip(joiner._params, peers[0]._params))
+
+
 def test_a_fedkseed_joiner_rebuilds_from_k_scalars_and_proves_it_by_the_hash(micro_config: ModelConfig) -> None:
     zo = ZOConfig(lr=1e-3, snapshot_steps=4, pool_size=32)
     net, peers = _peers(micro_config, 2, zo)
