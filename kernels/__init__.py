@@ -9,6 +9,7 @@ only when a CUDA tensor first needs it.
 * `zo`: in-place theta += c * z(seed) over a parameter list, batched over (seed, c) pairs.
 * `quant`: blockwise absmax int8 / 4-bit quantization with error feedback.
 * `outer`: fused NoLoCo and DiLoCo (Nesterov SGD) outer steps.
+* `sparse`: chunked top-k + int8 / 2-bit values with error feedback (SparseLoCo's compressor).
 """
 
 from hyphae.kernels._triton import triton_available
@@ -24,6 +25,7 @@ from hyphae.kernels.quant import (
     quantize_ef_ref_,
     quantize_ref,
 )
+from hyphae.kernels.sparse import Sparse, SparseLayout, sparse_topk_ef_, sparse_topk_ef_ref_, sparse_values
 from hyphae.kernels.zo import zo_apply_, zo_apply_ref_, zo_perturb_, zo_unperturb_
 
 __all__ = [
@@ -43,6 +45,11 @@ __all__ = [
     "rademacher",
     "rademacher_like",
     "rademacher_ref",
+    "Sparse",
+    "SparseLayout",
+    "sparse_topk_ef_",
+    "sparse_topk_ef_ref_",
+    "sparse_values",
     "triton_available",
     "zo_apply_",
     "zo_apply_ref_",
