@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from hyphae.training import (
+    BatchStream,
     Callback,
     CheckpointStore,
     EvalInfo,
@@ -156,26 +157,23 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         return await _cannot_train(comm, exc)
     model, batches, val = built.model, built.batches, built.val
     store = CheckpointStore(Path(setup.checkpoint_dir))
+    fresh = not store.steps()
     joined = 0
-    if not store.steps():  # a fresh node: maybe start from given weights, or the run's
-        joined = await _initial_weights(setup, comm, model) if rank.leader else 0
+    if fresh and (setup.init_from or setup.algorithm not in OUTER_STATE_ALGORITHMS):
+        joined = await _initial_weights(setup, comm, model) if rank.leader else 0  # given weights, or DDP's
     joined = await rank.share_weights(model, joined)
     # The strategy is built after the weights are in place: slow weights start from them.
     try:
-        strategy = build_strategy(setup.algorithm, model, rank.comm(comm), setup.algorithm_config,
-                                  precision=setup.precision)  # type: ignore[arg-type]  # checked by the daemon
+        strategy = _strategy(setup, model, rank.comm(comm))
     except ValueError as exc:  # an unknown algorithm_config key, bf16 on a GPU without it, ...
         return await _cannot_train(comm, exc)
     start = rank.resume(store, strategy, batches)
     if start:
         await comm.send_message(ipc.Progress(kind="resumed", step=start, tokens=0, elapsed_s=0.0))
-    elif joined:
-        start = joined
-        strategy.join_at(start)
-    elif rank.leader and (caught := await strategy.catch_up()):  # ZO: the run's log, its clock
-        start = caught
-        await comm.send_message(ipc.Progress(kind="joined", step=start, tokens=0, elapsed_s=0.0,
-                                             checkpoint="the run's snapshot and log"))
+    else:  # a fresh node (or one whose checkpoints would not load) enters the run
+        strategy, start = await _join(setup, comm, rank, model, strategy, joined)
+        if start:  # a member that was there all along would be this far into its data stream
+            enter_data_at(batches, start, setup.grad_accum)
     loop = rank.loop(LoopConfig(max_steps=setup.max_steps or None, log_every=setup.log_every,
                                 grad_accum_steps=setup.grad_accum,
                                 eval_every=setup.eval_every, checkpoint_every=setup.checkpoint_every,
@@ -206,6 +204,47 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     return 0
 
 
+def _strategy(setup: ipc.Setup, model: torch.nn.Module, comm: Any) -> Any:
+    return build_strategy(setup.algorithm, model, comm, setup.algorithm_config,
+                          precision=setup.precision)  # type: ignore[arg-type]  # checked by the daemon
+
+
+async def _join(setup: ipc.Setup, comm: DaemonComm, rank: WorkerRank, model: torch.nn.Module, strategy: Any,
+                joined: int) -> tuple[Any, int]:
+    """A fresh node's entry into the run: (the strategy to train, the run step to start at; 0 = the start).
+
+    ``joined``: the step of the weights `_initial_weights` already loaded (given weights, DDP).
+    Otherwise the strategy takes the run's own state (`Strategy.catch_up`: the DiLoCo family's
+    outer state at the next outer step, SPES's synced weights, ZO's snapshot and log) on every
+    local rank alike (their Comm mirrors rank 0's). Members that put no outer state (an older
+    version) leave a joiner to a member's weights, as before, with a strategy rebuilt on them.
+    """
+    if joined:
+        strategy.join_at(joined)
+        return strategy, joined
+    caught = await strategy.catch_up()
+    if caught:
+        if rank.leader:
+            await comm.send_message(ipc.Progress(kind="joined", step=caught, tokens=0, elapsed_s=0.0,
+                                                 checkpoint=_JOINED_FROM.get(setup.algorithm, "the run's state")))
+        return strategy, caught
+    if setup.algorithm not in OUTER_STATE_ALGORITHMS or setup.algorithm not in CATCH_UP_ALGORITHMS:
+        return strategy, 0
+    joined = await rank.share_weights(model, await _initial_weights(setup, comm, model) if rank.leader else 0)
+    if not joined:
+        return strategy, 0
+    strategy = _strategy(setup, model, rank.comm(comm))  # φ starts from the weights just loaded
+    strategy.join_at(joined)
+    return strategy, joined
+
+
+def enter_data_at(batches: Any, step: int, grad_accum: int) -> None:
+    """Put a joiner's batch stream where a member's would be after ``step`` steps (``BatchStream``
+    batches are a pure function of their index; a text stream starts its shard at the beginning)."""
+    if isinstance(batches, BatchStream):
+        batches.position = step * max(1, grad_accum)
+
+
 SETUP_FAILED = 3
 """Exit code of a worker whose settings cannot work (the daemon does not restart it)."""
 
@@ -217,7 +256,12 @@ async def _cannot_train(comm: DaemonComm, exc: ValueError) -> int:
     return SETUP_FAILED
 
 CATCH_UP_ALGORITHMS = ("ddp", "diloco", "noloco", "dadao")
-"""Algorithms whose joiners start from a member's weights (SPES and ZO have their own joins)."""
+"""Algorithms whose joiners can start from a member's weights (SPES and ZO have their own joins)."""
+OUTER_STATE_ALGORITHMS = ("diloco", "noloco", "dadao", "spes")
+"""Algorithms whose joiners take the run's own state through the strategy (`Strategy.catch_up`):
+the DiLoCo family's outer state of an outer step (training/_join.py), SPES's synced weights."""
+_JOINED_FROM = {"diloco": "the run's φ and outer momentum", "noloco": "a member's φ and momentum",
+                "dadao": "a member's x and x̃", "spes": "the run's synced weights", "zo": "the run's snapshot and log"}
 RUN_CHECKPOINTS = "ckpt/"
 FETCH_TIMEOUT_S = 300.0
 

@@ -49,6 +49,7 @@ import torch
 
 from hyphae.training._config import check_int, check_positive, from_dict, to_dict
 from hyphae.training._graph import complete_graph_chis
+from hyphae.training._join import JoinDesk, check_outer_state, layout_of
 from hyphae.training._pairing import group_of
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -179,6 +180,13 @@ def tick_times(run_id: str, interval_s: float, *, start_s: float = 0.0) -> Itera
             yield window * _TICKS_PER_WINDOW + j, t
 
 
+JOIN_EVERY = 10
+"""Steps between two join boundaries: there a member looks for joiners (a local run-state read)
+and serves them; A²CiD² has no outer step, so any step boundary would do."""
+JOIN_RECORD_EVERY = 30
+"""Join boundaries between two step records while nobody joins (every 300 steps)."""
+
+
 class ACiD2(Strategy):
     """A²CiD² on one peer.
 
@@ -209,6 +217,7 @@ class ACiD2(Strategy):
         self._members = 1
         self._task: asyncio.Task | None = None
         self._in_flight: set[asyncio.Task] = set()
+        self.joins = JoinDesk(comm, self, layout=layout_of(self._params), record_every=JOIN_RECORD_EVERY)
 
     # --- the loop calls these ----------------------------------------------------------------
 
@@ -237,6 +246,8 @@ class ACiD2(Strategy):
                 self.x_tilde[name].add_(p.detach().float() - old.float())
         metrics["gossips"] = self.gossips
         metrics["failed_gossips"] = self.failed_gossips
+        if (step + 1) % JOIN_EVERY == 0:  # the loop holds weights_lock: no gossip lands meanwhile
+            await self.joins.boundary((step + 1) // JOIN_EVERY)
         return metrics
 
     # --- mixing ------------------------------------------------------------------------------
@@ -329,6 +340,28 @@ class ACiD2(Strategy):
             "gossips": self.gossips,
             "failed_gossips": self.failed_gossips,
         }
+
+    async def catch_up(self) -> int | None:
+        """A joiner takes a member's (x, x̃) at its next join boundary (training/_join.py)."""
+        return await self.joins.join()
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """This peer's x and x̃: a joiner that starts from them is a copy of this peer, mid-flow."""
+        return {**{f"x/{n}": p.detach() for n, p in self._params}, **{f"x_tilde/{n}": t for n, t in self.x_tilde.items()}}
+
+    def load_outer_state(self, tensors: Mapping[str, torch.Tensor], step: int) -> int:
+        """Start as a copy of the member that sent `tensors` at join boundary `step` (its AdamW
+        moments stay this peer's own: they follow its data).
+
+        Raises:
+            ValueError: not this model's tensors (nothing changed).
+        """
+        check_outer_state(tensors, self.x_tilde, required=("x", "x_tilde"))
+        with torch.no_grad():
+            for name, p in self._params:
+                p.copy_(tensors[f"x/{name}"])
+                self.x_tilde[name].copy_(tensors[f"x_tilde/{name}"])
+        return step * JOIN_EVERY
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.x_tilde) - set(state["x_tilde"]))

@@ -49,6 +49,7 @@ import torch
 
 from hyphae.kernels import DEFAULT_BLOCK_SIZE, Quantized, dequantize, noloco_outer_, quantize, quantize_ef_
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._join import JoinDesk, check_outer_state, layout_of
 from hyphae.training import robust
 from hyphae.training._robust_gather import remember_refused
 from hyphae.training._pairing import group_of
@@ -213,6 +214,7 @@ class NoLoCo(Strategy):
         # Progress norms of honest partners stay within ~1.4x of ours; φ distances, which build up
         # between pairings, reached ~3.6x our progress norm in 8-peer runs: that check gets 2k.
         self._guards = (robust.NormGuard(k), robust.NormGuard(2 * k)) if k else None  # progress, φ distance
+        self.joins = JoinDesk(comm, self, layout=layout_of(self._params))
 
     async def step(self, step: int) -> Metrics:
         metrics = self.local_update(self.inner, self.config.inner, step)
@@ -221,6 +223,7 @@ class NoLoCo(Strategy):
             metrics["outer_step"] = self.outer_steps
             metrics["local_only_steps"] = self.local_only_steps
             metrics["rejected_updates"] = self.rejected_updates
+            await self.joins.boundary(self.outer_steps)
         return metrics
 
     async def outer_step(self) -> int:
@@ -385,6 +388,33 @@ class NoLoCo(Strategy):
     def join_at(self, step: int) -> None:
         """Outer rounds are tagged by their index: a joiner at ``step`` is at round step // H."""
         self.outer_steps = step // self.config.inner_steps
+
+    async def catch_up(self) -> int | None:
+        """A joiner takes a member's (φ, δ) at the run's next outer step (see training/_join.py)."""
+        return await self.joins.join()
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """This replica's φ and momentum δ: what a joiner starts from (its θ is then φ)."""
+        return {**{f"slow/{n}": t for n, t in self.slow.items()}, **{f"momentum/{n}": t for n, t in self.momentum.items()}}
+
+    def load_outer_state(self, tensors: Mapping[str, torch.Tensor], step: int) -> int:
+        """Become a replica of the member that sent `tensors` at outer step `step`: φ, δ, θ ← φ.
+
+        The int8 error-feedback residuals start empty: they belong to the sender's own messages.
+
+        Raises:
+            ValueError: not this model's tensors (nothing changed).
+        """
+        check_outer_state(tensors, self.slow, required=("slow", "momentum"))
+        params = dict(self._params)
+        with torch.no_grad():
+            for name, slow in self.slow.items():
+                slow.copy_(tensors[f"slow/{name}"])
+                self.momentum[name].copy_(tensors[f"momentum/{name}"])
+                params[name].copy_(slow)
+        self._errors = {"phi": {}, "progress": {}}
+        self.outer_steps = step
+        return step * self.config.inner_steps
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.slow) - set(state["slow"]))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import statistics
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -217,15 +218,35 @@ class SPES(Strategy):
             metrics.update(await self._sync(done))
         return metrics
 
-    async def _join(self) -> None:
+    async def catch_up(self) -> int | None:
+        """A joiner loads the run's synced weights now and starts at their step, so its syncs
+        carry the members' round numbers. None in a fresh run, or when the record is not
+        believed: a step above the median (low) of the expert records' steps (a member claiming
+        step 10^9), or shared weights that are not this model's or not finite."""
+        shared = await self.comm.state_get(SHARED_KEY)
+        step = shared.get("step") if isinstance(shared, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            return None
+        experts = await self.comm.state_items(EXPERT_PREFIX)
+        steps = [r["step"] for r in experts.values() if isinstance(r, dict) and isinstance(r.get("step"), int)]
+        if steps and step > statistics.median_low(steps):
+            logger.warning("spes: the synced weights claim step %d, above the experts' median %d; not joining "
+                           "from them", step, statistics.median_low(steps))
+            return None
+        return step if await self._join() else None
+
+    async def _join(self) -> bool:
         """First contact with the run: take ownership in a fresh run, else the synced weights.
 
         A run is fresh until its first sync completed (no `spes/shared` record yet): nodes that
         start together may see each other's first expert records before that, and must not
         mistake themselves for joiners.
+
+        Returns:
+            Whether this call loaded the run's synced shared weights.
         """
         if self._joined:
-            return
+            return False
         self._joined = True
         shared = await self.comm.state_get(SHARED_KEY)
         if shared is None:  # a fresh run: everyone assigns from the same member list
@@ -235,7 +256,7 @@ class SPES(Strategy):
                 self._set_owned(mine)
             await self._write_owner_records()
             logger.info("spes %s: owns experts %s", self.comm.peer_id, list(self.owned))
-            return
+            return False
         logger.info("spes %s: joining a run in progress; loading the synced weights", self.comm.peer_id)
         records = self._by_expert(await self.comm.state_items(EXPERT_PREFIX))
         await asyncio.gather(*(self._fetch(e, rec["hash"]) for e, rec in records.items()))
@@ -245,12 +266,17 @@ class SPES(Strategy):
             raise
         except (CommError, TimeoutError) as exc:
             logger.warning("spes: could not fetch the shared weights (%s); keeping the local ones", exc)
-        else:
-            if robust.is_finite(tensors):
-                self._load(tensors, self._shared)
-            else:
-                logger.warning("spes: the run's shared weights %s hold NaN/Inf; keeping the local ones",
-                               shared["hash"][:12])
+            return False
+        shapes = {n: tuple(p.shape) for n, p in self._shared.items()}
+        if {n: tuple(t.shape) for n, t in tensors.items()} != shapes:
+            logger.warning("spes: the run's shared weights %s are not this model's; keeping the local ones",
+                           shared["hash"][:12])
+            return False
+        if not robust.is_finite(tensors):
+            logger.warning("spes: the run's shared weights %s hold NaN/Inf; keeping the local ones", shared["hash"][:12])
+            return False
+        self._load(tensors, self._shared)
+        return True
 
     # --- the sync ----------------------------------------------------------------------------
 
