@@ -38,6 +38,7 @@ import torch
 
 from hyphae.training import robust
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
+from hyphae.training._join import JoinDesk, check_outer_state, layout_of
 from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
 from hyphae.training.comm import Comm, CommClosed, CommError
 from hyphae.training.model import GPT
@@ -141,12 +142,16 @@ class DiLoCo(Strategy):
         self.failed_rounds = 0
         self.rejected_updates = 0
         self.rejected_peers: list[str] = []
+        self.joins = JoinDesk(comm, self, layout=layout_of(self._params))
 
     async def step(self, step: int) -> Metrics:
+        outer_before = self.outer_steps
         metrics = self.local_update(self.inner, self.config.inner, step)
         if (step + 1) % self.config.inner_steps == 0:
             metrics["peers"] = await self._outer_step()
             metrics["outer_step"] = self.outer_steps
+        if self.outer_steps != outer_before:  # φ took its outer step: a joiner may start from it
+            await self.joins.boundary(self.outer_steps)
         return metrics
 
     async def _outer_step(self) -> int:
@@ -208,6 +213,46 @@ class DiLoCo(Strategy):
     def join_at(self, step: int) -> None:
         """Outer rounds are tagged by their index: a joiner at ``step`` is at round step // H."""
         self.outer_steps = step // self.config.inner_steps
+
+    async def catch_up(self) -> int | None:
+        """A joiner takes the run's φ and outer momentum at its next outer step (training/_join.py)."""
+        return await self.joins.join()
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        """φ and the outer SGD's momentum buffers: the same bits on every member after an outer step."""
+        out = {f"slow/{n}": t for n, t in self.slow.items()}
+        for name, slow in self.slow.items():
+            buf = self.outer.state.get(slow, {}).get("momentum_buffer")
+            if buf is not None:
+                out[f"momentum/{name}"] = buf
+        return out
+
+    def load_outer_state(self, tensors: Mapping[str, torch.Tensor], step: int) -> int:
+        """Start from the members' φ and momentum of outer step `step`: φ and θ ← φ, the outer
+        step counter (round tags) ← `step`. The inner AdamW state and the compression error
+        buffer stay this peer's own (every member's differ: they follow its data).
+
+        Returns:
+            The loop step the members were at when φ took that step.
+
+        Raises:
+            ValueError: not this model's tensors (nothing changed).
+        """
+        check_outer_state(tensors, self.slow, required=("slow",), optional=("momentum",))
+        momenta = [n for n in self.slow if f"momentum/{n}" in tensors]
+        if momenta and len(momenta) != len(self.slow):
+            raise ValueError(f"outer state has momentum for {len(momenta)} of {len(self.slow)} tensors")
+        with torch.no_grad():
+            for name, slow in self.slow.items():
+                slow.copy_(tensors[f"slow/{name}"])
+            for name, p in self._params:
+                p.copy_(self.slow[name])
+        self.outer.state.clear()
+        for name in momenta:
+            slow = self.slow[name]
+            self.outer.state[slow]["momentum_buffer"] = tensors[f"momentum/{name}"].to(slow.device, torch.float32).clone()
+        self.outer_steps = step
+        return step * self.config.inner_steps
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.slow) - set(state["slow"]))
