@@ -25,10 +25,26 @@ gathered the same set get the same bits; a peer that missed someone (or was told
 things by a liar) ends the round slightly apart, which the next rounds absorb as in NoLoCo.
 `norm_clip = 0` with `robust = "none"` is the plain all-reduce (large groups, trusted peers):
 then a round whose mean is non-finite is skipped (a local outer step), but nobody is refused.
+
+Compression (SparseLoCo, `compression = "topk-int8"` or `"topk-2bit"`, `density`): Δ goes into
+a local error-feedback buffer and only its top-k per chunk travels (training/compression.py);
+members all-gather the (index, value) sets and each adds them up in peer order
+(training/_compressed_gather.py, same decoding checks, NaN refusal and norm clipping), so φ
+stays bit-identical. SparseLoCo proper drops the outer momentum (`outer_momentum = 0`) and lets
+the decayed buffer (`error_decay` < 1) play its part.
+
+Overlap (Streaming DiLoCo's one-round delay, `overlap_steps` = τ >= 1): at the outer step the
+exchange is started in the background and the inner steps go on; τ steps later its result is
+applied: φ takes the outer step and θ ← φ_new + (θ − θ_b), θ_b the weights at the boundary, so
+the τ local steps are kept and counted in the next Δ. The worker waits on the network only if
+the exchange outlasts τ steps. A stop (`aclose`) finishes a round in flight (bounded by
+`timeout_s`) unless it is a cancellation, which drops it; a checkpoint taken while a round is in
+flight does not hold it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,11 +52,14 @@ from typing import Any
 
 import torch
 
+from hyphae.kernels import Sparse
 from hyphae.training import robust
+from hyphae.training._compressed_gather import gather_sparse
 from hyphae.training._config import check_choice, check_int, check_positive, check_range, from_dict, to_dict
 from hyphae.training._join import JoinDesk, check_outer_state, layout_of
 from hyphae.training._robust_gather import checks_on, gather_checked, remember_refused, result_is_finite
 from hyphae.training.comm import Comm, CommClosed, CommError
+from hyphae.training.compression import AVERAGES, Compressor, check_compression_options
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
 from hyphae.training.strategy import Metrics, Precision, Strategy
@@ -86,6 +105,28 @@ class DiLoCoConfig:
     copies of the model off the GPU, so a 24 GB card fits a 1B model's DiLoCo (the outer step
     then moves θ to the CPU and φ back once per H steps)."""
 
+    compression: str = "none"
+    """How Δ travels: "none" (fp32), "topk-int8" or "topk-2bit" (SparseLoCo: top-k per chunk
+    with error feedback, always through the checked gather)."""
+
+    density: float = 0.01
+    """With compression: the share of each chunk sent (k = density × chunk_size)."""
+
+    chunk_size: int = 4096
+    """With compression: elements per top-k chunk (at most 32768)."""
+
+    error_decay: float = 1.0
+    """With compression: β of e ← β·e + Δ (1 = plain error feedback; SparseLoCo uses < 1 with
+    outer_momentum = 0)."""
+
+    average: str = "members"
+    """With compression: divide the summed contributions by the number of members ("members")
+    or, per coordinate, by the number that sent it ("senders")."""
+
+    overlap_steps: int = 0
+    """τ: inner steps the outer exchange may run behind (0 = the worker waits for it; 1..H =
+    Streaming DiLoCo's overlap, the result is applied τ steps after the outer step)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
             raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
@@ -95,6 +136,12 @@ class DiLoCoConfig:
         check_positive("timeout_s", self.timeout_s)
         robust.check_robust_options(self.robust, self.trim_fraction, self.norm_clip)
         check_choice("outer_state_device", self.outer_state_device, ("same", "cpu"))
+        check_compression_options(self.compression, self.density, self.chunk_size, self.error_decay)
+        check_choice("average", self.average, AVERAGES)
+        check_int("overlap_steps", self.overlap_steps, minimum=0)
+        if self.overlap_steps > self.inner_steps:
+            raise ValueError(f"overlap_steps must be <= inner_steps ({self.inner_steps}): a round is applied before "
+                             f"the next starts, got {self.overlap_steps}")
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)
@@ -102,6 +149,28 @@ class DiLoCoConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> DiLoCoConfig:
         return from_dict(cls, data)
+
+
+Tensors = dict[str, torch.Tensor]
+
+
+@dataclass(slots=True)
+class _Round:
+    """An overlapped outer round in flight."""
+
+    task: asyncio.Task
+    own: Tensors
+    """This peer's Δ at the boundary (θ_b = φ − own)."""
+    apply_at: int
+    """The loop step count at which its result is applied."""
+
+
+async def _captured(work: Any) -> Any:
+    """Run `work`; return its result or the CommClosed it raised (the TaskGroup must not see it)."""
+    try:
+        return await work
+    except CommClosed as exc:
+        return exc
 
 
 class DiLoCo(Strategy):
@@ -143,63 +212,153 @@ class DiLoCo(Strategy):
         self.rejected_updates = 0
         self.rejected_peers: list[str] = []
         self.joins = JoinDesk(comm, self, layout=layout_of(self._params))
+        cfg = self.config
+        self.compressor: Compressor | None = None
+        if cfg.compression != "none":
+            self.compressor = Compressor({n: p.shape for n, p in self._params}, compression=cfg.compression,
+                                         density=cfg.density, chunk_size=cfg.chunk_size,
+                                         error_decay=cfg.error_decay, device=next(iter(self.slow.values())).device)
+        self._tasks: asyncio.TaskGroup | None = None
+        self._pending: _Round | None = None
+
+    async def start(self, tasks: asyncio.TaskGroup) -> None:
+        self._tasks = tasks  # overlapped rounds run in the loop's TaskGroup
+
+    async def aclose(self) -> None:
+        """Finish a round still in flight (at most `timeout_s`); under cancellation, drop it."""
+        pending = self._pending
+        if pending is None:
+            return
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            self._pending = None
+            pending.task.cancel()
+            return
+        try:
+            await self._finish_round()
+        except CommClosed:
+            pass
 
     async def step(self, step: int) -> Metrics:
         outer_before = self.outer_steps
         metrics = self.local_update(self.inner, self.config.inner, step)
-        if (step + 1) % self.config.inner_steps == 0:
-            metrics["peers"] = await self._outer_step()
+        done, cfg = step + 1, self.config
+        if self._pending is not None and done >= self._pending.apply_at:
+            metrics["peers"] = await self._finish_round()
             metrics["outer_step"] = self.outer_steps
+        if done % cfg.inner_steps == 0:
+            if cfg.overlap_steps:
+                self._start_round(done + cfg.overlap_steps)
+            else:
+                metrics["peers"] = await self._outer_step()
+                metrics["outer_step"] = self.outer_steps
         if self.outer_steps != outer_before:  # φ took its outer step: a joiner may start from it
             await self.joins.boundary(self.outer_steps)
         return metrics
 
     async def _outer_step(self) -> int:
         """Average the pseudo-gradients, step φ, reset θ to φ; returns how many contributed."""
+        sent = self._outgoing(self._pseudo_gradient())
+        peers, mean = await self._average(sent, f"diloco/{self.outer_steps}")
+        self._apply(mean, None)
+        return peers
+
+    def _start_round(self, apply_at: int) -> None:
+        """Start the outer exchange in the background; `step` applies it at step `apply_at`."""
+        own = self._pseudo_gradient()
+        work = self._average(self._outgoing(own), f"diloco/{self.outer_steps}")
+        name = f"diloco-outer-{self.outer_steps}"
+        task = self._tasks.create_task(_captured(work), name=name) if self._tasks else asyncio.create_task(
+            _captured(work), name=name)
+        self._pending = _Round(task, own, apply_at)
+
+    async def _finish_round(self) -> int:
+        """Wait for the round in flight (the worker's only wait on the network) and apply it."""
+        pending, self._pending = self._pending, None
+        assert pending is not None
+        outcome = await pending.task
+        if isinstance(outcome, BaseException):
+            raise outcome
+        peers, mean = outcome
+        self._apply(mean, pending.own)
+        return peers
+
+    def _pseudo_gradient(self) -> Tensors:
         with torch.no_grad():
-            delta = {n: self.slow[n] - p.detach().to(self.slow[n].device, torch.float32) for n, p in self._params}
-        peers = await self._average(delta)
+            return {n: self.slow[n] - p.detach().to(self.slow[n].device, torch.float32) for n, p in self._params}
+
+    def _outgoing(self, delta: Tensors) -> Tensors | Sparse:
+        """What this peer contributes: Δ itself, or (compressed) the top-k of its error buffer."""
+        if self.compressor is None:
+            return delta
+        if not robust.is_finite(delta):  # a NaN would poison the buffer for good: send nothing new
+            logger.warning("diloco outer step %d: this peer's Δ holds NaN/Inf; contributing zeros", self.outer_steps)
+            delta = {n: torch.zeros_like(t) for n, t in delta.items()}
+        return self.compressor.compress(delta)
+
+    def _apply(self, mean: Tensors, own: Tensors | None) -> None:
+        """φ ← OuterSGD(φ, mean); θ ← φ, or (overlap, own = this peer's Δ) θ ← φ + (θ − θ_b)."""
         with torch.no_grad():
+            local = None
+            if own is not None:  # θ − θ_b with θ_b = φ_old − Δ_own: the steps taken since the boundary
+                local = {n: p.detach().float() - (self.slow[n] - own[n]).to(p.device) for n, p in self._params}
+                if not robust.is_finite(local):
+                    local = None
             for name, slow in self.slow.items():
-                slow.grad = delta[name]
+                slow.grad = mean[name]
             self.outer.step()
             self.outer.zero_grad(set_to_none=True)
             for name, p in self._params:
-                p.copy_(self.slow[name])
+                if local is None:
+                    p.copy_(self.slow[name])
+                else:
+                    p.copy_(self.slow[name].to(p.device) + local[name])
         self.outer_steps += 1
-        return peers
 
-    async def _average(self, delta: dict[str, torch.Tensor]) -> int:
-        tag = f"diloco/{self.outer_steps}"
+    async def _average(self, sent: Tensors | Sparse, tag: str) -> tuple[int, Tensors]:
+        """(members included, the round's mean Δ); on a failed round (1, this peer's own Δ)."""
         cfg = self.config
         try:
             group = await self.comm.members()
+            if isinstance(sent, Sparse):
+                assert self.compressor is not None
+                sparse = await gather_sparse(self.comm, self.compressor, sent, group=group, tag=tag,
+                                             timeout_s=cfg.timeout_s, method=cfg.robust,
+                                             trim_fraction=cfg.trim_fraction, norm_clip=cfg.norm_clip,
+                                             average=cfg.average)
+                self._count_refused(sparse.refused)
+                flat = sparse.flat if sparse.flat is not None else torch.zeros_like(self.compressor.error)
+                return len(sparse.included), self.compressor.unflatten(flat)
             if checks_on(cfg.robust, cfg.norm_clip):
-                gathered = await gather_checked(self.comm, delta, group=group, tag=tag, timeout_s=cfg.timeout_s,
+                gathered = await gather_checked(self.comm, sent, group=group, tag=tag, timeout_s=cfg.timeout_s,
                                                 method=cfg.robust, trim_fraction=cfg.trim_fraction,
                                                 norm_clip=cfg.norm_clip)
-                self.rejected_updates += len(gathered.refused)
-                self.rejected_peers = remember_refused(self.rejected_peers, gathered.refused)
-                for t in delta.values():  # nothing passed (our own Δ was non-finite too): φ stays
-                    t.zero_()
-                if gathered.tensors is not None:
-                    delta.update(gathered.tensors)
-                return len(gathered.included)
-            result = await self.comm.all_reduce(delta, group=group, tag=tag, timeout_s=cfg.timeout_s)
+                self._count_refused(gathered.refused)
+                if gathered.tensors is None:  # nothing passed (our own Δ was non-finite too): φ stays
+                    return 0, {n: torch.zeros_like(t) for n, t in sent.items()}
+                return len(gathered.included), gathered.tensors
+            result = await self.comm.all_reduce(sent, group=group, tag=tag, timeout_s=cfg.timeout_s)
         except CommClosed:
             raise
         except (CommError, TimeoutError) as exc:
             self.failed_rounds += 1
-            logger.warning("diloco outer step %d: all-reduce failed (%s); local outer step", self.outer_steps, exc)
-            return 1
+            logger.warning("%s: the exchange failed (%s); local outer step", tag, exc)
+            return 1, self._local(sent)
         if not result_is_finite(result.tensors, tag):  # a local outer step on our own Δ, if it is sane
             self.failed_rounds += 1
-            if not robust.is_finite(delta):
-                for t in delta.values():
-                    t.zero_()
-            return 1
-        delta.update(result.tensors)
-        return len(result.included)
+            return 1, self._local(sent)
+        return len(result.included), result.tensors
+
+    def _local(self, sent: Tensors | Sparse) -> Tensors:
+        """A local outer step's Δ: what this peer sent (zeros if that is not finite)."""
+        if isinstance(sent, Sparse):
+            assert self.compressor is not None
+            return self.compressor.unflatten(self.compressor.dense(sent))
+        return sent if robust.is_finite(sent) else {n: torch.zeros_like(t) for n, t in sent.items()}
+
+    def _count_refused(self, refused: Mapping[str, str]) -> None:
+        self.rejected_updates += len(refused)
+        self.rejected_peers = remember_refused(self.rejected_peers, refused)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -208,6 +367,7 @@ class DiLoCo(Strategy):
             "slow": {n: t.clone() for n, t in self.slow.items()},
             "outer_steps": self.outer_steps,
             "failed_rounds": self.failed_rounds,
+            **({"error": self.compressor.error.clone()} if self.compressor is not None else {}),
         }
 
     def join_at(self, step: int) -> None:
@@ -252,7 +412,7 @@ class DiLoCo(Strategy):
             slow = self.slow[name]
             self.outer.state[slow]["momentum_buffer"] = tensors[f"momentum/{name}"].to(slow.device, torch.float32).clone()
         self.outer_steps = step
-        return step * self.config.inner_steps
+        return step * self.config.inner_steps + self.config.overlap_steps
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         missing = sorted(set(self.slow) - set(state["slow"]))
@@ -265,3 +425,5 @@ class DiLoCo(Strategy):
         self.outer.load_state_dict(state["outer"])
         self.outer_steps = int(state["outer_steps"])
         self.failed_rounds = int(state["failed_rounds"])
+        if self.compressor is not None and "error" in state:  # the error feedback owed to the run
+            self.compressor.error.copy_(state["error"])
