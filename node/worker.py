@@ -43,7 +43,7 @@ from hyphae.training.algorithms import build_strategy
 from hyphae.training.comm import CommClosed, CommError
 from hyphae.training.robust import is_finite
 
-from . import ipc, worker_build
+from . import data_shards, ipc, worker_build
 from .worker_comm import DaemonComm
 from .worker_group import AUTO_DEVICE
 from .worker_rank import WorkerRank
@@ -151,8 +151,8 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
     rank = await WorkerRank.open(setup)  # one of the node's workers (a lone worker: rank 0 of 1)
     share = rank.group.share_int if rank.group is not None else (lambda value: value)
     try:
-        built = await worker_build.build(setup, members=comm.members, share_int=share,
-                                         local_rank=rank.rank, local_world=max(1, setup.world))
+        built = await worker_build.build(setup, share_int=share, local_rank=rank.rank, local_world=max(1, setup.world),
+                                         member_shard=lambda: data_shards.member_shard(comm, worker_build.data_id(setup)))
     except ValueError as exc:  # a setting the user must fix: restarting would fail again
         return await _cannot_train(comm, exc)
     model, batches, val = built.model, built.batches, built.val
@@ -183,8 +183,13 @@ async def _train(setup: ipc.Setup, comm: DaemonComm, stop: asyncio.Event) -> int
         return 0
     reporter = _Reporter(comm, strategy, worker_build.model_label(setup))
     steps = _StepCounter(start)
+    every: list[Callback] = [steps]
+    if isinstance(batches, BatchStream):  # follow the run's shard table (a text stream keeps its shard)
+        every.append(data_shards.ShardKeeper(strategy.comm, batches, worker_build.data_id(setup),
+                                             every=setup.log_every, local_rank=rank.rank,
+                                             local_world=max(1, setup.world)))
     training = asyncio.ensure_future(train(strategy, batches, loop, val_set=val, checkpoints=store,
-                                           callbacks=rank.callbacks([reporter], [steps], stop), start_step=start))
+                                           callbacks=rank.callbacks([reporter], every, stop), start_step=start))
     stopper = asyncio.ensure_future(rank.stop_signal(stop).wait())
     await asyncio.wait([training, stopper], return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()

@@ -14,12 +14,13 @@ Data (first match wins):
 - other text files read as bytes (a ``.txt`` file, a directory of ``.md``): the byte-level file
   corpus, as before (memory-mapped from the data dir's cache).
 
-A member's shard of streamed data is ``(k, n)``: its place among the run's members sorted by peer
-id when it first trained on this data, times the node's local workers. It is kept in
-``DATA_DIR/data-shard.json`` so a restart reads the same shard (and its checkpointed position
-stays valid) even if the membership has changed since; members that joined later read shards of
-a larger ``n``, which can overlap an earlier member's (reassignment through the run state is
-future work).
+A member's shard is ``(k, n)``: its place in the run's shard table (:mod:`.data_shards`, kept in
+the run state by the lowest live member), times the node's local workers. A ``BatchStream``
+corpus (built-in, bytes, ``.bin``) follows the table while it trains (:class:`~.data_shards.
+ShardKeeper`: a member that goes has its windows spread over the others, a joiner gets its own),
+so no two live members read the same window under one table. A text stream's checkpointed
+position belongs to its shard, so its shard is the table's when it first trained on this data,
+kept in ``DATA_DIR/data-shard.json`` for restarts; it changes only with a fresh data dir.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ from hyphae.training.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 from . import ipc
 
-__all__ = ["Built", "build", "fit_vocab", "model_label"]
+__all__ = ["Built", "build", "data_id", "fit_vocab", "model_label"]
 
 log = logging.getLogger(__name__)
 
@@ -82,15 +83,16 @@ def fit_vocab(tokenizer_vocab: int) -> int:
     return -(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
-async def build(setup: ipc.Setup, *, members: Callable[[], Awaitable[list[str]]],
+async def build(setup: ipc.Setup, *, member_shard: Callable[[], Awaitable[tuple[int, int]]],
                 share_int: Callable[[int], int] = lambda value: value,
                 local_rank: int = 0, local_world: int = 1) -> Built:
     """Build the model and the data streams this worker trains on.
 
     Args:
         setup: what the daemon asked for.
-        members: gives the run's live members; called by local rank 0 only, for streamed data
-            on the first start of this data dir.
+        member_shard: this member's (k, n) in the run's shard table (:func:`.data_shards.
+            member_shard`); called by local rank 0 only (a text stream: on the first start of
+            this data dir only).
         share_int: rank 0's value on every local worker (a collective: every rank calls it).
         local_rank, local_world: this worker's place among the node's workers.
 
@@ -105,14 +107,20 @@ async def build(setup: ipc.Setup, *, members: Callable[[], Awaitable[list[str]]]
                          f"embeds {vocab}; use the model's own tokenizer")
     seq_len = min(setup.seq_len, model.config.context_length)
     if _streamed(setup, tokenizer):
-        shard = await _shard(setup, members, share_int, local_rank, local_world)
+        shard = await _shard(setup, member_shard, share_int, local_rank, local_world, saved=True)
         batches, val = _open_text(setup, tokenizer or ByteTokenizer(), seq_len, shard)
         return Built(model, batches, val, tokenizer or batches.tokenizer)
-    corpus = load_corpus(DataConfig(source=setup.data or "stdlib", cache_dir=setup.cache_dir),
-                         min_tokens=seq_len + 1)
+    corpus = load_corpus(DataConfig(source=data_id(setup), cache_dir=setup.cache_dir), min_tokens=seq_len + 1)
     corpus.check_vocab(vocab)
+    shard = await _shard(setup, member_shard, share_int, local_rank, local_world, saved=False)
     stream = setup.peer_id if local_world == 1 else f"{setup.peer_id}/{local_rank}"
-    batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed, stream=stream)
+    try:
+        batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed,
+                              stream=stream, shard=shard)
+    except ValueError:  # more members than windows: share the whole corpus (or fail below, for good)
+        log.warning("the corpus has too few windows for shard %d/%d; reading all of it", *shard)
+        batches = BatchStream(corpus.train, batch_size=setup.batch_size, seq_len=seq_len, seed=setup.seed,
+                              stream=stream)
     val = validation_batches(corpus.val, batch_size=setup.batch_size, seq_len=seq_len, n_batches=EVAL_BATCHES)
     return Built(model, batches, val, None)
 
@@ -173,19 +181,24 @@ def _streamed(setup: ipc.Setup, tokenizer: Tokenizer | None) -> bool:
     return tokenizer is not None or is_text_source(setup.data)
 
 
-async def _shard(setup: ipc.Setup, members: Callable[[], Awaitable[list[str]]], share_int: Callable[[int], int],
-                 local_rank: int, local_world: int) -> tuple[int, int]:
-    """(k, n) of this worker: its member's place (kept across restarts) times its local rank."""
+def data_id(setup: ipc.Setup) -> str:
+    """What the run's shard table is keyed by: the data path as configured, or "stdlib"."""
+    return setup.data or "stdlib"
+
+
+async def _shard(setup: ipc.Setup, member_shard: Callable[[], Awaitable[tuple[int, int]]],
+                 share_int: Callable[[int], int], local_rank: int, local_world: int, *, saved: bool) -> tuple[int, int]:
+    """(k, n) of this worker: its member's place in the shard table (with `saved`, the one kept
+    across restarts) times its local rank."""
     k = n = 0
     if local_rank == 0:
         path = Path(setup.checkpoint_dir).parent / SHARD_FILE
-        saved = _saved_member_shard(path, setup.data)
-        if saved is None:
-            live = sorted(await members())
-            k = live.index(setup.peer_id) if setup.peer_id in live else len(live)
-            saved = (k, max(len(live), k + 1))
-            _save_member_shard(path, setup.data, saved)
-        k, n = saved
+        kept = _saved_member_shard(path, setup.data) if saved else None
+        if kept is None:
+            kept = await member_shard()
+            if saved:
+                _save_member_shard(path, setup.data, kept)
+        k, n = kept
     k, n = share_int(k), share_int(n)
     log.info("reading data shard %d/%d (member %d of %d, local worker %d of %d)",
              k * local_world + local_rank, n * local_world, k, n, local_rank, local_world)

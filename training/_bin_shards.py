@@ -8,11 +8,20 @@ Two layouts are accepted:
 A file whose first int32 is the llm.c magic is read as llm.c (and must be valid); anything else
 is raw. Validation split: shards whose file name contains "val" are validation, the others
 training; without such a shard the last `val_fraction` of the training tokens are held out.
+
+Index: the one pass over every token (the largest token id, which sizes the vocabulary check) is
+made once per shard and kept in ``<cache_dir>/bin-index.json`` under the shard's resolved path,
+size and mtime, so a restart opens a folder of shards in the time of reading their headers. A
+shard rewritten in place gets a new size or mtime and is scanned again; an unreadable index is
+rebuilt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +30,10 @@ import numpy as np
 LLMC_MAGIC = 20240520
 LLMC_VERSION = 1
 LLMC_HEADER_BYTES = 256 * 4
+INDEX_FILE = "bin-index.json"
+_INDEX_VERSION = 1
+
+logger = logging.getLogger(__name__)
 
 
 class ShardError(ValueError):
@@ -92,13 +105,15 @@ def find_shards(source: Path) -> list[Path]:
     return shards
 
 
-def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int) -> TokenShards:
+def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int,
+                      cache_dir: Path | None = None) -> TokenShards:
     """Open every shard of `source` and split it into training and validation segments.
 
     Args:
         source: a `.bin` file or a directory of them.
         val_fraction: share of training tokens held out when no shard is named "*val*".
         min_tokens: shortest usable segment (sequence length + 1); shorter shards are an error.
+        cache_dir: where the shard index is kept (None: every token is scanned each time).
 
     Raises:
         ShardError: any malformed or too-short shard.
@@ -117,8 +132,54 @@ def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int) -> 
         raise ShardError(f"{source}: every shard is a validation shard (name contains 'val'); add training shards")
     if not val:
         train, val = _hold_out_tail(train, val_fraction, min_tokens, source)
-    max_token = max(int(t.max()) for t in train + val)
+    max_token = max(max_tokens(segments, cache_dir).values())
     return TokenShards(train, val, max_token, _fingerprint(paths))
+
+
+def max_tokens(segments: dict[Path, np.ndarray], cache_dir: Path | None) -> dict[Path, int]:
+    """The largest token id of each shard, from the index in `cache_dir` where it is current."""
+    index_path = cache_dir / INDEX_FILE if cache_dir is not None else None
+    index = _read_index(index_path) if index_path is not None else {}
+    out: dict[Path, int] = {}
+    changed = False
+    for path, tokens in segments.items():
+        key, stamp = str(path.resolve()), _stamp(path)
+        entry = index.get(key)
+        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("max_token"), int):
+            out[path] = entry["max_token"]
+            continue
+        out[path] = int(tokens.max())
+        index[key] = {"stamp": stamp, "max_token": out[path]}
+        changed = True
+    if changed and index_path is not None:
+        _write_index(index_path, index)
+    return out
+
+
+def _stamp(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
+def _read_index(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict) or data.get("version") != _INDEX_VERSION or not isinstance(data.get("shards"), dict):
+        return {}
+    return data["shards"]
+
+
+def _write_index(path: Path, shards: dict[str, object]) -> None:
+    """Best effort: a cache that cannot be written only costs the scan next time."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": _INDEX_VERSION, "shards": shards}))
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not write the .bin shard index %s (%s); shards are scanned on each start", path, exc)
 
 
 def _hold_out_tail(

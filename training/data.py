@@ -50,8 +50,8 @@ class DataConfig:
     one of "stdlib", "text", "bin"."""
 
     cache_dir: str | None = None
-    """Directory for the flattened byte corpus; None re-reads the files on every start (~0.5 s
-    for the stdlib)."""
+    """Directory for the flattened byte corpus and the `.bin` shard index; None re-reads the
+    files (~0.5 s for the stdlib) or scans every shard token on every start."""
 
     val_every: int = 20
     """File corpora: every `val_every`-th file is validation."""
@@ -132,7 +132,8 @@ def load_corpus(config: DataConfig, *, min_tokens: int = 2) -> Corpus:
     kind = _resolve_kind(config)
     if kind == "bin":
         shards = _bin_shards.load_token_shards(
-            Path(config.source), val_fraction=config.val_fraction, min_tokens=min_tokens
+            Path(config.source), val_fraction=config.val_fraction, min_tokens=min_tokens,
+            cache_dir=Path(config.cache_dir) if config.cache_dir else None,
         )
         corpus = Corpus(
             tuple(shards.train), tuple(shards.val), shards.max_token + 1, shards.fingerprint,
@@ -232,6 +233,17 @@ class BatchStream:
         starts = np.array([s.size - seq_len for s in self._segments], dtype=np.int64)
         self._cum = np.concatenate([[0], np.cumsum(starts)])
         self._lo, self._hi = _shard_range(int(self._cum[-1]), shard)
+        self.shard = shard
+
+    def reshard(self, shard: tuple[int, int] | None) -> None:
+        """Confine the stream to another slice from the next batch on (the members' shares were
+        reassigned); the position is kept, so batch i stays a pure function of (key, i, shard).
+
+        Raises:
+            ValueError: a malformed or empty shard (the stream is left as it was).
+        """
+        self._lo, self._hi = _shard_range(int(self._cum[-1]), shard)
+        self.shard = shard
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The next batch: int64 tensors (batch_size, seq_len); targets are inputs shifted by one."""

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from hyphae.node import ipc, worker_build
-from hyphae.training import BatchStream
+from hyphae.node.data_shards import member_shard
+from hyphae.training import BatchStream, SimNetwork, run_virtual
 from hyphae.training.text_stream import TextStream
 
 
@@ -23,10 +24,13 @@ def _setup(tmp_path: Path, **changes) -> ipc.Setup:
 
 
 def _build(setup: ipc.Setup, members=("12D3KooWA", "12D3KooWB", "12D3KooWC")) -> worker_build.Built:
-    async def live() -> list[str]:
-        return list(members)
-
-    return asyncio.run(worker_build.build(setup, members=live))
+    """Build as member `setup.peer_id` of a run whose other live members are `members`."""
+    net = SimNetwork()
+    for peer in sorted(set(members) | {setup.peer_id}):
+        comm = net.add_peer(peer)
+        if peer == setup.peer_id:
+            mine = comm
+    return run_virtual(worker_build.build(setup, member_shard=lambda: member_shard(mine, worker_build.data_id(setup))))
 
 
 def _jsonl(path: Path, docs: int = 3000) -> Path:
@@ -82,3 +86,10 @@ def test_a_small_plain_text_file_without_a_tokenizer_is_the_byte_corpus_as_befor
     text.write_text("def f(x):\n    return x + 1\n" * 3000)
     built = _build(_setup(tmp_path, data=str(text)))
     assert isinstance(built.batches, BatchStream) and built.val
+
+
+def test_the_builtin_corpus_is_read_from_this_members_shard_of_the_runs_table(tmp_path: Path) -> None:
+    built = _build(_setup(tmp_path))
+    assert built.batches.shard == (1, 3)  # B is second of A, B, C
+    alone = _build(_setup(tmp_path), members=())
+    assert alone.batches.shard == (0, 1)

@@ -1,5 +1,6 @@
 """Built-in data: the stdlib corpus, file splits, per-peer streams, .bin shard validation."""
 
+import json
 import time
 from pathlib import Path
 
@@ -159,3 +160,47 @@ def test_shard_shorter_than_one_window_is_an_error(tmp_path: Path) -> None:
     _write_llmc(tmp_path / "tiny.bin", np.arange(10))
     with pytest.raises(ShardError, match="shorter than one training window"):
         load_corpus(DataConfig(source=str(tmp_path)), min_tokens=129)
+
+
+def test_bin_shards_are_scanned_once_then_opened_from_the_cached_index(tmp_path: Path) -> None:
+    shards, cache = tmp_path / "shards", tmp_path / "cache"
+    shards.mkdir()
+    _write_llmc(shards / "a_train.bin", np.arange(1000) % 700)
+    _write_llmc(shards / "b_val.bin", np.arange(300))
+    config = DataConfig(source=str(shards), cache_dir=str(cache))
+    assert load_corpus(config, min_tokens=17).vocab_size == 700
+    index = cache / "bin-index.json"
+    data = json.loads(index.read_text())
+    assert sorted(v["max_token"] for v in data["shards"].values()) == [299, 699]
+    # The next start believes the index instead of scanning: a planted value shows through.
+    for entry in data["shards"].values():
+        entry["max_token"] = 4242
+    index.write_text(json.dumps(data))
+    assert load_corpus(config, min_tokens=17).vocab_size == 4243
+    # A shard rewritten in place (new size and mtime) is scanned again.
+    _write_llmc(shards / "a_train.bin", np.arange(1200) % 900)
+    assert load_corpus(config, min_tokens=17).vocab_size == 4243  # the val shard's entry still says 4242
+    assert json.loads(index.read_text())["shards"][str((shards / "a_train.bin").resolve())]["max_token"] == 899
+
+
+def test_an_unreadable_bin_index_is_rebuilt(tmp_path: Path) -> None:
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "bin-index.json").write_text("{not json")
+    _write_llmc(tmp_path / "train.bin", np.arange(500) % 300)
+    corpus = load_corpus(DataConfig(source=str(tmp_path / "train.bin"), cache_dir=str(tmp_path / "cache")),
+                         min_tokens=17)
+    assert corpus.vocab_size == 300
+    assert json.loads((tmp_path / "cache" / "bin-index.json").read_text())["version"] == 1
+
+
+def test_batch_stream_reshard_moves_its_windows_and_keeps_its_position() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)
+    stream = BatchStream([tokens], batch_size=16, seq_len=8, seed=0, stream="p", shard=(0, 2))
+    stream.next()
+    assert int(stream.next()[0][:, 0].max()) < 5000
+    stream.reshard((1, 2))
+    assert stream.position == 2 and stream.shard == (1, 2)
+    assert int(stream.next()[0][:, 0].min()) >= 4990
+    with pytest.raises(ValueError, match="shard"):
+        stream.reshard((3, 2))
+    assert stream.shard == (1, 2)
