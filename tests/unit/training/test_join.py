@@ -275,3 +275,40 @@ def test_step_records_are_written_every_record_every_boundaries_while_nobody_ask
         run_virtual(desk.boundary(b))
         written.append(run_virtual(comm.state_get(f"{OUTER_PREFIX}{comm.peer_id}"))["step"])
     assert written == [1, 1, 3, 3, 3, 6, 6]  # the first, then every 3rd
+
+
+def _spes_run(micro_config: ModelConfig):
+    from hyphae.training import SPES, SPESConfig
+
+    cfg = micro_config.replace(n_experts=4, top_k=2)
+    spes = SPESConfig(optimizer=INNER, sync_steps=4, merge_interval=0)
+    net = SimNetwork(latency_s=0.01)
+    nodes = [SPES(build_model(cfg, seed=0), c, spes) for c in net.add_peers(2)]
+
+    async def run():
+        await asyncio.gather(*(train(s, _stream(i), LoopConfig(max_steps=8)) for i, s in enumerate(nodes)))
+
+    run_virtual(run())
+    return net, nodes, cfg, spes
+
+
+def test_a_spes_joiner_starts_at_the_synced_weights_step_so_its_rounds_carry_the_members_numbers(
+        micro_config: ModelConfig) -> None:
+    from hyphae.training import SPES
+
+    net, nodes, cfg, spes = _spes_run(micro_config)
+    joiner = SPES(build_model(cfg, seed=9), net.add_peer("joiner"), spes)
+    assert run_virtual(joiner.catch_up()) == 8  # the members' last sync, not step 0
+    assert all(torch.equal(p, dict(nodes[0].model.named_parameters())[n])
+               for n, p in joiner.model.named_parameters())
+
+
+def test_a_spes_record_claiming_a_step_above_the_experts_is_not_believed(micro_config: ModelConfig) -> None:
+    from hyphae.training import SPES
+    from hyphae.training.spes import SHARED_KEY
+
+    net, nodes, cfg, spes = _spes_run(micro_config)
+    record = run_virtual(nodes[0].comm.state_get(SHARED_KEY))
+    run_virtual(nodes[1].comm.state_set(SHARED_KEY, {**record, "step": 10**9}))
+    joiner = SPES(build_model(cfg, seed=9), net.add_peer("joiner"), spes)
+    assert run_virtual(joiner.catch_up()) is None
