@@ -9,9 +9,10 @@ A file whose first int32 is the llm.c magic is read as llm.c (and must be valid)
 is raw. Validation split: shards whose file name contains "val" are validation, the others
 training; without such a shard the last `val_fraction` of the training tokens are held out.
 
-Index: the one pass over every token (the largest token id, which sizes the vocabulary check) is
-made once per shard and kept in ``<cache_dir>/bin-index.json`` under the shard's resolved path,
-size and mtime, so a restart opens a folder of shards in the time of reading their headers. A
+Index: the one pass over every token (the largest token id, which sizes the vocabulary check) and
+the shard's digest (first and last MiB) are made once per shard and kept in
+``<cache_dir>/bin-index.json`` under its resolved path, size and mtime, so a restart opens a folder
+of shards in the time of reading their headers. A
 shard rewritten in place gets a new size or mtime and is scanned again; an unreadable index is
 rebuilt.
 """
@@ -132,24 +133,27 @@ def load_token_shards(source: Path, *, val_fraction: float, min_tokens: int,
         raise ShardError(f"{source}: every shard is a validation shard (name contains 'val'); add training shards")
     if not val:
         train, val = _hold_out_tail(train, val_fraction, min_tokens, source)
-    max_token = max(max_tokens(segments, cache_dir).values())
-    return TokenShards(train, val, max_token, _fingerprint(paths))
+    index = shard_index(segments, cache_dir)
+    max_token = max(m for m, _ in index.values())
+    return TokenShards(train, val, max_token, _fingerprint(paths, {p: d for p, (_, d) in index.items()}))
 
 
-def max_tokens(segments: dict[Path, np.ndarray], cache_dir: Path | None) -> dict[Path, int]:
-    """The largest token id of each shard, from the index in `cache_dir` where it is current."""
+def shard_index(segments: dict[Path, np.ndarray], cache_dir: Path | None) -> dict[Path, tuple[int, str]]:
+    """(largest token id, content digest) of each shard, from the index in `cache_dir` where it
+    is current; the others are scanned (and the index updated)."""
     index_path = cache_dir / INDEX_FILE if cache_dir is not None else None
     index = _read_index(index_path) if index_path is not None else {}
-    out: dict[Path, int] = {}
+    out: dict[Path, tuple[int, str]] = {}
     changed = False
     for path, tokens in segments.items():
         key, stamp = str(path.resolve()), _stamp(path)
         entry = index.get(key)
-        if isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("max_token"), int):
-            out[path] = entry["max_token"]
+        if (isinstance(entry, dict) and entry.get("stamp") == stamp and isinstance(entry.get("max_token"), int)
+                and isinstance(entry.get("digest"), str)):
+            out[path] = (entry["max_token"], entry["digest"])
             continue
-        out[path] = int(tokens.max())
-        index[key] = {"stamp": stamp, "max_token": out[path]}
+        out[path] = (int(tokens.max()), _shard_digest(path))
+        index[key] = {"stamp": stamp, "max_token": out[path][0], "digest": out[path][1]}
         changed = True
     if changed and index_path is not None:
         _write_index(index_path, index)
@@ -197,14 +201,21 @@ def _hold_out_tail(
     return train[:-1] + [last[: last.size - want]], [last[last.size - want :]]
 
 
-def _fingerprint(paths: list[Path]) -> str:
-    """Cheap identity of the shard set: names, sizes and the first and last MiB of each."""
+def _shard_digest(path: Path) -> str:
+    """Cheap identity of one shard: its size and the first and last MiB (sha256)."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    h.update(f"{size}\0".encode())
+    with path.open("rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return h.hexdigest()
+
+
+def _fingerprint(paths: list[Path], digests: dict[Path, str]) -> str:
+    """Identity of the shard set: each shard's name and `_shard_digest`, in order."""
     h = hashlib.sha256()
     for path in paths:
-        size = path.stat().st_size
-        h.update(f"{path.name}\0{size}\0".encode())
-        with path.open("rb") as f:
-            h.update(f.read(1 << 20))
-            f.seek(max(0, size - (1 << 20)))
-            h.update(f.read(1 << 20))
+        h.update(f"{path.name}\0{digests[path]}\0".encode())
     return h.hexdigest()
