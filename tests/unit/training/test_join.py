@@ -89,19 +89,23 @@ def _run_with_joiner(micro_config: ModelConfig, make, *, join_after: int, total:
     return members, out, seen
 
 
+@pytest.mark.parametrize("overlap", [0, 1])
 def test_a_diloco_joiner_matches_the_members_phi_and_momentum_after_its_first_outer_step(
-        micro_config: ModelConfig) -> None:
-    cfg = DiLoCoConfig(inner=INNER, inner_steps=H, timeout_s=5.0)
+        micro_config: ModelConfig, overlap: int) -> None:
+    cfg = DiLoCoConfig(inner=INNER, inner_steps=H, timeout_s=5.0, overlap_steps=overlap)
     members, out, seen = _run_with_joiner(micro_config, lambda m, c: DiLoCo(m, c, cfg), join_after=2 * H,
                                           total=8 * H)
-    start = out["start"]
-    assert isinstance(start, int) and start % H == 0 and start >= 2 * H
+    start = out["start"]  # with overlap, the step at which the members applied that outer step
+    assert isinstance(start, int) and (start - overlap) % H == 0 and start >= 2 * H
+    start -= overlap
     joiner = out["strategy"]
     later = [s for s in sorted(seen) if s > start]
     assert len(later) >= 3
     for step in later:  # from its first outer step on, the same (φ, momentum) bits as everyone
         assert len(set(seen[step].values())) == 1 and len(seen[step]) == 4, (step, seen[step])
-    assert out["loaded"] == seen[start][members[0].comm.peer_id]
+    # What it loaded is what the members held from that outer step on (with overlap, a member
+    # records the step's φ at the next multiple of H: it was applied τ steps after this one).
+    assert out["loaded"] == seen[start + (H if overlap else 0)][members[0].comm.peer_id]
     assert _digest(joiner.slow) == _digest(members[0].slow)
     assert joiner.outer_steps == members[0].outer_steps == 8
 
