@@ -1,7 +1,6 @@
 """Built-in data: the stdlib corpus, file splits, per-peer streams, .bin shard validation."""
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +36,11 @@ def test_stdlib_corpus_is_found_from_the_interpreter_and_split_one_file_in_twent
 
 def test_cached_stdlib_corpus_opens_fast_and_matches_the_uncached_one(tmp_path: Path) -> None:
     first = load_corpus(DataConfig(cache_dir=str(tmp_path)))
-    start = time.perf_counter()
+    written = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     again = load_corpus(DataConfig(cache_dir=str(tmp_path)))
-    assert time.perf_counter() - start < 0.5
+    # Fast because nothing is rebuilt: the cache is mapped as it is, not rewritten (a wall-clock
+    # bound here failed under load; tests check what happens, bench/ measures speed).
+    assert written and {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == written
     assert isinstance(again.train[0], np.memmap)
     assert again.fingerprint == first.fingerprint
     assert np.array_equal(again.val[0], first.val[0])
