@@ -35,6 +35,14 @@ and its sender reported to the node (`Comm.refuse`, which lowers its score); wit
 k × (our own progress norm or the running median of accepted ones) — the step then goes on
 without it, as if it had not answered (not reported: an honest outlier can trip it). With `robust` = "median" / "trimmed_mean" a group of
 n ≥ 3 combines coordinate-wise robustly instead of by the mean.
+
+Compression (SparseLoCo, `compression = "topk-int8"` / `"topk-2bit"`, `density`): the progress
+θ − φ goes into a local error-feedback buffer and only its top-k per chunk travels
+(training/compression.py; decoded with bounds checks, a payload that fails is a bad reply). Then
+this node's progress counts as what it *sent* in the group means too (the rest is still owed, in
+the buffer), so both ends of a pair compute the same D̄. φ is not a delta and cannot be
+sparsified: it travels as `quantize` says (fp32 or int8), which bounds the saving at about 4x
+(int8) or 2x (fp32) over plain NoLoCo.
 """
 
 from __future__ import annotations
@@ -54,6 +62,7 @@ from hyphae.training import robust
 from hyphae.training._robust_gather import remember_refused
 from hyphae.training._pairing import group_of
 from hyphae.training.comm import Comm, CommClosed, CommError
+from hyphae.training.compression import Compressor, check_compression_options, decode, encode
 from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
 from hyphae.training.strategy import Metrics, Precision, Strategy
@@ -123,6 +132,19 @@ class NoLoCoConfig:
     median of accepted ones), or whose φ is further from ours than 2k × the same kind of
     reference; 0 = off."""
 
+    compression: str = "none"
+    """How the progress θ − φ travels: "none" (as `quantize` says), "topk-int8" or "topk-2bit"
+    (SparseLoCo top-k per chunk with error feedback; φ still follows `quantize`)."""
+
+    density: float = 0.01
+    """With compression: the share of each chunk sent (k = density × chunk_size)."""
+
+    chunk_size: int = 4096
+    """With compression: elements per top-k chunk (at most 32768)."""
+
+    error_decay: float = 1.0
+    """With compression: β of e ← β·e + (θ − φ) (1 = plain error feedback)."""
+
     def __post_init__(self) -> None:
         if not isinstance(self.inner, AdamWConfig):
             raise ValueError(f"inner must be an AdamWConfig, got {type(self.inner).__name__}")
@@ -130,6 +152,7 @@ class NoLoCoConfig:
         check_positive("outer_lr", self.outer_lr)
         check_range("outer_momentum", self.outer_momentum, 0.0, 0.999999)
         check_range("consensus", self.consensus, 0.0, 1.0)
+        check_compression_options(self.compression, self.density, self.chunk_size, self.error_decay)
         check_int("group_size", self.group_size, minimum=2)
         check_positive("timeout_s", self.timeout_s)
         check_choice("quantize", self.quantize, QUANTIZE)
@@ -215,6 +238,13 @@ class NoLoCo(Strategy):
         # between pairings, reached ~3.6x our progress norm in 8-peer runs: that check gets 2k.
         self._guards = (robust.NormGuard(k), robust.NormGuard(2 * k)) if k else None  # progress, φ distance
         self.joins = JoinDesk(comm, self, layout=layout_of(self._params))
+        cfg = self.config
+        self.compressor: Compressor | None = None
+        if cfg.compression != "none":
+            self.compressor = Compressor({n: s.shape for n, s in self.slow.items()}, compression=cfg.compression,
+                                         density=cfg.density, chunk_size=cfg.chunk_size,
+                                         error_decay=cfg.error_decay, device=next(iter(self.slow.values())).device)
+        self._sent_progress: Tensors | None = None  # with compression: this step's progress as sent
 
     async def step(self, step: int) -> Metrics:
         metrics = self.local_update(self.inner, self.config.inner, step)
@@ -242,9 +272,12 @@ class NoLoCo(Strategy):
         with torch.no_grad():
             phi = self.slow  # read-only until the update below; the Comm copies what it sends
             progress = {n: p.detach().float() - self.slow[n] for n, p in self._params}
+        self._sent_progress = None
         received = self._screen(await self._exchange_with_group(t, phi, progress), phi, progress)
         for peer, why in self._garbage.items():
             await self.comm.refuse(peer, f"noloco/{t}: {why}")
+        if self._sent_progress is not None:  # compressed: what was not sent is still owed
+            progress = self._sent_progress
         if received:
             phibar, dbar = self._group_means(phi, progress, received, me)
         else:
@@ -338,26 +371,41 @@ class NoLoCo(Strategy):
     # --- wire format -------------------------------------------------------------------------
 
     def _encode(self, phi: Tensors, progress: Tensors) -> Tensors:
+        if self.compressor is None:
+            return {**self._encode_dense("phi", phi), **self._encode_dense("progress", progress)}
+        if not robust.is_finite(progress):  # a NaN would poison the error buffer for good
+            logger.warning("noloco outer step %d: this node's progress holds NaN/Inf; sending zeros", self.outer_steps)
+            progress = {n: torch.zeros_like(t) for n, t in progress.items()}
+        sent = self.compressor.compress(progress)
+        self._sent_progress = self.compressor.unflatten(self.compressor.dense(sent))
+        return {**self._encode_dense("phi", phi), **encode(sent, "progress/")}
+
+    def _encode_dense(self, kind: str, tensors: Tensors) -> Tensors:
         if self.config.quantize == "none":
-            return {**{f"phi/{n}": t for n, t in phi.items()}, **{f"progress/{n}": t for n, t in progress.items()}}
+            return {f"{kind}/{n}": t for n, t in tensors.items()}
         out: Tensors = {}
-        for kind, tensors in (("phi", phi), ("progress", progress)):
-            errors = self._errors[kind]
-            for name, t in tensors.items():
-                if self.config.error_feedback:
-                    buf = errors.setdefault(name, torch.zeros_like(t).contiguous())
-                    buf.add_(t)
-                    q = quantize_ef_(buf, bits=8)
-                else:
-                    q = quantize(t, bits=8)
-                out[f"{kind}/{name}/codes"] = q.codes
-                out[f"{kind}/{name}/scales"] = q.scales
+        errors = self._errors[kind]
+        for name, t in tensors.items():
+            if self.config.error_feedback:
+                buf = errors.setdefault(name, torch.zeros_like(t).contiguous())
+                buf.add_(t)
+                q = quantize_ef_(buf, bits=8)
+            else:
+                q = quantize(t, bits=8)
+            out[f"{kind}/{name}/codes"] = q.codes
+            out[f"{kind}/{name}/scales"] = q.scales
         return out
 
     def _decode(self, reply: Mapping[str, torch.Tensor]) -> tuple[Tensors, Tensors]:
+        """(φ, θ − φ) of a partner; ValueError (CompressedPayloadError included) if it does not fit."""
         out: tuple[Tensors, Tensors] = ({}, {})
         block = DEFAULT_BLOCK_SIZE[8]
-        for which, kind in enumerate(("phi", "progress")):
+        kinds = ("phi", "progress")
+        if self.compressor is not None:
+            sp = decode(reply, self.compressor.layout, prefix="progress/", device=self.compressor.error.device)
+            out = ({}, self.compressor.unflatten(self.compressor.dense(sp)))
+            kinds = ("phi",)
+        for which, kind in enumerate(kinds):
             for name, ref in self.slow.items():
                 if self.config.quantize == "none":
                     t = reply[f"{kind}/{name}"]
@@ -383,6 +431,7 @@ class NoLoCo(Strategy):
             "errors": {k: {n: t.clone() for n, t in v.items()} for k, v in self._errors.items()},
             "outer_steps": self.outer_steps,
             "local_only_steps": self.local_only_steps,
+            **({"progress_error": self.compressor.error.clone()} if self.compressor is not None else {}),
         }
 
     def join_at(self, step: int) -> None:
@@ -430,4 +479,6 @@ class NoLoCo(Strategy):
         self.inner.load_state_dict(state["inner"])
         self.outer_steps = int(state["outer_steps"])
         self.local_only_steps = int(state["local_only_steps"])
+        if self.compressor is not None and "progress_error" in state:  # the progress still owed
+            self.compressor.error.copy_(state["progress_error"])
 
