@@ -30,7 +30,11 @@ process of mean spacing `gossip_interval_s` on the run clock, drawn from a hash 
 pairing (`_pairing.groups`, n = 2) gives it. So each peer gossips at Poisson times of rate
 1/gossip_interval_s with a uniformly random other member (per edge: Poisson of rate
 1/((N−1)·interval)), with no coordinator, no message to arrange it and no dependence on N in the
-schedule. It needs the peers' `comm.now()` to be one run clock (true in SimNetwork; a daemon whose
+schedule. A byte budget (`bytes_per_s` > 0) sets that interval to (bytes one gossip sends) /
+budget: every member derives the same interval from the same model, so the clock stays shared,
+and each peer then sends about `bytes_per_s` on average (a little less with an odd number of
+members, where one sits out each tick) — what compares it with DiLoCo at equal bytes per peer.
+It needs the peers' `comm.now()` to be one run clock (true in SimNetwork; a daemon whose
 clocks differ by more than `timeout_s` simply never meets, and the peers train alone).
 """
 
@@ -56,7 +60,7 @@ from hyphae.training.model import GPT
 from hyphae.training.optim import AdamWConfig, build_adamw
 from hyphae.training.strategy import Metrics, Precision, Strategy
 
-__all__ = ["ACiD2", "ACiD2Config", "acid_constants", "gossip_", "mix_", "tick_times"]
+__all__ = ["ACiD2", "ACiD2Config", "acid_constants", "gossip_", "gossip_interval", "mix_", "tick_times"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +77,10 @@ class ACiD2Config:
     gossip_interval_s: float = 1.0
     """Mean seconds between two gossips of one peer (run-wide: every peer draws the same
     ticks). About one step time gives the paper's one communication per gradient."""
+
+    bytes_per_s: float = 0.0
+    """A budget of bytes sent per second per peer; > 0 replaces gossip_interval_s by (bytes of
+    one gossip: the fp32 weights) / bytes_per_s. 0 = off (gossip_interval_s applies)."""
 
     timeout_s: float = 5.0
     """How long a gossip waits for its partner (arrival and transfer) before skipping it."""
@@ -96,6 +104,7 @@ class ACiD2Config:
         if not isinstance(self.optimizer, AdamWConfig):
             raise ValueError(f"optimizer must be an AdamWConfig, got {type(self.optimizer).__name__}")
         check_positive("gossip_interval_s", self.gossip_interval_s)
+        check_positive("bytes_per_s", self.bytes_per_s, allow_zero=True)
         check_positive("timeout_s", self.timeout_s)
         check_int("max_in_flight", self.max_in_flight, minimum=1)
         if self.eta is not None:
@@ -153,6 +162,23 @@ def _work_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return dtype
 
 
+def gossip_interval(config: ACiD2Config, gossip_bytes: int) -> float:
+    """The gossip clock's mean spacing: gossip_bytes / bytes_per_s under a budget, else the config's.
+
+    Raises:
+        ValueError: the budget asks for gossips closer than the clock can draw (the message says
+            the largest budget that works).
+    """
+    if config.bytes_per_s <= 0:
+        return config.gossip_interval_s
+    interval = gossip_bytes / config.bytes_per_s
+    shortest = TICK_WINDOW_S / _TICKS_PER_WINDOW
+    if interval < shortest:
+        raise ValueError(f"bytes_per_s {config.bytes_per_s:g} asks for a gossip every {interval:.3g} s; the clock "
+                         f"draws at most one per {shortest:g} s: use bytes_per_s <= {gossip_bytes / shortest:.3g}")
+    return interval
+
+
 TICK_WINDOW_S = 60.0
 """The gossip clock restarts its Poisson process every window, so a peer joins it at `now`
 without replaying every tick since t = 0 (the run clock is wall time in the daemon)."""
@@ -207,6 +233,10 @@ class ACiD2(Strategy):
         self._params = list(self.trainable_parameters())
         self.optimizer = build_adamw(self._params, self.config.optimizer)
         self.x_tilde = {n: p.detach().clone().float() for n, p in self._params}
+        self.gossip_bytes = sum(4 * p.numel() for _, p in self._params)
+        """Payload bytes one gossip sends (the weights in fp32)."""
+        self.gossip_interval_s = gossip_interval(self.config, self.gossip_bytes)
+        """Mean seconds between two gossip ticks: the config's, or set by the byte budget."""
         self.step_time_s: float | None = None
         self.gossips = 0
         self.failed_gossips = 0
@@ -257,8 +287,8 @@ class ACiD2(Strategy):
         n = self._members
         if n < 2:
             return 0.0, 0.0
-        unit = self.step_time_s or self.config.gossip_interval_s  # before the first measurement
-        per_node = (1.0 if n % 2 == 0 else (n - 1) / n) * unit / self.config.gossip_interval_s
+        unit = self.step_time_s or self.gossip_interval_s  # before the first measurement
+        per_node = (1.0 if n % 2 == 0 else (n - 1) / n) * unit / self.gossip_interval_s
         eta, alpha_tilde = acid_constants(*complete_graph_chis(n, per_node / (n - 1)))
         cfg = self.config
         return (eta if cfg.eta is None else cfg.eta), (alpha_tilde if cfg.alpha_tilde is None else cfg.alpha_tilde)
@@ -271,7 +301,7 @@ class ACiD2(Strategy):
         if dt <= 0:
             return
         eta, _ = self.constants()
-        unit = self.step_time_s or self.config.gossip_interval_s
+        unit = self.step_time_s or self.gossip_interval_s
         for name, p in self._params:
             mix_(p.data, self.x_tilde[name], eta * dt / unit)
 
@@ -281,7 +311,7 @@ class ACiD2(Strategy):
         """Attend every tick; each gossip runs as its own task, up to `max_in_flight` at once."""
         cfg, me = self.config, self.comm.peer_id
         grace = cfg.timeout_s / 2  # a tick this late is still attended: the partner waits timeout_s
-        for k, t in tick_times(cfg.run_id, cfg.gossip_interval_s, start_s=self.comm.now()):
+        for k, t in tick_times(cfg.run_id, self.gossip_interval_s, start_s=self.comm.now()):
             now = self.comm.now()
             if t + grace < now:
                 continue  # missed (this peer was stalled): a partner that came times out
