@@ -13,12 +13,22 @@ with its own options (bench/algorithms_spes_zo.py):
 
     python bench/algorithms.py spes-zo --threads 1 --seed 0 --json bench/results/algorithms_spes_zo.json
 
-Two scenarios, every algorithm in each, all on the same model (tiny preset), the same
-per-peer data streams (built-in stdlib corpus) and the same seed, on a `SimNetwork` with 50 ms
-latency and 100 Mbit/s per peer, on the virtual clock (so waiting is simulated time):
+Scenarios, all on the same model (tiny preset), the same per-peer data streams (built-in stdlib
+corpus) and the same seed, on a `SimNetwork` with 50 ms latency and 100 Mbit/s per peer, on the
+virtual clock (so waiting is simulated time):
 
-1. `--peers` (8) peers, every gradient step taking 1 virtual second;
-2. `--straggler-peers` (32) peers, one in four 3x slower (3 s per step).
+1. `peers`: `--peers` (8) peers, every gradient step taking 1 virtual second (`--algorithms`);
+2. `stragglers`: `--straggler-peers` (32) peers, one in four 3x slower (3 s per step);
+3. `bytes` (issue 19): val loss vs bytes sent per peer on 8 peers with H = `--bytes-inner-steps`
+   (10): DiLoCo fp32 (paper defaults, and plain averaging: outer lr 1, no momentum), DiLoCo +
+   SparseLoCo (`--density` 8 %, `--sparse-bits` 2: top-k with error feedback, no outer momentum,
+   β `--error-decay` 0.95),
+   Streaming DiLoCo (the outer exchange overlapped with `--overlap-steps` inner steps), NoLoCo
+   (fp32, and int8 φ + SparseLoCo progress), A²CiD² at DiLoCo's measured bytes per second;
+4. `blocking` (issue 19): DiLoCo without and with overlap on a `--slow-bandwidth-bytes-per-s`
+   (10 Mbit/s) link: the share of wall time the worker is blocked on the network.
+
+    python bench/algorithms.py --scenarios bytes,blocking --json bench/results/algorithms_bytes.json
 
 Every peer runs the same number of steps (equal tokens). A step's virtual duration comes from a
 callback that sleeps `step_time` after each step (`Pace`); the time a loop spends inside
@@ -80,6 +90,8 @@ class Scenario:
     slow_every: int = 0  # every k-th peer (k-1, 2k-1, ...) is slow; 0 = none
     slow_factor: float = 1.0
     step_time_s: float = 1.0
+    entries: tuple[str, ...] = ()  # the algorithms this scenario runs; () = --algorithms
+    bandwidth_bytes_per_s: float = 0.0  # 0 = --bandwidth-bytes-per-s
 
     def step_time(self, i: int) -> float:
         slow = self.slow_every and (i % self.slow_every == self.slow_every - 1)
@@ -100,20 +112,55 @@ def _inner(scenario: Scenario, args: argparse.Namespace, weight_decay: float = 0
             "weight_decay": weight_decay}
 
 
+def _diloco(s: Scenario, a: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    return {"inner": _inner(s, a), "inner_steps": s.inner_steps, **extra}
+
+
+def _sparse(a: argparse.Namespace) -> dict[str, Any]:
+    """SparseLoCo: top-k per 4096-chunk with decayed error feedback in place of outer momentum."""
+    return {"compression": f"topk-{'int8' if a.sparse_bits == 8 else '2bit'}", "density": a.density,
+            "error_decay": a.error_decay}
+
+
+def _matched_budget(s: Scenario, a: argparse.Namespace) -> float:
+    """DiLoCo fp32's bytes per peer per second in this scenario (measured if it ran first)."""
+    return a.matched_bytes_per_s[s.name]
+
+
 ENTRIES: dict[str, Entry] = {
     "ddp": Entry("ddp", lambda s, a: {"optimizer": _inner(s, a)}),
-    "diloco": Entry("diloco", lambda s, a: {"inner": _inner(s, a), "inner_steps": s.inner_steps}),
+    "diloco": Entry("diloco", lambda s, a: _diloco(s, a)),
+    "diloco-avg": Entry("diloco", lambda s, a: _diloco(s, a, outer_lr=1.0, outer_momentum=0.0)),
+    "sparseloco": Entry("diloco", lambda s, a: _diloco(s, a, outer_lr=1.0, outer_momentum=0.0, **_sparse(a))),
+    "streaming": Entry("diloco", lambda s, a: _diloco(s, a, overlap_steps=a.overlap_steps)),
+    "sparseloco-overlap": Entry("diloco", lambda s, a: _diloco(s, a, outer_lr=1.0, outer_momentum=0.0,
+                                                               overlap_steps=a.overlap_steps, **_sparse(a))),
     "noloco": Entry("noloco", lambda s, a: {
         "inner": _inner(s, a, weight_decay=0.0), "inner_steps": s.inner_steps,
         # the deadline: a quarter of a fast outer step, so nobody waits on a straggler longer
         "timeout_s": 0.25 * s.inner_steps * s.step_time_s, "run_id": f"bench-{a.seed}",
     }),
+    "noloco-sparse": Entry("noloco", lambda s, a: {
+        "inner": _inner(s, a, weight_decay=0.0), "inner_steps": s.inner_steps,
+        "timeout_s": 0.25 * s.inner_steps * s.step_time_s, "run_id": f"bench-{a.seed}",
+        "quantize": "int8", **_sparse(a),
+    }),
     "dadao": Entry("dadao", lambda s, a: {
         "optimizer": _inner(s, a), "gossip_interval_s": a.gossip_steps * s.step_time_s,
         "timeout_s": 2.0 * s.step_time_s, "run_id": f"bench-{a.seed}",
     }),
+    "dadao-budget": Entry("dadao", lambda s, a: {
+        "optimizer": _inner(s, a), "bytes_per_s": _matched_budget(s, a),
+        "timeout_s": 2.0 * s.step_time_s, "run_id": f"bench-{a.seed}",
+    }),
 }
 """name -> entry, in the order they run. SPES / ZO: add their entries here."""
+
+DEFAULT_ENTRIES = ("ddp", "diloco", "noloco", "dadao")
+"""What the peers and stragglers scenarios run unless --algorithms says otherwise."""
+
+BYTES_ENTRIES = ("diloco", "diloco-avg", "sparseloco", "streaming", "noloco", "noloco-sparse", "dadao-budget")
+BLOCKING_ENTRIES = ("diloco", "streaming")
 
 
 class Pace(Callback):
@@ -156,7 +203,8 @@ def _averaged_model(strategies: list[Any], cfg: Any, seed: int) -> torch.nn.Modu
 async def _run(args: argparse.Namespace, scenario: Scenario, name: str, corpus: Any, val: list) -> dict:
     entry = ENTRIES[name]
     cfg = model_config(args.preset)
-    net = SimNetwork(latency_s=args.latency_s, bandwidth_bytes_per_s=args.bandwidth_bytes_per_s)
+    net = SimNetwork(latency_s=args.latency_s,
+                     bandwidth_bytes_per_s=scenario.bandwidth_bytes_per_s or args.bandwidth_bytes_per_s)
     comms = net.add_peers(scenario.peers)
     all_reduce_calls = _count_all_reduce(comms)
     config = entry.config(scenario, args)
@@ -209,6 +257,7 @@ async def _run(args: argparse.Namespace, scenario: Scenario, name: str, corpus: 
         "max_wait_s": max(waits),
         "max_wait_in_outer_steps": max(waits) / outer_step_s,
         "mean_total_wait_per_peer_s": statistics.mean(sum(p.waits) for p in paces),
+        "blocked_fraction": statistics.mean(sum(p.waits) / max(p.resumed_at, 1e-9) for p in paces),
         "virtual_s_to_finish": max(finish),
         "all_reduce_calls": all_reduce_calls[0],
         "wall_s": wall,
@@ -217,16 +266,24 @@ async def _run(args: argparse.Namespace, scenario: Scenario, name: str, corpus: 
 
 def bench_scenario(args: argparse.Namespace, scenario: Scenario, corpus: Any, val: list) -> dict:
     out = {"scenario": scenario.__dict__, "algorithms": {}}
-    for name in args.algorithms:
+    for name in scenario.entries or args.algorithms:
+        if name == "dadao-budget" and scenario.name not in args.matched_bytes_per_s:
+            raise SystemExit("dadao-budget matches DiLoCo's bytes: run diloco before it in the same scenario")
         torch.manual_seed(args.seed)
         result = run_virtual(_run(args, scenario, name, corpus, val))
         out["algorithms"][name] = result
+        if name == "diloco":
+            args.matched_bytes_per_s[scenario.name] = result["bytes_sent_per_peer"] / result["virtual_s_to_finish"]
         print(f"  {scenario.name} / {name}: loss {result['final_val_loss_mean_over_peers']:.4f}, "
-              f"max wait {result['max_wait_s']:.1f} s, {result['wall_s']:.0f} s wall", flush=True)
-    base = out["algorithms"].get("diloco")
-    if base:
-        for result in out["algorithms"].values():
-            result["loss_vs_diloco"] = result["final_val_loss_mean_over_peers"] / base["final_val_loss_mean_over_peers"]
+              f"{result['bytes_sent_per_peer'] / 1e6:.1f} MB sent/peer, blocked {100 * result['blocked_fraction']:.2f} %,"
+              f" {result['wall_s']:.0f} s wall", flush=True)
+    for base_name, key in (("diloco", "loss_vs_diloco"), ("diloco-avg", "loss_vs_diloco_avg")):
+        base = out["algorithms"].get(base_name)
+        if base:
+            for result in out["algorithms"].values():
+                result[key] = result["final_val_loss_mean_over_peers"] / base["final_val_loss_mean_over_peers"]
+                result[f"bytes_vs_{base_name.replace('-', '_')}"] = (
+                    base["bytes_sent_per_peer"] / max(result["bytes_sent_per_peer"], 1))
     return out
 
 
@@ -244,7 +301,8 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 = one CPU core)")
-    parser.add_argument("--algorithms", default=",".join(ENTRIES), help="comma-separated ENTRIES names")
+    parser.add_argument("--algorithms", default=",".join(DEFAULT_ENTRIES),
+                        help=f"comma-separated names for the peers/stragglers scenarios, of {', '.join(ENTRIES)}")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
@@ -256,6 +314,12 @@ def main() -> None:
     parser.add_argument("--straggler-steps", type=int, default=100, help="steps per peer, scenario 2")
     parser.add_argument("--straggler-inner-steps", type=int, default=25, help="H, scenario 2")
     parser.add_argument("--gossip-steps", type=float, default=1.0, help="A²CiD² gossip interval in fast step times")
+    parser.add_argument("--bytes-inner-steps", type=int, default=10, help="H of the bytes scenario")
+    parser.add_argument("--density", type=float, default=0.08, help="SparseLoCo: share of each chunk sent")
+    parser.add_argument("--error-decay", type=float, default=0.95, help="SparseLoCo: beta of the error feedback")
+    parser.add_argument("--sparse-bits", type=int, choices=(8, 2), default=2, help="SparseLoCo value bits")
+    parser.add_argument("--overlap-steps", type=int, default=5, help="Streaming DiLoCo: tau, inner steps overlapped")
+    parser.add_argument("--slow-bandwidth-bytes-per-s", type=float, default=1.25e6, help="the blocking scenario's link")
     parser.add_argument("--latency-s", type=float, default=0.05)
     parser.add_argument("--bandwidth-bytes-per-s", type=float, default=12.5e6)
     parser.add_argument("--eval-every", type=int, default=25)
@@ -269,7 +333,9 @@ def main() -> None:
     unknown = sorted(set(args.algorithms) - set(ENTRIES))
     if unknown:
         parser.error(f"unknown algorithms {unknown}; choose from {sorted(ENTRIES)}")
+    args.matched_bytes_per_s = {}
     if args.quick:
+        args.bytes_inner_steps, args.overlap_steps = 5, 2
         args.peers, args.steps, args.inner_steps = 4, 40, 10
         args.straggler_peers, args.straggler_steps, args.straggler_inner_steps = 8, 20, 10
         args.batch_size, args.seq_len, args.eval_every, args.val_batches = 4, 32, 10, 2
@@ -283,6 +349,12 @@ def main() -> None:
         "peers": Scenario(f"{args.peers} peers", args.peers, args.steps, args.inner_steps),
         "stragglers": Scenario(f"{args.straggler_peers} peers, 1 in 4 3x slower", args.straggler_peers,
                                args.straggler_steps, args.straggler_inner_steps, slow_every=4, slow_factor=3.0),
+        "bytes": Scenario(f"bytes: {args.peers} peers, H={args.bytes_inner_steps}", args.peers, args.steps,
+                          args.bytes_inner_steps, entries=BYTES_ENTRIES),
+        "blocking": Scenario(f"blocking: {args.peers} peers, H={args.bytes_inner_steps}, "
+                             f"{args.slow_bandwidth_bytes_per_s * 8 / 1e6:g} Mbit/s", args.peers, args.steps,
+                             args.bytes_inner_steps, entries=BLOCKING_ENTRIES,
+                             bandwidth_bytes_per_s=args.slow_bandwidth_bytes_per_s),
     }
     chosen = [s for s in args.scenarios.split(",") if s]
     if not chosen or set(chosen) - set(scenarios):
@@ -314,19 +386,44 @@ def _summary(result: dict) -> None:
         s = sc["scenario"]
         outer = s["inner_steps"] * s["step_time_s"]
         print(f"\n{s['name']}: {s['steps']} steps per peer, H={s['inner_steps']} (one outer step = {outer:.0f} s)")
-        print(f"{'algorithm':>10} {'loss p0':>8} {'loss mean':>9} {'loss avg-w':>10} {'vs DiLoCo':>9} "
-              f"{'MB sent/peer':>12} {'max wait s':>10} {'in outer':>8} {'finish s':>8} {'all-reduce':>10}")
+        print(f"{'algorithm':>18} {'loss p0':>8} {'loss mean':>9} {'loss avg-w':>10} {'vs DiLoCo':>9} "
+              f"{'MB sent/peer':>12} {'x fewer B':>9} {'blocked %':>9} {'max wait s':>10} {'finish s':>8} "
+              f"{'all-reduce':>10}")
         for name, r in sc["algorithms"].items():
-            print(f"{name:>10} {r['final_val_loss_peer0']:>8.4f} {r['final_val_loss_mean_over_peers']:>9.4f} "
+            print(f"{name:>18} {r['final_val_loss_peer0']:>8.4f} {r['final_val_loss_mean_over_peers']:>9.4f} "
                   f"{r['final_val_loss_averaged_weights']:>10.4f} {r.get('loss_vs_diloco', float('nan')):>9.3f} "
-                  f"{r['bytes_sent_per_peer'] / 1e6:>12.1f} {r['max_wait_s']:>10.1f} "
-                  f"{r['max_wait_in_outer_steps']:>8.2f} {r['virtual_s_to_finish']:>8.0f} {r['all_reduce_calls']:>10}")
+                  f"{r['bytes_sent_per_peer'] / 1e6:>12.2f} {r.get('bytes_vs_diloco', float('nan')):>9.1f} "
+                  f"{100 * r['blocked_fraction']:>9.2f} {r['max_wait_s']:>10.1f} "
+                  f"{r['virtual_s_to_finish']:>8.0f} {r['all_reduce_calls']:>10}")
+        _goals(sc["algorithms"])
         print("  val loss (peer 0) vs tokens / MB sent per peer:")
         names = list(sc["algorithms"])
         for k in range(len(sc["algorithms"][names[0]]["curve"])):
             row = [sc["algorithms"][n]["curve"][k] for n in names if k < len(sc["algorithms"][n]["curve"])]
-            cells = "  ".join(f"{n} {p['val_loss']:.3f} @{p['bytes_sent_per_peer'] / 1e6:.0f}MB" for n, p in zip(names, row))
+            cells = "  ".join(f"{n} {p['val_loss']:.3f} @{p['bytes_sent_per_peer'] / 1e6:.1f}MB" for n, p in zip(names, row))
             print(f"  {row[0]['tokens']:>9} tok  {cells}")
+
+
+def _goals(runs: dict) -> None:
+    """Issue 19's three goals, where this scenario ran what they compare."""
+    base = runs.get("diloco")
+    if base is None:
+        return
+    for name in ("sparseloco", "sparseloco-overlap"):
+        r = runs.get(name)
+        if r:
+            rel = [r["final_val_loss_mean_over_peers"] / runs[b]["final_val_loss_mean_over_peers"] - 1
+                   for b in ("diloco", "diloco-avg") if b in runs]
+            print(f"  goal {name}: val loss {', '.join(f'{100 * x:+.2f} %' for x in rel)} vs DiLoCo fp32 "
+                  f"(defaults{', averaging' if len(rel) > 1 else ''}) [<= +2 %], "
+                  f"{r['bytes_vs_diloco']:.1f}x fewer bytes [>= 20x]")
+    if "streaming" in runs:
+        print(f"  goal overlap: blocked {100 * runs['streaming']['blocked_fraction']:.2f} % of wall time [< 5 %], "
+              f"vs {100 * base['blocked_fraction']:.2f} % without overlap")
+    r = runs.get("dadao-budget")
+    if r:
+        print(f"  goal A2CiD2 at DiLoCo's bytes ({r['bytes_vs_diloco']:.2f}x): val loss "
+              f"{100 * (r['loss_vs_diloco'] - 1):+.2f} % vs DiLoCo fp32 [<= +3 %]")
 
 
 if __name__ == "__main__":
