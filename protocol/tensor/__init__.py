@@ -11,20 +11,23 @@ exists, over the libp2p stream itself. Layout (STYLE.md §3):
 * :mod:`.carrier` / :mod:`.session` / :mod:`.connect`: one data connection and how it is made.
 * :mod:`.service`: :class:`TensorPlane` (send/recv/exchange/request, stats).
 * :mod:`.allreduce`: fault-tolerant group all-reduce. :mod:`.blobs`: content-addressed blobs.
+* :mod:`.budget`: byte limits sized from the model a run trains.
 """
 
 from .allreduce import AllReduceResult
 from .blobs import BlobConfig, BlobService, open_blob_service
+from .budget import TransferBudget, budget_for_state
 from .codecs import CODEC_NAMES, Codec
 from .config import TensorConfig
 from .connect import Puncher
-from .errors import BlobCorrupt, BlobNotFound, IntegrityError, NotSent, Refused, RemoteError
+from .errors import BlobCorrupt, BlobNotFound, BlobTooLarge, IntegrityError, NotSent, Refused, RemoteError
 from .service import Message, Reply, TensorPlane, open_tensor_plane
 from .spec import Tensor, TensorSpec
 from .wire import PROTOCOL_ID
 
 __all__ = [
-    "AllReduceResult", "BlobConfig", "BlobCorrupt", "BlobNotFound", "BlobService", "open_blob_service", "CODEC_NAMES", "Codec", "IntegrityError", "Message",
-    "NotSent", "PROTOCOL_ID", "Puncher", "Refused", "RemoteError", "Reply", "Tensor", "TensorConfig",
-    "TensorPlane", "TensorSpec", "open_tensor_plane",
+    "AllReduceResult", "BlobConfig", "BlobCorrupt", "BlobNotFound", "BlobService", "BlobTooLarge", "open_blob_service",
+    "CODEC_NAMES", "Codec", "IntegrityError", "Message", "NotSent", "PROTOCOL_ID", "Puncher", "Refused", "RemoteError",
+    "Reply", "Tensor", "TensorConfig", "TensorPlane", "TensorSpec", "TransferBudget", "budget_for_state",
+    "open_tensor_plane",
 ]

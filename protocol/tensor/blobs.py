@@ -20,6 +20,10 @@ A provider that fails or disconnects mid-way is dropped and its chunks are fetch
 others (fetching resumes with the next chunk; chunks already kept stay kept, also on disk across
 restarts). One that sends a chunk not matching the manifest is dropped for the rest of the fetch.
 
+A blob larger than :attr:`BlobService.max_blob_bytes` (the daemon sizes it from the model its
+run trains, :mod:`.budget`) is refused as soon as its manifest arrives, before any chunk. A fetch
+reports its bytes, rate and ETA (:meth:`BlobService.fetching`) and logs a quiet progress line.
+
 Nothing is deleted on its own: the owner of the service decides what to keep and calls
 :meth:`BlobService.remove` for the rest (every checkpoint passes through here, so it must).
 """
@@ -29,8 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
-import random
 import shutil
 import struct
 import time
@@ -43,10 +45,12 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from ..errors import PeerError, ProtocolViolation
+from ..errors import ProtocolViolation
 from ..wire import decode_body, expect_map
-from .blobstore import DEFAULT_CHUNK_BYTES, BlobStore, Manifest, check_blob_id
-from .errors import BlobCorrupt, BlobNotFound, Refused, RemoteError
+from ._blobfetch import PEX_PEERS, ROUTE_GET, ROUTE_HAVE, Fetch, dht_key
+from .blobstore import DEFAULT_CHUNK_BYTES, MAX_CHUNK_BYTES, BlobStore, check_blob_id
+from .budget import DEFAULT_MAX_BLOB_BYTES
+from .errors import BlobNotFound
 from .service import Reply, TensorPlane
 from .spec import Tensor, TensorSpec, check_unique_names
 
@@ -54,17 +58,10 @@ __all__ = ["BlobConfig", "BlobService", "open_blob_service", "dht_key"]
 
 log = logging.getLogger(__name__)
 
-ROUTE_HAVE = "/hyphae/blob/have"
-ROUTE_GET = "/hyphae/blob/get"
 TENSORS_MAGIC = b"HYTB"
-PEX_PEERS = 16
 PEX_BLOBS = 1024
 """Blobs whose recent fetchers are remembered (any peer can ask about any id: bounded)."""
 _LEN = struct.Struct(">I")
-
-
-def dht_key(blob_id: str) -> str:
-    return f"/hyphae/blob/{check_blob_id(blob_id)}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,28 +86,20 @@ class BlobConfig:
     """How often a fetch looks for new providers in the DHT."""
     request_timeout_s: float = 30.0
     """Give up one chunk request after this long (the chunk is then asked elsewhere)."""
+    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES
+    """Largest blob fetched from peers until :meth:`BlobService.set_max_blob_bytes` sizes it from
+    the model (the daemon does, once it knows the model's state size)."""
 
     def __post_init__(self) -> None:
-        for name in ("memory_bytes", "chunk_bytes", "serve_slots", "parallel", "per_provider"):
+        for name in ("memory_bytes", "chunk_bytes", "serve_slots", "parallel", "per_provider", "max_blob_bytes"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "memory_bytes" else 1):
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.chunk_bytes > MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be <= {MAX_CHUNK_BYTES} (peers refuse larger chunks), "
+                             f"got {self.chunk_bytes}")
         for name in ("poll_s", "lookup_s", "request_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
-
-
-@dataclass
-class _Provider:
-    peer: str
-    have: set[int] | None = None
-    asked_at: float = -math.inf
-    asking: bool = False
-    inflight: int = 0
-    resting_until: float = 0.0
-    dead: bool = False
-
-    def usable(self, now: float) -> bool:
-        return not self.dead and self.have is not None and self.resting_until <= now
 
 
 class BlobService:
@@ -122,12 +111,14 @@ class BlobService:
         self.store = BlobStore(config.directory, memory_bytes=config.memory_bytes, chunk_bytes=config.chunk_bytes)
         self._serving = 0
         self._locks: dict[str, asyncio.Lock] = {}
-        self._active: dict[str, _Fetch] = {}
+        self._active: dict[str, Fetch] = {}
         self._announced: set[str] = set()
         self._removing: set[str] = set()
         self._fetchers: OrderedDict[str, OrderedDict[str, None]] = OrderedDict()
         self.served_bytes = 0
         self.fetched_bytes: dict[str, int] = {}
+        self.max_blob_bytes = config.max_blob_bytes
+        self.max_blob_reason = "the default"
         plane.serve(ROUTE_HAVE, self._on_have)
         plane.serve(ROUTE_GET, self._on_get)
 
@@ -146,8 +137,22 @@ class BlobService:
         parts = [TENSORS_MAGIC, _LEN.pack(len(header)), header, *(bytes(t.data) for t in tensors)]
         return await self.put(b"".join(parts))
 
+    async def put_file(self, path: Path) -> str:
+        """Store the file at ``path`` as a blob without reading it into memory (a hard link where
+        the file system allows: the file must not change afterwards); announce it; return its id."""
+        blob_id = await asyncio.to_thread(self.store.put_file, path)
+        await self._announce(blob_id)
+        return blob_id
+
     def has(self, blob_id: str) -> bool:
         return self.store.has(check_blob_id(blob_id))
+
+    def set_max_blob_bytes(self, limit: int, reason: str) -> None:
+        """Refuse blobs over ``limit`` bytes from now on; ``reason`` (what it was sized from)
+        goes into the refusal's message."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"max_blob_bytes must be an int >= 1, got {limit!r}")
+        self.max_blob_bytes, self.max_blob_reason = limit, reason
 
     async def remove(self, blob_id: str) -> bool:
         """Delete this node's copy of a blob (whole or partial) and stop offering it.
@@ -177,17 +182,30 @@ class BlobService:
 
         Raises:
             BlobNotFound: no provider with the blob was found before the deadline.
+            BlobTooLarge: its manifest declares more than :attr:`max_blob_bytes`.
             TimeoutError: providers were found but the fetch did not finish in ``timeout_s``.
             ValueError: a malformed id.
 
         Cancellation leaves the verified chunks already fetched on disk (a later get resumes
         from them; one being written at that moment may land just after).
         """
+        await self._ensure(blob_id, providers, timeout_s)
+        return await asyncio.to_thread(self.store.read, blob_id)
+
+    async def get_file(self, blob_id: str, *, providers: Sequence[str] = (), timeout_s: float = 600.0) -> Path:
+        """As :meth:`get`, but the path of the complete, verified blob file instead of its bytes
+        (nothing is read into memory: for blobs of gigabytes). Link or copy it; do not modify
+        it, and expect it gone after :meth:`remove`."""
+        await self._ensure(blob_id, providers, timeout_s)
+        return await asyncio.to_thread(self.store.path, blob_id)
+
+    async def _ensure(self, blob_id: str, providers: Sequence[str], timeout_s: float) -> None:
+        """Fetch the blob unless it is here (see :meth:`get`)."""
         check_blob_id(blob_id)
         lock = self._locks.setdefault(blob_id, asyncio.Lock())
         async with lock:
             if not self.store.has(blob_id):
-                fetch = _Fetch(self, blob_id, providers)
+                fetch = Fetch(self, blob_id, providers)
                 self._active[blob_id] = fetch
                 try:
                     async with asyncio.timeout(timeout_s):
@@ -200,7 +218,6 @@ class BlobService:
                                        f"after {timeout_s} s") from None
                 finally:
                     self._active.pop(blob_id, None)
-            return await asyncio.to_thread(self.store.read, blob_id)
 
     async def get_tensors(self, blob_id: str, **kwargs: Any) -> list[Tensor]:
         """Tensors stored with :meth:`put_tensors` (arguments as :meth:`get`).
@@ -215,13 +232,20 @@ class BlobService:
                 "fetched_bytes_by_provider": dict(self.fetched_bytes), "fetching": self.fetching()}
 
     def fetching(self) -> list[dict[str, Any]]:
-        """Fetches in progress: id, chunks held of total, providers known (for progress bars)."""
-        out = []
+        """Fetches in progress (for progress bars): id, chunks and bytes held of the total, the
+        rate over the last seconds, the ETA at that rate (None: unknown yet), and how many
+        providers are known and still usable."""
+        out, now = [], time.monotonic()
         for blob_id, fetch in self._active.items():
             total = fetch.manifest.chunks if fetch.manifest else None
+            progress = fetch.progress
             out.append({"id": blob_id, "chunks_done": len(fetch.held), "chunks_total": total,
                         "size_bytes": fetch.manifest.size if fetch.manifest else None,
-                        "providers": len(fetch.providers)})
+                        "bytes_done": progress.done_bytes if progress else 0,
+                        "rate_bps": progress.rate_bps(now) if progress else 0.0,
+                        "eta_s": progress.eta_s(now) if progress else None,
+                        "providers": len(fetch.providers),
+                        "providers_live": sum(1 for p in fetch.providers.values() if not p.dead)})
         return out
 
     # ---- serving ---------------------------------------------------------------------------
@@ -277,152 +301,6 @@ class BlobService:
         self._serving -= 1
 
 
-class _Fetch:
-    """One blob being fetched: providers, what each holds, chunks in flight."""
-
-    def __init__(self, service: BlobService, blob_id: str, hints: Sequence[str]) -> None:
-        self.service, self.blob_id = service, blob_id
-        self.plane, self.store, self.config = service.plane, service.store, service.config
-        self.manifest: Manifest | None = self.store.manifest(blob_id)
-        self.held: set[int] = self.store.held(blob_id) if self.manifest else set()
-        self.providers: dict[str, _Provider] = {}
-        self.inflight: set[int] = set()
-        self._wake = asyncio.Event()
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._rng = random.Random()
-        for peer in hints:
-            self._add(peer)
-
-    def _add(self, peer: str) -> None:
-        if peer != self.plane.peer_id and peer not in self.providers:
-            self.providers[peer] = _Provider(peer)
-            self._wake.set()
-
-    async def run(self) -> None:
-        async with asyncio.TaskGroup() as tg:
-            next_lookup = 0.0
-            while self.manifest is None or len(self.held) < self.manifest.chunks:
-                now = time.monotonic()
-                if now >= next_lookup:
-                    self._start(tg, self._lookup())
-                    next_lookup = now + self.config.lookup_s
-                for p in self.providers.values():
-                    if not p.dead and not p.asking and now - p.asked_at >= self.config.poll_s:
-                        p.asking = True
-                        self._start(tg, self._ask(p))
-                if self.manifest is not None:
-                    self._schedule(tg, now)
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.config.poll_s):
-                        await self._wake.wait()
-            for task in list(self._tasks):
-                task.cancel()  # lookups and polls still running; nothing else is in flight
-        await asyncio.to_thread(self.store.finish, self.blob_id)
-        log.info("fetched blob %s (%d chunks) from %s", self.blob_id, self.manifest.chunks,
-                 {p[-8:]: n for p, n in self.service.fetched_bytes.items()})
-
-    def _start(self, tg: asyncio.TaskGroup, coro: Any) -> None:
-        task = tg.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _lookup(self) -> None:
-        try:
-            found = await self.plane.host.dht_find_providers(dht_key(self.blob_id), 20)
-        except Exception as exc:  # noqa: BLE001 — a failed lookup is retried on the next round
-            log.debug("provider lookup for %s failed: %s", self.blob_id, exc)
-            return
-        for peer in found:
-            self._add(peer)
-
-    async def _ask(self, p: _Provider) -> None:
-        try:
-            async with asyncio.timeout(self.config.request_timeout_s):
-                reply = await self.plane.request(p.peer, ROUTE_HAVE, {"id": self.blob_id})
-            peers = reply.meta.get("peers")
-            if isinstance(peers, list):
-                for other in peers[:PEX_PEERS]:
-                    if isinstance(other, str) and len(other) < 128:
-                        self._add(other)
-            if reply.meta.get("known") is True and len(reply.tensors) == 2:
-                if self.manifest is None:
-                    manifest = Manifest.from_bytes(bytes(reply.tensors[0].data), self.blob_id)
-                    await asyncio.to_thread(self.store.begin_partial, manifest)
-                    self.manifest, self.held = manifest, self.store.held(self.blob_id)
-                p.have = _unbits(bytes(reply.tensors[1].data), self.manifest.chunks)
-        except (BlobCorrupt, ProtocolViolation) as exc:
-            log.warning("provider %s of blob %s lies: %s", p.peer, self.blob_id, exc)
-            p.dead = True
-        except (RemoteError, Refused, TimeoutError):
-            pass  # asked again at the next poll
-        except PeerError as exc:
-            log.info("provider %s of blob %s is gone: %s", p.peer, self.blob_id, exc)
-            p.dead = True
-        finally:
-            p.asking = False
-            p.asked_at = time.monotonic()
-            self._wake.set()
-
-    def _schedule(self, tg: asyncio.TaskGroup, now: float) -> None:
-        """Start chunk requests: rarest chunk first, from its holder with the fewest chunks."""
-        budget = self.config.parallel - len(self.inflight)
-        if budget <= 0:
-            return
-        usable = [p for p in self.providers.values() if p.usable(now)]
-        counts: dict[int, int] = {}
-        for p in usable:
-            for i in p.have:
-                if i not in self.held and i not in self.inflight:
-                    counts[i] = counts.get(i, 0) + 1
-        wanted = sorted(counts, key=lambda i: (counts[i], self._rng.random()))
-        for i in wanted:
-            holders = [p for p in usable if i in p.have and p.inflight < self.config.per_provider]
-            if not holders:
-                continue
-            p = min(holders, key=lambda q: (len(q.have), q.inflight, self._rng.random()))
-            self.inflight.add(i)
-            p.inflight += 1
-            self._start(tg, self._get_chunk(p, i))
-            budget -= 1
-            if budget == 0:
-                return
-
-    async def _get_chunk(self, p: _Provider, index: int) -> None:
-        try:
-            async with asyncio.timeout(self.config.request_timeout_s):
-                reply = await self.plane.request(p.peer, ROUTE_GET, {"id": self.blob_id, "index": index})
-            if reply.meta.get("busy"):
-                p.resting_until = time.monotonic() + self.config.poll_s
-                return
-            if reply.meta.get("missing") or len(reply.tensors) != 1:
-                p.have.discard(index)
-                return
-            await asyncio.to_thread(self.store.put_chunk, self.blob_id, index, reply.tensors[0].data)
-            self.held.add(index)
-            p.have.add(index)
-            fetched = self.service.fetched_bytes
-            fetched[p.peer] = fetched.get(p.peer, 0) + len(reply.tensors[0].data)
-            if self.blob_id not in self.service._announced:
-                self._start_announce()
-        except BlobCorrupt as exc:
-            log.warning("provider %s sent a bad chunk of blob %s; not asking it again: %s", p.peer, self.blob_id, exc)
-            p.dead = True
-        except (RemoteError, Refused, TimeoutError):
-            p.resting_until = time.monotonic() + 1.0
-        except PeerError as exc:
-            log.info("provider %s of blob %s dropped (%s); its chunks come from others", p.peer, self.blob_id, exc)
-            p.dead = True
-        finally:
-            self.inflight.discard(index)
-            p.inflight -= 1
-            self._wake.set()
-
-    def _start_announce(self) -> None:
-        # Announcing takes DHT round trips: it runs beside the fetch, in the plane's task group.
-        self.plane._spawn(f"blob-announce {self.blob_id[:12]}", self.service._announce, self.blob_id)
-
-
 def _forget(store: BlobStore, blob_id: str) -> None:
     """Drop what the store remembers of a blob in memory (cache, manifest, partial chunks).
 
@@ -432,6 +310,8 @@ def _forget(store: BlobStore, blob_id: str) -> None:
         store._cached_bytes -= len(cached)
     store._manifests.pop(blob_id, None)
     store._partial.pop(blob_id, None)
+    store._verified.pop(blob_id, None)
+    store._fresh.discard(blob_id)
 
 
 def _delete_files(store: BlobStore, blob_id: str) -> bool:
@@ -468,13 +348,6 @@ def _bits(held: set[int], n: int) -> bytes:
     for i in held:
         out[i // 8] |= 1 << (i % 8)
     return bytes(out)
-
-
-def _unbits(data: bytes, n: int) -> set[int]:
-    if len(data) != (n + 7) // 8:
-        raise ProtocolViolation(f"have-bitmap of {len(data)} bytes for {n} chunks")
-    bits = np.unpackbits(np.frombuffer(data, np.uint8), bitorder="little")[:n]
-    return set(np.flatnonzero(bits).tolist())
 
 
 def decode_tensor_blob(data: bytes) -> list[Tensor]:

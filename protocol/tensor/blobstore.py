@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import secrets
 import shutil
 import struct
 import tempfile
@@ -33,12 +34,15 @@ from ..atomic import atomic_write_bytes
 from ..errors import ProtocolViolation
 from .errors import BlobCorrupt
 
-__all__ = ["Manifest", "BlobStore", "DEFAULT_CHUNK_BYTES", "check_blob_id"]
+__all__ = ["Manifest", "BlobStore", "DEFAULT_CHUNK_BYTES", "MAX_CHUNK_BYTES", "check_blob_id"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK_BYTES = 1 << 20
 MAX_CHUNKS = 1 << 20
+MAX_CHUNK_BYTES = 64 << 20
+"""Largest chunk a fetched manifest may declare: a chunk is held whole in memory on both ends,
+so a provider must not be able to make it gigabytes."""
 _DOMAIN = b"hyphae-blob/1"
 _SIZES = struct.Struct(">QI")
 _HEX = frozenset("0123456789abcdef")
@@ -81,6 +85,16 @@ class Manifest:
         return cls(len(view), chunk_bytes, hashes)
 
     @classmethod
+    def of_file(cls, path: Path, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Manifest:
+        """The manifest of a file, read one chunk at a time (a blob larger than memory is fine)."""
+        hashes, size = [], 0
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_bytes):
+                hashes.append(hashlib.sha256(chunk).digest())
+                size += len(chunk)
+        return cls(size, chunk_bytes, tuple(hashes))
+
+    @classmethod
     def from_bytes(cls, data: bytes, blob_id: str) -> Manifest:
         """Decode a manifest and check it hashes to ``blob_id``.
 
@@ -95,7 +109,7 @@ class Manifest:
             raise ProtocolViolation("malformed blob manifest")
         size, chunk_bytes = _SIZES.unpack(data[len(_DOMAIN):head])
         hashes = tuple(data[i:i + 32] for i in range(head, len(data), 32))
-        if chunk_bytes < 1 or len(hashes) > MAX_CHUNKS or len(hashes) != -(-size // chunk_bytes):
+        if not 1 <= chunk_bytes <= MAX_CHUNK_BYTES or len(hashes) > MAX_CHUNKS or len(hashes) != -(-size // chunk_bytes):
             raise ProtocolViolation(f"blob manifest of {size} bytes in {len(hashes)} chunks of {chunk_bytes} is inconsistent")
         return cls(size, chunk_bytes, hashes)
 
@@ -122,6 +136,8 @@ class BlobStore:
         self._cached_bytes = 0
         self._manifests: dict[str, Manifest] = {}
         self._partial: dict[str, set[int]] = {}
+        self._verified: dict[str, set[int]] = {}  # chunks checked in memory just before this process wrote them
+        self._fresh: set[str] = set()  # blobs just assembled from such chunks: their next read skips the re-hash
 
     # ---- paths -----------------------------------------------------------------------------
 
@@ -134,15 +150,52 @@ class BlobStore:
     # ---- complete blobs --------------------------------------------------------------------
 
     def put(self, data: bytes | memoryview) -> str:
-        """Store ``data``; return its id (idempotent)."""
+        """Store ``data``; return its id (idempotent). ``data`` is not copied unless it is small
+        enough for the memory cache."""
         manifest = Manifest.of(data, self.chunk_bytes)
         blob_id = manifest.blob_id
         if not self.has(blob_id):
-            atomic_write_bytes(self._blob_path(blob_id), bytes(data))
+            atomic_write_bytes(self._blob_path(blob_id), data)  # type: ignore[arg-type]  # any buffer
             atomic_write_bytes(self.directory / f"{blob_id}.manifest", manifest.to_bytes())
         self._manifests[blob_id] = manifest
-        self._remember(blob_id, bytes(data))
+        if len(data) <= self.memory_bytes:
+            self._remember(blob_id, bytes(data))
         return blob_id
+
+    def put_file(self, path: Path) -> str:
+        """Store the file at ``path`` without reading it into memory; return its id.
+
+        The blob becomes a hard link to the file where both are on one file system (no second
+        copy on disk), else a copy. Either way later changes to ``path`` must not happen: write
+        a new file instead (the caller's files are written once, atomically)."""
+        manifest = Manifest.of_file(path, self.chunk_bytes)
+        blob_id = manifest.blob_id
+        if not self.has(blob_id):
+            _link_or_copy(Path(path), self._blob_path(blob_id))
+            atomic_write_bytes(self.directory / f"{blob_id}.manifest", manifest.to_bytes())
+        self._manifests[blob_id] = manifest
+        self._fresh.add(blob_id)
+        return blob_id
+
+    def path(self, blob_id: str) -> Path:
+        """The file of a complete blob, checked against its id (a chunk at a time) unless this
+        process just wrote it from checked bytes. Do not modify it: link or copy it.
+
+        Raises:
+            KeyError: not here (on disk). BlobCorrupt: the file was damaged (it is removed).
+        """
+        path = self._blob_path(blob_id)
+        if not path.exists():
+            raise KeyError(blob_id)
+        if blob_id in self._fresh:
+            return path
+        manifest = self.manifest(blob_id)
+        if manifest is None or Manifest.of_file(path, manifest.chunk_bytes).blob_id != blob_id:
+            path.unlink(missing_ok=True)
+            self._cache.pop(blob_id, None)
+            raise BlobCorrupt(f"local copy of blob {blob_id} is damaged; removed it")
+        self._fresh.add(blob_id)
+        return path
 
     def has(self, blob_id: str) -> bool:
         """Whether the whole blob is here."""
@@ -163,7 +216,9 @@ class BlobStore:
         except FileNotFoundError:
             raise KeyError(blob_id) from None
         manifest = self.manifest(blob_id)
-        if manifest is None or Manifest.of(data, manifest.chunk_bytes).blob_id != blob_id:
+        if blob_id in self._fresh and manifest is not None and len(data) == manifest.size:
+            self._fresh.discard(blob_id)  # assembled from checked chunks a moment ago: no second hash pass
+        elif manifest is None or Manifest.of(data, manifest.chunk_bytes).blob_id != blob_id:
             self._blob_path(blob_id).unlink(missing_ok=True)
             raise BlobCorrupt(f"local copy of blob {blob_id} is damaged; removed it")
         self._remember(blob_id, data)
@@ -247,6 +302,7 @@ class BlobStore:
         os.replace(tmp, folder / f"{index}.chunk")
         self.held(blob_id)
         self._partial[blob_id].add(index)
+        self._verified.setdefault(blob_id, set()).add(index)
 
     def finish(self, blob_id: str) -> None:
         """Assemble a fully fetched blob into its final file (atomically) and drop the chunks."""
@@ -255,12 +311,16 @@ class BlobStore:
             raise ValueError(f"blob {blob_id} is not complete")
         folder = self._partial_dir(blob_id)
         target = self._blob_path(blob_id)
+        checked = self._verified.pop(blob_id, set())
         fd, tmp = tempfile.mkstemp(prefix=f".{blob_id[:16]}.", suffix=".tmp", dir=self.directory)
         try:
             with os.fdopen(fd, "wb") as f:
                 for i in range(manifest.chunks):
                     data = (folder / f"{i}.chunk").read_bytes()
-                    if not manifest.verify_chunk(i, data):
+                    # Chunks written by this process were checked a moment before; those found
+                    # on disk (an earlier run, maybe torn by a crash) are checked now.
+                    if (i not in checked or len(data) != manifest.chunk_range(i)[1] - manifest.chunk_range(i)[0]) \
+                            and not manifest.verify_chunk(i, data):
                         self._partial[blob_id].discard(i)
                         raise BlobCorrupt(f"chunk {i} of blob {blob_id} was damaged on disk")
                     f.write(data)
@@ -273,6 +333,7 @@ class BlobStore:
                 os.unlink(tmp)
         shutil.rmtree(folder, ignore_errors=True)
         self._partial.pop(blob_id, None)
+        self._fresh.add(blob_id)
 
     # ---- memory ----------------------------------------------------------------------------
 
@@ -284,3 +345,15 @@ class BlobStore:
         while self._cached_bytes > self.memory_bytes:
             _, old = self._cache.popitem(last=False)
             self._cached_bytes -= len(old)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Put ``src`` at ``dst`` atomically: a hard link where possible, else a copy."""
+    tmp = dst.with_name(f".{dst.name}.{secrets.token_hex(6)}.tmp")  # unique: two links at once must not meet
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or no hard links there
+        shutil.copyfile(src, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, dst)

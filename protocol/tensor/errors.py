@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from ..errors import PeerError, ProtocolViolation
+from ..errors import HyphaeError, PeerError, ProtocolViolation
 
-__all__ = ["IntegrityError", "Refused", "NotSent", "RemoteError", "BlobNotFound", "BlobCorrupt"]
+__all__ = ["IntegrityError", "Refused", "NotSent", "RemoteError", "BlobNotFound", "BlobCorrupt", "BlobTooLarge"]
 
 
 class IntegrityError(ProtocolViolation):
@@ -32,3 +32,9 @@ class BlobNotFound(PeerError):
 class BlobCorrupt(PeerError):
     """Bytes did not match their content address (a provider sent wrong data, or a local file
     was damaged); they were not kept."""
+
+
+class BlobTooLarge(HyphaeError):
+    """A blob's manifest declares more bytes than this node's blob budget (sized from the model
+    its run trains) allows; nothing of it was fetched. The message names the size, the limit
+    and what it was sized from."""

@@ -25,7 +25,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ClosedError, HyphaeError, PeerError, ProtocolViolation
@@ -40,6 +40,7 @@ from ._mailbox import Mailbox
 from ._requests import Message, Reply, Requests, RouteHandler
 from ._util import guarded, run_all, specs_of
 from .allreduce import AllReduce, AllReduceResult
+from .budget import TransferBudget
 from .carrier import stream_frame_limit
 from .codecs import Codec
 from .config import TensorConfig
@@ -82,6 +83,7 @@ class TensorPlane:
         self._tg = task_group
         self._puncher = puncher
         self._limits = config.limits
+        self._budget = TransferBudget.of(config)
         self._mailbox = Mailbox(config.max_unclaimed_bytes, config.mailbox_ttl_s, config.max_unclaimed_bytes_per_peer)
         self._buffers = BufferPool(config.recv_pool_bytes)
         self._sessions: dict[str, list[Session]] = {}
@@ -206,6 +208,26 @@ class TensorPlane:
         """
         self._check_open()
         return await self._allreduce.run(members, tag, tensors, op=op, timeout_s=timeout_s, codec=codec)
+
+    @property
+    def budget(self) -> TransferBudget:
+        """The byte limits this plane applies to peers now (see :meth:`set_budget`)."""
+        return self._budget
+
+    def set_budget(self, budget: TransferBudget) -> None:
+        """Apply new byte limits at once, to data connections already open too.
+
+        The daemon calls it when it learns the size of the model its run trains
+        (:func:`~.budget.budget_for_state`). A transfer already admitted keeps the limits it was
+        admitted under; bytes already held count against the new pool (it may start over it).
+        """
+        self._budget = budget
+        self._limits = replace(self._limits, max_transfer_bytes=budget.max_transfer_bytes)
+        self._mailbox.max_unclaimed_bytes = budget.max_unclaimed_bytes
+        self._mailbox.max_unclaimed_bytes_per_peer = budget.max_unclaimed_bytes_per_peer
+        for sessions in self._sessions.values():
+            for session in sessions:
+                session.set_limits(self._limits)
 
     def drop_unclaimed(self, prefix: str) -> int:
         """Forget received transfers nobody claimed whose tag starts with ``prefix``."""

@@ -130,6 +130,14 @@ class Session:
         """Set when the peer broke the protocol on this connection (for its score)."""
         self.last_used = time.monotonic()
 
+    def set_limits(self, limits: Limits) -> None:
+        """What the reader accepts from the next header on (the frame size cannot change: the
+        buffers are sized for it)."""
+        if limits.max_frame_bytes != self._limits.max_frame_bytes:
+            raise ValueError(f"a session's frame size is fixed at {self._limits.max_frame_bytes}, "
+                             f"got {limits.max_frame_bytes}")
+        self._limits = limits
+
     def __repr__(self) -> str:
         return f"<Session {self.peer_id[-8:]} {self.path} {self.carrier.remote}>"
 

@@ -310,7 +310,8 @@ class Begin:
         total = begin.nbytes
         if total > limits.max_transfer_bytes:
             raise MessageTooLarge(f"transfer announces {total} bytes, limit {limits.max_transfer_bytes}: "
-                                  "raise max_transfer_bytes on the receiver or send it in parts")
+                                  "the receiver sizes max_transfer_bytes from its model (TensorPlane.set_budget): "
+                                  "a payload larger than its model, or send it in parts")
         if m["wire"] != begin.wire_bytes:
             raise ProtocolViolation(f"transfer announces {m['wire']} wire bytes, its specs need {begin.wire_bytes}")
         return begin
@@ -329,7 +330,8 @@ def _spec_from_wire(item: Any, limits: Limits) -> TensorSpec:
     nbytes = math.prod(shape) * DTYPE_BYTES[dtype]  # <= 8 dims of < 2**64: a cheap exact product
     if nbytes > limits.max_transfer_bytes:
         raise MessageTooLarge(f"tensor {name!r:.40} announces {nbytes} bytes, limit {limits.max_transfer_bytes}: "
-                              "raise max_transfer_bytes on the receiver or send it in parts")
+                              "the receiver sizes max_transfer_bytes from its model (TensorPlane.set_budget): "
+                              "a payload larger than its model, or send it in parts")
     return TensorSpec(name, dtype, tuple(shape))
 
 

@@ -80,3 +80,33 @@ def test_memory_cache_stays_within_its_bound(tmp_path) -> None:
 def test_blob_ids_are_checked(bad) -> None:
     with pytest.raises(ValueError):
         check_blob_id(bad)
+
+
+def test_a_manifest_declaring_chunks_over_the_limit_is_refused() -> None:
+    import hashlib
+
+    from hyphae.protocol.tensor.blobstore import MAX_CHUNK_BYTES
+
+    huge = Manifest(MAX_CHUNK_BYTES + 1, MAX_CHUNK_BYTES + 1, (b"\x00" * 32,))  # one chunk held whole in memory
+    raw = huge.to_bytes()
+    with pytest.raises(ProtocolViolation, match="inconsistent"):
+        Manifest.from_bytes(raw, hashlib.sha256(raw).hexdigest())
+
+
+def test_a_file_is_stored_as_a_link_not_a_copy_and_checked_when_its_path_is_asked(tmp_path) -> None:
+    data = os.urandom(5 * CHUNK + 7)
+    src = tmp_path / "state.bin"
+    src.write_bytes(data)
+    store = BlobStore(tmp_path / "b", chunk_bytes=CHUNK)
+    blob_id = store.put_file(src)
+    assert blob_id == Manifest.of(data, CHUNK).blob_id
+    path = store.path(blob_id)
+    assert os.stat(path).st_ino == os.stat(src).st_ino and path.read_bytes() == data  # one copy on disk
+    again = BlobStore(tmp_path / "b", chunk_bytes=CHUNK)  # a restart: nothing is trusted unchecked
+    raw = bytearray(data)
+    raw[3] ^= 1
+    path.unlink()
+    path.write_bytes(bytes(raw))
+    with pytest.raises(BlobCorrupt, match="damaged"):
+        again.path(blob_id)
+    assert not again.has(blob_id) and src.read_bytes() == data  # the caller's file is untouched
