@@ -287,10 +287,13 @@ def test_a_thousand_peers_exchange_one_byte_scalars_in_well_under_a_second_per_s
             await c.publish("zo", 0, bytes([c.peer_id.__hash__() & 0xFF]))
             return await c.collect("zo", 0, peers=peers, timeout_s=5)
 
-        return await asyncio.gather(*(one(c) for c in comms)), comms[0].traffic()
+        clock = asyncio.get_running_loop()
+        start = clock.time()
+        results = await asyncio.gather(*(one(c) for c in comms))
+        return results, comms[0].traffic(), clock.time() - start
 
-    start = time.perf_counter()
-    results, traffic = run_virtual(main())
-    assert time.perf_counter() - start < 3.0
+    # On the simulated clock (wall time is the machine's load, and tests check behaviour).
+    results, traffic, elapsed = run_virtual(main())
+    assert elapsed < 1.0, elapsed
     assert all(len(r) == 1000 for r in results)
     assert traffic == Traffic(sent_bytes=1, received_bytes=999)
